@@ -1,0 +1,449 @@
+"""Typed, validated run configuration.
+
+A run is described by one YAML file with the sections ``model``, ``data``,
+``train`` and ``parallel``. :func:`load_config` reads it (with ``yaml.safe_load``),
+applies ``section.key=value`` overrides, checks every key and type and the
+combinations that cannot work, and returns a :class:`Config`. Every problem is
+reported as one :class:`ConfigError` naming the key, the value and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key has a value that cannot work."""
+
+    def __init__(self, key: str, value: Any, expected: str):
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"config key '{key}' = {value!r}: expected {expected}")
+
+
+@dataclass
+class MoEConfig:
+    """The MoELayer of every block (seed 3.4)."""
+
+    num_experts: int = 4
+    top_k: int = 1
+    """k_base of the dynamic-k rule; the fixed k when ``dynamic_k`` is off."""
+    dynamic_k: bool = True
+    k_max: int = 2
+    """Upper bound of the per-token k under dynamic k (the tensor width)."""
+    expert_ffn_dim: int = 256
+    expert_type: Literal["mlp", "linear"] = "mlp"
+    renormalize: bool = False
+    """Divide the selected gate probabilities by their sum."""
+    backend: Literal["grouped_mm", "loop", "megablocks"] = "grouped_mm"
+    overuse_threshold: float = 0.5
+    entropy_loss_weight: float = 0.01
+    overuse_loss_weight: float = 0.01
+
+
+@dataclass
+class ModelConfig:
+    """LiquidFoundationModelOptimized (DESIGN.md §2)."""
+
+    vocab_size: Union[int, str] = "auto"
+    """An int, or ``auto`` to take the tokenizer's size at launch."""
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    n_encoder_layers: int = 2
+    n_decoder_layers: int = 2
+    ffn_dim: int = 512
+    dropout: float = 0.0
+    max_encoder_length: int = 128
+    max_decoder_length: int = 128
+    window: int = 32
+    """Local attention reaches ``window`` positions on each allowed side."""
+    attention_backend: Literal["auto", "flash", "flex", "blocked", "sdpa"] = "auto"
+    embed_kernel_size: int = 3
+    freq_heads: int = 4
+    band_block: int = 64
+    """Largest number of frequency bins one spectral attention call sees."""
+    min_compression_ratio: float = 0.5
+    base_compression_ratio: float = 1.0
+    hyena_filter_dim: int = 32
+    """Width of the implicit long-convolution filter MLP of the decoder."""
+    conv_kernel_size: int = 3
+    max_offset: float = 2.0
+    """Bound of the deformable convolution's learned offsets, in positions."""
+    lstm_layers: int = 1
+    tie_embeddings: bool = True
+    recon_loss_weight: float = 0.1
+    activation_checkpointing: bool = False
+    check_finite: bool = False
+    """Strict mode: raise naming the module on the first non-finite activation."""
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from and how they become batches."""
+
+    tokenizer: str = "data/tokenizer/tokenizer.model"
+    train_shards: Union[str, list] = "data/shards"
+    """A directory with manifest.json, a brace pattern, or a list of either."""
+    val_shards: Union[str, list, None] = None
+    sources: list = field(default_factory=list)
+    """Optional list of {name, shards, weight}; overrides ``train_shards``."""
+    objective: Literal["span_corruption", "prefix_lm", "mixture"] = "span_corruption"
+    objective_weights: dict = field(
+        default_factory=lambda: {"span_corruption": 0.5, "prefix_lm": 0.5}
+    )
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    encoder_length: int = 128
+    decoder_length: int = 128
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    bad_sample_policy: Literal["fail", "skip"] = "skip"
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "liquid_dist"
+    name: Union[str, None] = None
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_last: int = 2
+    eval_every: int = 100
+    eval_steps: int = 10
+    monitor_every: int = 0
+    """Per-block activation RMS / gradient norms every N steps (0: off)."""
+    max_nan_skips: int = 5
+    seed: int = 1234
+    init_from: Union[str, None] = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 3
+    ep_size: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- type checks
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError; never guesses."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(key, value, _type_name(tp))
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(key, value, _type_name(tp))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(key, value, "null")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, f"a mapping of {tp.__name__} fields")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, value, "a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, value, "a string")
+    if tp is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(key, value, "a list")
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(key, value, "a mapping")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            raise ConfigError(
+                f"{prefix}.{k}" if prefix else str(k),
+                values[k],
+                f"no such key; known keys of '{prefix or 'config'}': {sorted(names)}",
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in values:
+            kwargs[f.name] = _coerce(key, values[f.name], hints[f.name])
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------ cross checks
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(key, value, "a value > 0")
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    """Raise ConfigError for a model section that cannot be built."""
+    if isinstance(m.vocab_size, str) and m.vocab_size != "auto":
+        raise ConfigError(f"{prefix}.vocab_size", m.vocab_size, "an integer or 'auto'")
+    if isinstance(m.vocab_size, int) and m.vocab_size < 8:
+        raise ConfigError(f"{prefix}.vocab_size", m.vocab_size, "an integer >= 8")
+    for name in ("d_model", "n_heads", "n_kv_heads", "ffn_dim", "max_encoder_length",
+                 "max_decoder_length", "embed_kernel_size", "freq_heads", "band_block",
+                 "hyena_filter_dim", "conv_kernel_size", "lstm_layers"):
+        _positive(f"{prefix}.{name}", getattr(m, name))
+    for name in ("n_encoder_layers", "n_decoder_layers"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"{prefix}.{name}", getattr(m, name), "an integer >= 1")
+    if m.window < 1:
+        raise ConfigError(f"{prefix}.window", m.window, "an integer >= 1")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"{prefix}.d_model", m.d_model,
+                          f"a multiple of model.n_heads ({m.n_heads})")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"{prefix}.n_kv_heads", m.n_kv_heads,
+                          f"a divisor of model.n_heads ({m.n_heads})")
+    if m.d_model % m.freq_heads:
+        raise ConfigError(f"{prefix}.freq_heads", m.freq_heads,
+                          f"a divisor of model.d_model ({m.d_model})")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"{prefix}.n_heads", m.n_heads,
+                          "a head count giving an even head dimension d_model / n_heads")
+    if m.embed_kernel_size % 2 == 0:
+        raise ConfigError(f"{prefix}.embed_kernel_size", m.embed_kernel_size, "an odd integer")
+    if m.conv_kernel_size % 2 == 0:
+        raise ConfigError(f"{prefix}.conv_kernel_size", m.conv_kernel_size, "an odd integer")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"{prefix}.dropout", m.dropout, "a probability in [0, 1)")
+    if not 0.0 < m.min_compression_ratio <= m.base_compression_ratio <= 1.0:
+        raise ConfigError(
+            f"{prefix}.min_compression_ratio", m.min_compression_ratio,
+            f"0 < min_compression_ratio <= base_compression_ratio ({m.base_compression_ratio}) <= 1",
+        )
+    if m.max_offset < 0:
+        raise ConfigError(f"{prefix}.max_offset", m.max_offset, "a value >= 0")
+    if m.recon_loss_weight < 0:
+        raise ConfigError(f"{prefix}.recon_loss_weight", m.recon_loss_weight, "a value >= 0")
+    e = m.moe
+    p = f"{prefix}.moe"
+    if e.num_experts < 1:
+        raise ConfigError(f"{p}.num_experts", e.num_experts, "an integer >= 1")
+    if not 1 <= e.top_k <= e.num_experts:
+        raise ConfigError(f"{p}.top_k", e.top_k,
+                          f"an integer in [1, moe.num_experts={e.num_experts}]")
+    if e.dynamic_k and not e.top_k <= e.k_max <= e.num_experts:
+        raise ConfigError(f"{p}.k_max", e.k_max,
+                          f"an integer in [moe.top_k={e.top_k}, moe.num_experts={e.num_experts}]")
+    _positive(f"{p}.expert_ffn_dim", e.expert_ffn_dim)
+    if not 0.0 < e.overuse_threshold <= 1.0:
+        raise ConfigError(f"{p}.overuse_threshold", e.overuse_threshold, "a fraction in (0, 1]")
+    for name in ("entropy_loss_weight", "overuse_loss_weight"):
+        if getattr(e, name) < 0:
+            raise ConfigError(f"{p}.{name}", getattr(e, name), "a value >= 0")
+    for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+        v = getattr(m, name)
+        if v < 0 or (isinstance(m.vocab_size, int) and v >= m.vocab_size):
+            raise ConfigError(f"{prefix}.{name}", v, f"a token id in [0, vocab_size={m.vocab_size})")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first combination that cannot work."""
+    validate_model(cfg.model)
+    d, m, t, par = cfg.data, cfg.model, cfg.train, cfg.parallel
+    if d.encoder_length > m.max_encoder_length:
+        raise ConfigError("data.encoder_length", d.encoder_length,
+                          f"<= model.max_encoder_length ({m.max_encoder_length})")
+    if d.decoder_length > m.max_decoder_length:
+        raise ConfigError("data.decoder_length", d.decoder_length,
+                          f"<= model.max_decoder_length ({m.max_decoder_length})")
+    for name in ("encoder_length", "decoder_length"):
+        if getattr(d, name) < 2:
+            raise ConfigError(f"data.{name}", getattr(d, name), "an integer >= 2")
+    if d.num_workers < 0:
+        raise ConfigError("data.num_workers", d.num_workers, "an integer >= 0")
+    if d.shuffle_buffer < 0:
+        raise ConfigError("data.shuffle_buffer", d.shuffle_buffer, "an integer >= 0")
+    if not 0.0 < d.noise_density < 1.0:
+        raise ConfigError("data.noise_density", d.noise_density, "a fraction in (0, 1)")
+    if d.mean_noise_span_length < 1.0:
+        raise ConfigError("data.mean_noise_span_length", d.mean_noise_span_length, "a value >= 1")
+    if d.objective == "mixture":
+        allowed = {"span_corruption", "prefix_lm"}
+        bad = set(d.objective_weights) - allowed
+        if bad or not d.objective_weights:
+            raise ConfigError("data.objective_weights", d.objective_weights,
+                              f"a mapping from {sorted(allowed)} to positive weights")
+        for k, w in d.objective_weights.items():
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0:
+                raise ConfigError(f"data.objective_weights.{k}", w, "a positive number")
+    for i, s in enumerate(d.sources):
+        if not isinstance(s, dict) or not {"shards"} <= set(s) <= {"name", "shards", "weight"}:
+            raise ConfigError(f"data.sources[{i}]", s,
+                              "a mapping with 'shards' and optional 'name', 'weight'")
+        w = s.get("weight", 1.0)
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0:
+            raise ConfigError(f"data.sources[{i}].weight", w, "a positive number")
+    for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "ckpt_every",
+                 "keep_last", "eval_every", "eval_steps"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}", getattr(t, name), "an integer >= 1")
+    for name in ("warmup_steps", "monitor_every", "max_nan_skips"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}", getattr(t, name), "an integer >= 0")
+    _positive("train.lr", t.lr)
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError("train.min_lr", t.min_lr, f"a value in [0, train.lr={t.lr}]")
+    if t.grad_clip < 0:
+        raise ConfigError("train.grad_clip", t.grad_clip, "a value >= 0 (0 disables clipping)")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            raise ConfigError(f"train.{name}", getattr(t, name), "a value in [0, 1)")
+    if par.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("parallel.zero_stage", par.zero_stage, "one of 0, 1, 2, 3")
+    if par.ep_size < 1:
+        raise ConfigError("parallel.ep_size", par.ep_size, "an integer >= 1")
+    if m.moe.num_experts % par.ep_size:
+        raise ConfigError("parallel.ep_size", par.ep_size,
+                          f"a divisor of model.moe.num_experts ({m.moe.num_experts})")
+
+
+# ------------------------------------------------------------- loading
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(item, item, "an override of the form section.key=value")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(key, raw, "a dotted key such as model.d_model")
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(path[: i + 1]), child, "a mapping to override into")
+        node = child
+    node[path[-1]] = value
+
+
+def config_from_dict(tree: dict, overrides: Iterable[str] = ()) -> Config:
+    """Build and validate a Config from a nested mapping plus overrides."""
+    tree = _deepcopy(tree)
+    for item in overrides:
+        path, value = _parse_override(item)
+        _apply_override(tree, path, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def _deepcopy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _deepcopy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deepcopy(v) for v in tree]
+    return tree
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config, apply ``section.key=value`` overrides, validate.
+
+    Raises ConfigError (with the file name) for unknown keys, wrong types and
+    impossible combinations; FileNotFoundError if ``path`` does not exist.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        try:
+            tree = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(path), "<unparsable>", f"valid YAML ({exc})") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(str(path), tree, "a mapping with sections model, data, train, parallel")
+    return config_from_dict(tree, overrides)
+
+
+def model_config_from_dict(tree: dict) -> ModelConfig:
+    """Build and validate a ModelConfig alone (e.g. from a saved config.json)."""
+    m = _coerce("model", tree, ModelConfig)
+    validate_model(m)
+    return m
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
