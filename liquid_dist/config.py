@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,7 +111,13 @@ class DataConfig:
     decoder_length: int = 128
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    """Documents held by each loader worker's seeded shuffle buffer (0: none)."""
     bad_sample_policy: Literal["fail", "skip"] = "skip"
+    """``skip``: count and report bad samples/shards; ``fail``: raise naming the shard."""
+    batches_per_epoch: int = 0
+    """Batches every rank yields per epoch; 0 derives it from the shard manifests."""
+    worker_timeout_s: float = 300.0
+    """A loader worker that delivers no batch for this long raises instead of hanging."""
 
 
 @dataclass
@@ -179,6 +186,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Return ``value`` as type ``tp`` or raise ConfigError; never guesses."""
     origin = typing.get_origin(tp)
@@ -211,6 +221,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(key, value, "an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "3e-4" (no dot) as a string; it is still plainly a number
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
             return float(value)
         raise ConfigError(key, value, "a number")
     if tp is str:
@@ -348,10 +361,23 @@ def validate(cfg: Config) -> None:
         for k, w in d.objective_weights.items():
             if not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0:
                 raise ConfigError(f"data.objective_weights.{k}", w, "a positive number")
+    if d.batches_per_epoch < 0:
+        raise ConfigError("data.batches_per_epoch", d.batches_per_epoch,
+                          "an integer >= 0 (0: derived from the manifests)")
+    _positive("data.worker_timeout_s", d.worker_timeout_s)
+    if d.objective in ("span_corruption", "mixture"):
+        from liquid_dist.data.objectives import span_corruption_raw_length
+
+        if span_corruption_raw_length(d.encoder_length, d.decoder_length, d.noise_density,
+                                      d.mean_noise_span_length) is None:
+            raise ConfigError("data.decoder_length", d.decoder_length,
+                              "room for span corruption targets (noise spans, sentinels and EOS) "
+                              f"of an encoder of data.encoder_length={d.encoder_length}")
     for i, s in enumerate(d.sources):
-        if not isinstance(s, dict) or not {"shards"} <= set(s) <= {"name", "shards", "weight"}:
+        if not isinstance(s, dict) or not {"shards"} <= set(s) <= {
+                "name", "shards", "weight", "manifest"}:
             raise ConfigError(f"data.sources[{i}]", s,
-                              "a mapping with 'shards' and optional 'name', 'weight'")
+                              "a mapping with 'shards' and optional 'name', 'weight', 'manifest'")
         w = s.get("weight", 1.0)
         if not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0:
             raise ConfigError(f"data.sources[{i}].weight", w, "a positive number")

@@ -1,0 +1,608 @@
+"""Local grouped-query attention (seed 3.3) and decoder cross-attention.
+
+``local_attention`` is the kernel: sliding-window attention with grouped K/V
+heads (GQA) in flash-attn's layout, with four interchangeable backends that all
+agree with :func:`reference_local_attention` (DESIGN.md §2.3):
+
+* ``flash``   - flash-attn's windowed kernel (CUDA, fp16/bf16);
+* ``flex``    - PyTorch flex attention with a sliding-window block mask (CUDA);
+* ``blocked`` - chunked local attention in plain PyTorch, O(L·w), forward and
+  backward on every device: the CPU training path;
+* ``sdpa``    - scaled-dot-product attention with a dense band mask, O(L²).
+
+Mask semantics, shared by every backend and the reference. With ``w`` =
+``window``, query ``i`` sees key ``j`` iff ``i - w <= j <= i + w``
+(``causal=False``) or ``i - w <= j <= i`` (``causal=True``), and key ``j`` is
+real. ``key_padding_mask`` (B, L; True = real token) is one mask for a
+self-attention sequence, so it masks queries too: the output at a padding
+position is 0 in every backend. That is what flash-attn's variable-length path
+(padding removed before the kernel) gives, and what its test reference gives
+when the query and key padding masks are the same, so all backends agree
+everywhere, not only at real positions. A row with no visible key outputs 0.
+
+:class:`EnhancedLocalAttentionWithGQA` wraps the kernel with projections (and,
+for the decoder, incremental decoding with a sliding-window K/V ring buffer);
+:class:`CrossAttention` lets decoder positions attend to the whole encoder
+output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from liquid_dist.config import ModelConfig
+from liquid_dist.model.utils import check_finite, xavier_linear, zero_padding
+
+BACKENDS = ("auto", "flash", "flex", "blocked", "sdpa")
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_FLASH_MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+    key_padding_mask: torch.Tensor | None,
+) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"local_attention expects q (B, L, H, D) and k, v (B, L, G, D); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape; got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, L, H, D = q.shape
+    if k.shape[0] != B or k.shape[1] != L or k.shape[3] != D:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, length and head dim"
+        )
+    if H % k.shape[2]:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({k.shape[2]})")
+    if window < 0:
+        raise ValueError(f"window must be >= 0; got {window}")
+    if key_padding_mask is not None and (
+        key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, L)
+    ):
+        raise ValueError(
+            f"key_padding_mask must be a bool tensor of shape {(B, L)}; got "
+            f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+        )
+
+
+def _band(length: int, window: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """(L, L) bool, True where query i may see key j by position alone."""
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    right = 0 if causal else window
+    return (j >= i - window) & (j <= i + right)
+
+
+def _masked_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None
+) -> torch.Tensor:
+    """Dense GQA attention; rows of ``allowed`` with no True output 0.
+
+    q (B, Lq, H, D), k and v (B, Lk, G, D), allowed broadcastable to
+    (B, 1, Lq, Lk) (True = may attend) or None. Returns (B, Lq, H, D). GQA via
+    SDPA's ``enable_gqa`` (torch >= 2.5), which groups like repeat_interleave.
+    """
+    row_ok = None
+    if allowed is not None:
+        # A row with no allowed key would softmax over nothing (NaN in the
+        # forward and the backward); let it see every key and zero it after,
+        # which also stops its gradient.
+        row_ok = allowed.any(dim=-1, keepdim=True)
+        allowed = allowed | ~row_ok
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    if row_ok is not None:
+        out = out * row_ok.to(out.dtype)
+    return out.transpose(1, 2)
+
+
+def _zero_padded_queries(out: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    if key_padding_mask is None:
+        return out
+    return out * key_padding_mask[:, :, None, None].to(out.dtype)
+
+
+# ---------------------------------------------------------------- reference
+
+
+def reference_local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """The definition every backend is tested against, O(L²).
+
+    Written like flash-attn's own test reference (``attention_ref``): upcast to
+    (at least) fp32 (unless ``upcast=False``, which gives the low-precision PyTorch
+    baseline of flash-attn's error rule), explicit band mask,
+    ``masked_fill(-inf)``, softmax, fully masked rows set to 0, padding queries
+    set to 0. Shapes as :func:`local_attention`; returns q's dtype.
+    """
+    dtype = q.dtype
+    if upcast:
+        acc = torch.promote_types(dtype, torch.float32)
+        q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    B, L, H, D = q.shape
+    n_rep = H // k.shape[2]
+    k = k.repeat_interleave(n_rep, dim=2)
+    v = v.repeat_interleave(n_rep, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q / math.sqrt(D), k)
+    masked = ~_band(L, window, causal, q.device)[None, None]
+    if key_padding_mask is not None:
+        masked = masked | ~key_padding_mask[:, None, None, :]
+    scores = scores.masked_fill(masked, float("-inf"))
+    attn = torch.softmax(scores, dim=-1)
+    attn = attn.masked_fill(masked.all(dim=-1, keepdim=True), 0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", attn, v)
+    if key_padding_mask is not None:
+        out = out.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
+    return out.to(dtype)
+
+
+# ----------------------------------------------------------------- backends
+
+
+def default_block_size(window: int) -> int:
+    """Query block of the ``blocked`` backend for a window ``window``.
+
+    Each block of b queries reads b + 2w keys, so the work per query is
+    (b + 2w) instead of the ideal 2w + 1: b ≈ w keeps the waste under 1.5×, and
+    the bounds [16, 64] keep the batched attention calls from getting tiny
+    (small w) while the waste b / 2w shrinks anyway for large w. Measured on
+    2 CPU cores (B=8, H=4, G=2, D=32, fwd+bwd): b = clamp(w, 16, 64) was the
+    fastest or within noise of it for w in {8, 32, 128}.
+    """
+    return max(16, min(window, 64))
+
+
+def blocked_local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Chunked local attention in plain PyTorch: the ``blocked`` backend.
+
+    Cost: O(L·(b + 2w)·H·D) time and O(L·(b + 2w)) memory for the block masks
+    (b = ``block_size``, default :func:`default_block_size`); forward and
+    backward on any device and dtype. Queries are cut into blocks of b; block n
+    reads keys [n·b − w, n·b + b − 1 + w] (to n·b + b − 1 when causal), taken
+    from zero-padded K/V with ``unfold`` (no loop over blocks or positions).
+    All blocks then go through one batched ``scaled_dot_product_attention``
+    call with a (b, b + 2w) mask, so the fused SDPA kernels (and their
+    backward) do the work: on 2 CPU cores this was 2-9× faster than the same
+    blocks through einsum + softmax. GQA is SDPA's own (``enable_gqa``), so
+    K/V are not repeated. Shapes and mask semantics as :func:`local_attention`.
+    """
+    B, L, H, D = q.shape
+    G = k.shape[2]
+    if L == 0:
+        return q.new_zeros(q.shape)
+    # A window beyond L - 1 sees the whole sequence: clamping keeps the key
+    # span (and the padding) bounded by the sequence length.
+    w = min(window, L - 1)
+    b = min(block_size or default_block_size(w), L)
+    if b < 1:
+        raise ValueError(f"block_size must be >= 1; got {block_size}")
+    nb = -(-L // b)
+    tail = nb * b - L
+    right = 0 if causal else w
+    span = b + w + right
+
+    acc = torch.promote_types(k.dtype, torch.float32)
+
+    def key_blocks(t: torch.Tensor) -> torch.Tensor:
+        # (B, L, G, D) -> (B·nb, span, G, D): block n holds keys n·b − w ...
+        # Built from an fp32 copy so that the backward adds up a key's
+        # gradients from its ~span/b overlapping blocks in fp32: summed in
+        # bf16, dK/dV came out 3x less precise than a bf16 reference.
+        blocks = F.pad(t.to(acc), (0, 0, 0, 0, w, tail + right)).unfold(1, span, b)
+        return blocks.permute(0, 1, 4, 2, 3).reshape(B * nb, span, G, D).to(t.dtype)
+
+    qb = F.pad(q, (0, 0, 0, 0, 0, tail)).reshape(B * nb, b, H, D)
+    real = key_padding_mask if key_padding_mask is not None else q.new_ones(
+        (B, L), dtype=torch.bool
+    )
+    # Keys outside [0, L) are padding as well: one mask covers both.
+    real_keys = F.pad(real, (w, tail + right), value=False).unfold(1, span, b)
+    # Query r of a block is key slot r + w of it, so the band is the same
+    # (b, span) pattern in every block.
+    r = torch.arange(b, device=q.device)[:, None]
+    s = torch.arange(span, device=q.device)[None, :]
+    band = (s >= r) & (s <= r + w + right)
+    allowed = band[None, None] & real_keys.reshape(B * nb, 1, 1, span)  # (B·nb, 1, b, span)
+    out = _masked_sdpa(qb, key_blocks(k), key_blocks(v), allowed)
+    out = out.reshape(B, nb * b, H, D)[:, :L]
+    return _zero_padded_queries(out, key_padding_mask)
+
+
+def sdpa_local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with a dense band mask: the ``sdpa`` backend.
+
+    Cost: O(L²·H·D) time and an O(B·L²) boolean mask; any device, forward
+    and backward. A reference and the fast choice for short sequences
+    (L <= 2w + 1, where the band is the whole matrix anyway). Shapes and mask
+    semantics as :func:`local_attention`.
+    """
+    L = q.shape[1]
+    allowed = _band(L, window, causal, q.device)[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    return _zero_padded_queries(_masked_sdpa(q, k, v, allowed), key_padding_mask)
+
+
+_compiled_flex = None
+
+
+def flex_local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Compiled flex attention with a sliding-window block mask: the ``flex`` backend.
+
+    Cost: O(L·w·H·D) time (128×128 tiles outside the band are skipped) and
+    O(L·H) memory, native GQA; plus building the block mask on every call:
+    O(B·L²) cheap mask evaluations, compiled and fused so that only the
+    O(B·(L/128)²) tile table is stored. CUDA only: flex attention has no
+    backward on CPU. Compiles once per (shape, window, causal, padded or not).
+    Shapes and mask semantics as :func:`local_attention`.
+    """
+    if not q.is_cuda:
+        raise RuntimeError(
+            "attention backend 'flex' needs CUDA tensors (flex attention has no backward "
+            "on CPU); use backend 'blocked' or 'auto' on CPU"
+        )
+    global _compiled_flex
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:
+        raise RuntimeError(
+            f"attention backend 'flex' needs torch >= 2.5 with flex attention ({exc})"
+        ) from exc
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    B, L, H, _ = q.shape
+    right = 0 if causal else window
+
+    if key_padding_mask is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx >= q_idx - window) & (kv_idx <= q_idx + right)
+        mask_batch = None
+    else:
+        real = key_padding_mask
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            in_band = (kv_idx >= q_idx - window) & (kv_idx <= q_idx + right)
+            # Masking padding queries too makes their rows empty (output 0),
+            # and lets flex skip their blocks.
+            return in_band & real[b, kv_idx] & real[b, q_idx]
+        mask_batch = B
+
+    block_mask = create_block_mask(mask_mod, mask_batch, None, L, L, device=q.device,
+                                   _compile=True)
+    out = _compiled_flex(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        block_mask=block_mask, enable_gqa=H != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def _import_flash():
+    try:
+        import flash_attn
+    except ImportError as exc:
+        raise RuntimeError(
+            "attention backend 'flash' needs the flash-attn package (pip install "
+            f"'liquid_dist[flash]' on a CUDA machine); it failed to import: {exc}"
+        ) from exc
+    return flash_attn
+
+
+def _flash_available() -> bool:
+    try:
+        _import_flash()
+    except RuntimeError:
+        return False
+    return True
+
+
+def flash_local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """flash-attn's windowed kernel: the ``flash`` backend.
+
+    Cost: O(L·w·H·D) time, O(L·H) memory, native GQA; CUDA, fp16/bf16, head
+    dim <= 256. Without a padding mask this is ``flash_attn_func`` with
+    ``window_size=(w, 0 if causal else w)``. With one, the padding is removed
+    and ``flash_attn_varlen_func`` runs on the packed real tokens, which is
+    exact only if positions keep their distances: every row's real tokens must
+    form one contiguous run (right padding, the project's layout; left padding
+    works too). That is checked (one host sync, shared with reading the
+    longest length the kernel needs) and a ValueError is raised otherwise.
+    Padding positions output 0. Shapes as :func:`local_attention`.
+    """
+    if not q.is_cuda or q.dtype not in _FLASH_DTYPES:
+        raise RuntimeError(
+            f"attention backend 'flash' needs CUDA fp16/bf16 tensors; got {q.dtype} on "
+            f"{q.device.type} (use 'blocked' or 'auto' there)"
+        )
+    if q.shape[-1] > _FLASH_MAX_HEAD_DIM:
+        raise RuntimeError(
+            f"attention backend 'flash' supports head dim <= {_FLASH_MAX_HEAD_DIM}; "
+            f"got {q.shape[-1]}"
+        )
+    flash_attn = _import_flash()
+    B, L, H, D = q.shape
+    w = min(window, max(L - 1, 0))
+    window_size = (w, 0 if causal else w)
+    if key_padding_mask is None:
+        return flash_attn.flash_attn_func(q, k, v, causal=causal, window_size=window_size)
+
+    real = key_padding_mask
+    lengths = real.sum(dim=1, dtype=torch.int32)
+    # A run of real tokens starts wherever a real token follows padding (or
+    # opens the row); contiguous means at most one start per row.
+    starts = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)
+    max_starts, max_len = torch.stack([starts.max(), lengths.max().long()]).tolist()
+    if max_starts > 1:
+        raise ValueError(
+            "attention backend 'flash' with a key_padding_mask needs the real tokens of each "
+            "row to be contiguous (right padding); use backend 'flex' or 'blocked' otherwise"
+        )
+    if max_len == 0:
+        return q.new_zeros(q.shape)
+    index = real.flatten().nonzero(as_tuple=True)[0]
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    out = flash_attn.flash_attn_varlen_func(
+        q.reshape(B * L, H, D).index_select(0, index),
+        k.reshape(B * L, -1, D).index_select(0, index),
+        v.reshape(B * L, -1, D).index_select(0, index),
+        cu_seqlens, cu_seqlens, max_len, max_len,
+        causal=causal, window_size=window_size,
+    )
+    return q.new_zeros(B * L, H, D).index_copy(0, index, out).view(B, L, H, D)
+
+
+def choose_backend(q: torch.Tensor, window: int) -> str:
+    """The backend ``auto`` runs for ``q`` (B, L, H, D) and ``window``.
+
+    * CUDA, fp16/bf16, head dim <= 256 and flash-attn importable: ``flash``
+      (the fastest kernel, native GQA);
+    * other CUDA tensors: ``flex`` (windowed, O(L·w), any float dtype);
+    * CPU: ``sdpa`` when L <= 2w + 1 (the band covers the whole score matrix,
+      so the dense kernel does no wasted work: ~2× faster than ``blocked``
+      there, fwd+bwd on 2 cores), else ``blocked`` (O(L·w), the only CPU path
+      with a backward that is not O(L²)). The measured crossover is near
+      L ≈ 2(2w + 1), and ``blocked`` wins from there on (2.5× at L = 4(2w + 1)).
+    """
+    if q.is_cuda:
+        if q.dtype in _FLASH_DTYPES and q.shape[-1] <= _FLASH_MAX_HEAD_DIM and _flash_available():
+            return "flash"
+        return "flex"
+    return "sdpa" if q.shape[1] <= 2 * window + 1 else "blocked"
+
+
+_BACKEND_FUNCS = {
+    "flash": flash_local_attention,
+    "flex": flex_local_attention,
+    "blocked": blocked_local_attention,
+    "sdpa": sdpa_local_attention,
+}
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    causal: bool,
+    backend: str = "auto",
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sliding-window grouped-query attention.
+
+    q (B, L, H, D); k, v (B, L, G, D) with H % G == 0, query head h using K/V
+    head h // (H // G) (as ``repeat_interleave``); key_padding_mask (B, L) bool,
+    True = real token, or None. Query i sees key j iff i − w <= j <= i + w
+    (causal=False) or i − w <= j <= i (causal=True), w = ``window``, and j is
+    real; padding queries and rows with no visible key output 0. Scale
+    1/sqrt(D). Returns (B, L, H, D) in q's dtype. ``backend`` is one of
+    ``auto`` (see :func:`choose_backend`), ``flash``, ``flex``, ``blocked``,
+    ``sdpa``; an explicit backend that cannot run on these tensors raises
+    RuntimeError rather than falling back silently.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    _check_inputs(q, k, v, window, key_padding_mask)
+    if backend == "auto":
+        backend = choose_backend(q, window)
+    return _BACKEND_FUNCS[backend](q, k, v, window, causal, key_padding_mask)
+
+
+# ------------------------------------------------------------------ modules
+
+
+class EnhancedLocalAttentionWithGQA(nn.Module):
+    """Local self-attention with grouped K/V heads (seed 3.3).
+
+    Projections d → H·Dh (queries) and d → G·Dh (keys, values), Dh = d / H,
+    H = ``cfg.n_heads``, G = ``cfg.n_kv_heads``; :func:`local_attention` with
+    window ``cfg.window`` and backend ``cfg.attention_backend``; output
+    projection H·Dh → d and dropout. No rotary embeddings: the model has
+    learned absolute positions. ``causal=True`` is the decoder form and adds
+    incremental decoding (:meth:`init_state`, :meth:`step`).
+    """
+
+    def __init__(self, cfg: ModelConfig, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.window = cfg.window
+        self.backend = cfg.attention_backend
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.check_finite = cfg.check_finite
+        self.q_proj = xavier_linear(cfg.d_model, self.n_heads * self.head_dim)
+        self.k_proj = xavier_linear(cfg.d_model, self.n_kv_heads * self.head_dim)
+        self.v_proj = xavier_linear(cfg.d_model, self.n_kv_heads * self.head_dim)
+        self.out_proj = xavier_linear(self.n_heads * self.head_dim, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        return q, k, v
+
+    def _output(self, o: torch.Tensor) -> torch.Tensor:
+        B, L = o.shape[:2]
+        y = self.dropout(self.out_proj(o.reshape(B, L, self.n_heads * self.head_dim)))
+        return check_finite(type(self).__name__, y, self.check_finite)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, d), mask (B, L) bool (True = real) or None → (B, L, d).
+
+        Outputs at real positions do not depend on what padding holds; at
+        padding positions they are the output projection's bias.
+        """
+        x = zero_padding(x, mask)
+        q, k, v = self._project(x)
+        o = local_attention(
+            q, k, v, window=self.window, causal=self.causal, backend=self.backend,
+            key_padding_mask=mask,
+        )
+        return self._output(o)
+
+    def init_state(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """Empty sliding-window cache: a ring buffer of window + 1 slots.
+
+        ``k``, ``v``: (B, window + 1, G, Dh); ``pos``: (B, window + 1) long,
+        the absolute position held in each slot, −1 for an empty slot.
+        """
+        if not self.causal:
+            raise RuntimeError("incremental decoding needs the causal (decoder) form")
+        slots = self.window + 1
+        shape = (batch_size, slots, self.n_kv_heads, self.head_dim)
+        return {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+            "pos": torch.full((batch_size, slots), -1, device=device, dtype=torch.long),
+        }
+
+    def step(
+        self, x_t: torch.Tensor, state: dict[str, torch.Tensor], pos: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One decoding step: x_t (B, 1, d) at absolute position ``pos`` → (B, 1, d).
+
+        Equals ``forward`` at ``pos`` given steps 0..pos−1 were run before.
+        Returns a new state; the passed one is not modified. O(window) per step.
+        """
+        if not self.causal:
+            raise RuntimeError("incremental decoding needs the causal (decoder) form")
+        q, k, v = self._project(x_t)
+        slot = torch.tensor([pos % (self.window + 1)], device=x_t.device)
+        # index_copy / index_fill are out of place: the caller's state (maybe
+        # shared across beams before a reorder) stays untouched.
+        k_buf = state["k"].index_copy(1, slot, k.to(state["k"].dtype))
+        v_buf = state["v"].index_copy(1, slot, v.to(state["v"].dtype))
+        p_buf = state["pos"].index_fill(1, slot, pos)
+        # Consecutive steps leave exactly positions pos − window .. pos in the
+        # ring; the second test also keeps stale slots out if a caller resumes
+        # at a later pos.
+        visible = (p_buf >= 0) & (p_buf >= pos - self.window)  # (B, slots)
+        o = _masked_sdpa(q, k_buf.to(q.dtype), v_buf.to(q.dtype), visible[:, None, None, :])
+        return self._output(o), {"k": k_buf, "v": v_buf, "pos": p_buf}
+
+
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention (DESIGN.md §2.3): full, GQA, encoder padding mask.
+
+    Queries H·Dh from the decoder stream, keys and values G·Dh from the encoder
+    output (``memory``), Dh = d / H; no window, no causality (the whole
+    encoder output is known before decoding starts). For generation the
+    encoder K/V are computed once (:meth:`compute_kv`) and every step calls
+    :meth:`attend` on its one position.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.check_finite = cfg.check_finite
+        self.q_proj = xavier_linear(cfg.d_model, self.n_heads * self.head_dim)
+        self.k_proj = xavier_linear(cfg.d_model, self.n_kv_heads * self.head_dim)
+        self.v_proj = xavier_linear(cfg.d_model, self.n_kv_heads * self.head_dim)
+        self.out_proj = xavier_linear(self.n_heads * self.head_dim, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def compute_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory (B, Lm, d) → k, v, each (B, Lm, G, Dh) (batch first: beams reorder them)."""
+        B, Lm, _ = memory.shape
+        k = self.k_proj(memory).view(B, Lm, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(memory).view(B, Lm, self.n_kv_heads, self.head_dim)
+        return k, v
+
+    def attend(
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        memory_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, Ld, d) attends to k, v from :meth:`compute_kv` → (B, Ld, d).
+
+        memory_mask (B, Lm) bool, True = real encoder token, or None. Masked
+        memory never reaches the output; a row whose memory is all padding
+        gets a zero attention output (the output projection's bias).
+        """
+        B, Ld, _ = x.shape
+        q = self.q_proj(x).view(B, Ld, self.n_heads, self.head_dim)
+        allowed = None if memory_mask is None else memory_mask[:, None, None, :]
+        o = _masked_sdpa(q, k.to(q.dtype), v.to(q.dtype), allowed)
+        y = self.dropout(self.out_proj(o.reshape(B, Ld, self.n_heads * self.head_dim)))
+        return check_finite(type(self).__name__, y, self.check_finite)
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, Ld, d), memory (B, Lm, d), memory_mask (B, Lm) bool or None → (B, Ld, d)."""
+        return self.attend(x, *self.compute_kv(memory), memory_mask)

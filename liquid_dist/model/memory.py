@@ -1,0 +1,106 @@
+"""EnhancedLSTM, the decoder's external memory (DESIGN.md §2.7, seed 3.7).
+
+It runs once after the decoder stack. Being a left-to-right recurrence it is
+causal by construction, and during generation its (h, c) state is carried from
+token to token, so each new token costs O(1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from liquid_dist.config import ModelConfig
+from liquid_dist.model.utils import check_finite, xavier_linear
+
+
+class EnhancedLSTM(nn.Module):
+    """``cfg.lstm_layers`` stacked layers, each (seed 3.7.1)
+
+        h = LSTM(x);  y = Linear(GELU(Linear(h))) (d -> d -> d);  x = Dropout(y + x)
+
+    The dropout acts on the residual sum, in the seed's order.
+
+    The recurrence runs outside autocast, in the parameters' dtype: a long
+    recurrence accumulates rounding in bf16, and oneDNN's CPU LSTM has no
+    kernel for autocast's mixed bf16 call (it raises). The MLPs stay under
+    autocast.
+
+    Init: Xavier-normal for the Linear maps (seed §4). LSTM: Xavier-normal
+    for each gate's input-to-hidden block, orthogonal for each gate's
+    hidden-to-hidden block (keeps the recurrence norm-preserving at the
+    start), zero biases except the forget gate's input bias = 1 so the cell
+    remembers by default early in training.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.d_model = d
+        self.num_layers = cfg.lstm_layers
+        self.check = cfg.check_finite
+        self.lstms = nn.ModuleList(
+            nn.LSTM(d, d, batch_first=True) for _ in range(self.num_layers)
+        )
+        self.mlps = nn.ModuleList(
+            nn.Sequential(xavier_linear(d, d), nn.GELU(), xavier_linear(d, d))
+            for _ in range(self.num_layers)
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        for lstm in self.lstms:
+            # nn.LSTM stacks the gates (input, forget, cell, output) along dim 0.
+            for w in lstm.weight_ih_l0.detach().chunk(4, dim=0):
+                nn.init.xavier_normal_(w)
+            for w in lstm.weight_hh_l0.detach().chunk(4, dim=0):
+                nn.init.orthogonal_(w)
+            nn.init.zeros_(lstm.bias_ih_l0)
+            nn.init.zeros_(lstm.bias_hh_l0)
+            with torch.no_grad():
+                lstm.bias_ih_l0[d:2 * d].fill_(1.0)
+
+    @staticmethod
+    def _recur(
+        lstm: nn.LSTM, x: torch.Tensor, hc: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        dtype = lstm.weight_ih_l0.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            if hc is not None:
+                hc = (hc[0].to(dtype), hc[1].to(dtype))
+            return lstm(x.to(dtype), hc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, d) -> (B, L, d), starting from a zero state; causal."""
+        for lstm, mlp in zip(self.lstms, self.mlps, strict=True):
+            h, _ = self._recur(lstm, x, None)
+            x = self.dropout(mlp(h) + x)
+        return check_finite("EnhancedLSTM", x, self.check)
+
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """Zero state {'h': (B, layers, d), 'c': (B, layers, d)}, batch first."""
+        shape = (batch_size, self.num_layers, self.d_model)
+        return {"h": torch.zeros(shape, device=device, dtype=dtype),
+                "c": torch.zeros(shape, device=device, dtype=dtype)}
+
+    def step(
+        self, x_t: torch.Tensor, state: dict[str, torch.Tensor], pos: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x_t (B, 1, d) at position ``pos`` -> (y_t (B, 1, d), new state).
+
+        ``pos`` is not needed by a recurrence; it is accepted for the common
+        step interface. Equals ``forward`` at ``pos`` when fed positions 0..pos.
+        """
+        hs, cs = [], []
+        x = x_t
+        for i, (lstm, mlp) in enumerate(zip(self.lstms, self.mlps, strict=True)):
+            # nn.LSTM wants (layers=1, B, d); the state is kept batch first so
+            # beam search can reorder it with index_select(0, ...).
+            h0 = state["h"][:, i].unsqueeze(0).contiguous()
+            c0 = state["c"][:, i].unsqueeze(0).contiguous()
+            h, (h1, c1) = self._recur(lstm, x, (h0, c0))
+            hs.append(h1[0])
+            cs.append(c1[0])
+            x = self.dropout(mlp(h) + x)
+        x = check_finite("EnhancedLSTM", x, self.check)
+        return x, {"h": torch.stack(hs, dim=1), "c": torch.stack(cs, dim=1)}

