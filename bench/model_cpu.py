@@ -152,7 +152,8 @@ def main() -> None:
     result["frequency_growth"] = bench_frequency_growth("tiny", base, (1, 2, 4, 8), repeats)
     print("\nFrequencyHyenaAttention(encoder) growth, tiny:")
     for row in result["frequency_growth"]:
-        print(f"  L={row['length']:>5}  {row['seconds'] * 1e3:8.1f} ms  time x{row['time_ratio']:.2f}"
+        print(f"  L={row['length']:>5}  {row['seconds'] * 1e3:8.1f} ms"
+              f"  time x{row['time_ratio']:.2f}"
               f"  L·logL x{row['L_log_L_ratio']:.2f}  L² x{row['L_squared_ratio']:.0f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -15,9 +15,10 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -303,7 +304,8 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     if not 0.0 < m.min_compression_ratio <= m.base_compression_ratio <= 1.0:
         raise ConfigError(
             f"{prefix}.min_compression_ratio", m.min_compression_ratio,
-            f"0 < min_compression_ratio <= base_compression_ratio ({m.base_compression_ratio}) <= 1",
+            "0 < min_compression_ratio <= base_compression_ratio "
+            f"({m.base_compression_ratio}) <= 1",
         )
     if m.max_offset < 0:
         raise ConfigError(f"{prefix}.max_offset", m.max_offset, "a value >= 0")
@@ -328,7 +330,8 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
         v = getattr(m, name)
         if v < 0 or (isinstance(m.vocab_size, int) and v >= m.vocab_size):
-            raise ConfigError(f"{prefix}.{name}", v, f"a token id in [0, vocab_size={m.vocab_size})")
+            raise ConfigError(f"{prefix}.{name}", v,
+                              f"a token id in [0, vocab_size={m.vocab_size})")
 
 
 def validate(cfg: Config) -> None:

@@ -33,5 +33,6 @@ __all__ = [
     "ModelOutput",
     "MoELayer",
     "NonFiniteError",
+    "OptimizedGatedConvolution",
     "local_attention",
 ]

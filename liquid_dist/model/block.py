@@ -74,7 +74,8 @@ class ImprovedTransformerBlock(nn.Module):
         if self.causal:
             if memory is None:
                 raise ValueError(f"{self.name}: a decoder block needs the encoder output")
-            x = x + self._check("cross_attn", self.cross_attn(self.cross_norm(x), memory, memory_mask))
+            cross = self.cross_attn(self.cross_norm(x), memory, memory_mask)
+            x = x + self._check("cross_attn", cross)
         x = x + self._check("conv", self.conv(self.conv_norm(x), mask))
         moe_out, aux = self.moe(self.moe_norm(x), mask)
         x = x + self._check("moe", moe_out)

@@ -36,7 +36,7 @@ class DecoderCache:
 
     def reorder(self, index: torch.Tensor) -> DecoderCache:
         return DecoderCache(
-            memory_mask=None if self.memory_mask is None else self.memory_mask.index_select(0, index),
+            memory_mask=reorder_state(self.memory_mask, index),
             cross_kv=reorder_state(self.cross_kv, index),
             state=reorder_state(self.state, index),
         )
@@ -85,7 +85,7 @@ class IncrementalDecoder:
         dec, cache = self.decoder, self.cache
         x, emb_state = dec.embedding.step(tokens.view(-1, 1), cache.state["embedding"], pos)
         block_states = []
-        for blk, st, kv in zip(dec.blocks, cache.state["blocks"], cache.cross_kv):
+        for blk, st, kv in zip(dec.blocks, cache.state["blocks"], cache.cross_kv, strict=True):
             x, st = blk.step(x, st, pos, kv, cache.memory_mask)
             block_states.append(st)
         x, mem_state = dec.memory.step(x, cache.state["memory"], pos)
