@@ -371,6 +371,9 @@ def validate(cfg: Config) -> None:
     if d.objective in ("span_corruption", "mixture"):
         from liquid_dist.data.objectives import span_corruption_raw_length
 
+        if d.encoder_length < 3:
+            raise ConfigError("data.encoder_length", d.encoder_length,
+                              ">= 3 for span corruption (a token, a sentinel and EOS)")
         if span_corruption_raw_length(d.encoder_length, d.decoder_length, d.noise_density,
                                       d.mean_noise_span_length) is None:
             raise ConfigError("data.decoder_length", d.decoder_length,

@@ -1,0 +1,33 @@
+"""Data pipeline: tokenizer, WebDataset shards, pretraining objectives, loaders.
+
+See docs/data.md. Public API:
+
+* :class:`Tokenizer`, :func:`train_tokenizer` — sentencepiece with fixed ids
+  (pad=0, eos=1, unk=2, bos=3) and ``<extra_id_i>`` sentinels.
+* :func:`make_shards` — text -> WebDataset shards + manifest (parallel, resumable).
+* :func:`build_train_loader`, :func:`build_val_loader` -> :class:`PretrainingLoader`.
+* :func:`span_corruption`, :func:`prefix_lm`, :func:`collate` — the objectives.
+* :class:`DataError` — bad input, naming the file or shard.
+"""
+
+from liquid_dist.data.errors import BadSample, DataError
+from liquid_dist.data.loader import PretrainingLoader, build_train_loader, build_val_loader
+from liquid_dist.data.objectives import (
+    IGNORE_INDEX,
+    collate,
+    prefix_lm,
+    prefix_lm_raw_length,
+    span_corruption,
+    span_corruption_raw_length,
+)
+from liquid_dist.data.shard_writer import make_shards
+from liquid_dist.data.shards import read_manifest, resolve_shards, verify_shards
+from liquid_dist.data.text_inputs import InputReport, expand_inputs, iter_documents
+from liquid_dist.data.tokenizer import Tokenizer, train_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX", "BadSample", "DataError", "InputReport", "PretrainingLoader", "Tokenizer",
+    "build_train_loader", "build_val_loader", "collate", "expand_inputs", "iter_documents",
+    "make_shards", "prefix_lm", "prefix_lm_raw_length", "read_manifest", "resolve_shards",
+    "span_corruption", "span_corruption_raw_length", "train_tokenizer", "verify_shards",
+]

@@ -1,0 +1,151 @@
+"""Throughput of the data pipeline on the Shakespeare corpus.
+
+    python bench/data_loader.py [--data DIR] [--out bench/results/data_loader.json]
+
+* make_shards: tokens/s with 1 and 2 tokenising workers, and per core, on
+  four copies of the corpus;
+* the loader: raw tokens/s drawn per loader worker for each objective
+  (encoder 512 / decoder 128, batch 16) with 0 (in-process), 1 and 2
+  workers, and the time to the first batch of a resumed loader.
+
+``--data`` is a prepare_shakespeare.py output (made in a temporary folder
+when absent). Results, with machine and date, go to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import sentencepiece
+import torch
+import webdataset
+
+from liquid_dist.config import DataConfig
+from liquid_dist.data import build_train_loader, make_shards, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "data_prep"))
+import prepare_shakespeare  # noqa: E402
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "sentencepiece": sentencepiece.__version__,
+            "webdataset": getattr(webdataset, "__version__", "?")}
+
+
+def bench_make_shards(data: Path, scratch: Path, copies: int = 4) -> list[dict]:
+    """The corpus ``copies`` times over (about 7M tokens), so start-up is not what is timed."""
+    text = data / "text" / "shakespeare.jsonl"
+    inputs = scratch / "inputs"
+    inputs.mkdir(exist_ok=True)
+    for i in range(copies):
+        shutil.copy(text, inputs / f"copy{i}.jsonl")
+    model = data / "tokenizer" / "tokenizer.model"
+    rows = []
+    for workers in (1, 2):
+        out = scratch / f"shards_w{workers}"
+        start = time.perf_counter()
+        manifest = make_shards([inputs], out, model, shard_size_mb=8, workers=workers,
+                               val_fraction=0.05, overwrite=True)
+        seconds = time.perf_counter() - start
+        tokens = sum(s["tokens"] for s in manifest["shards"])
+        rows.append({"workers": workers, "tokens": tokens, "seconds": round(seconds, 3),
+                     "tokens_per_s": round(tokens / seconds),
+                     "tokens_per_s_per_core": round(tokens / seconds / workers)})
+        shutil.rmtree(out)
+    return rows
+
+
+def _cfg(data: Path, objective: str, workers: int) -> DataConfig:
+    return DataConfig(tokenizer=str(data / "tokenizer" / "tokenizer.model"),
+                      train_shards=str(data / "shards"), objective=objective,
+                      encoder_length=512, decoder_length=128, num_workers=workers,
+                      shuffle_buffer=1000, batches_per_epoch=320)
+
+
+def bench_loader(data: Path, objective: str, workers: int) -> dict:
+    loader = build_train_loader(_cfg(data, objective, workers), rank=0, world_size=1,
+                                batch_size=16, seed=0)
+    it = iter(loader)
+    for _ in range(20):  # worker start-up and the shuffle buffer fill are not throughput
+        next(it)
+    before = sum(loader.stats()["tokens_per_source"].values())
+    start = time.perf_counter()
+    n = sum(1 for _ in it)
+    seconds = time.perf_counter() - start
+    tokens = sum(loader.stats()["tokens_per_source"].values()) - before
+    return {"objective": objective, "num_workers": workers, "batches": n,
+            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds),
+            "tokens_per_s_per_worker": round(tokens / seconds / max(1, workers)),
+            "encoder_fill": round(loader.stats()["encoder_fill"], 3),
+            "decoder_fill": round(loader.stats()["decoder_fill"], 3)}
+
+
+def bench_resume(data: Path) -> dict:
+    cfg = _cfg(data, "mixture", 2)
+    first = build_train_loader(cfg, rank=0, world_size=1, batch_size=16, seed=0)
+    it = iter(first)
+    for _ in range(60):
+        next(it)
+    state = first.state_dict()
+    del it
+    resumed = build_train_loader(cfg, rank=0, world_size=1, batch_size=16, seed=0)
+    resumed.load_state_dict(state)
+    start = time.perf_counter()
+    next(iter(resumed))
+    return {"after_batches": 60, "state_bytes": len(json.dumps(state)),
+            "first_batch_seconds": round(time.perf_counter() - start, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, help="a prepare_shakespeare.py output directory")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data_loader.json")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        data = args.data
+        if data is None:
+            data = scratch / "shakespeare"
+            prepare_shakespeare.prepare(data, workers=2)
+        manifest = read_manifest(data / "shards")
+        result = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "note": "shared 2-core VM (other jobs running): treat as a lower bound",
+            "corpus": {"documents": manifest["totals"]["train"]["documents"],
+                       "train_tokens": manifest["totals"]["train"]["tokens"],
+                       "vocab_size": manifest["vocab_size"]},
+            "make_shards": bench_make_shards(data, scratch),
+            "loader": [bench_loader(data, objective, workers)
+                       for objective in ("span_corruption", "prefix_lm", "mixture")
+                       for workers in (0, 1, 2)],
+            "resume": bench_resume(data),
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
