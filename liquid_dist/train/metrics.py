@@ -1,0 +1,122 @@
+"""The metrics stream: one human line on stdout, ``RUN_DIR/metrics.jsonl``, optional wandb.
+
+Only rank 0 writes. Every record is a flat JSON object with ``kind``
+(``train``, ``eval``, ``monitor``, ``event``) and ``step``; the same record
+goes to wandb when ``train.wandb.mode`` is ``online`` or ``offline``
+(wandb is imported only then). The wandb run id is kept in the checkpoint,
+so a resumed or requeued job continues the same wandb run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from liquid_dist.config import WandbConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep the fact, as text
+    return v
+
+
+def read_metrics(run_dir: str | Path, kind: Optional[str] = None) -> list[dict[str, Any]]:
+    """The records of ``RUN_DIR/metrics.jsonl`` (of one ``kind`` if given), in order."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> int:
+    """Drop records after ``step`` (logged by a run that then died before its next
+    checkpoint; the resumed run logs those steps again). Returns how many were dropped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+    return len(lines) - len(kept)
+
+
+class MetricsLogger:
+    """Writes records on rank 0; a no-op elsewhere.
+
+    ``run_id`` is the wandb id (given when resuming, else a new one), kept
+    whether or not wandb is on so that turning it on later still resumes.
+    """
+
+    def __init__(self, run_dir: str | Path, *, rank: int, wandb_cfg: WandbConfig,
+                 config: dict[str, Any], run_id: Optional[str] = None,
+                 printer: Any = None):
+        self.rank = rank
+        self.path = Path(run_dir) / METRICS_FILE
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self._print = printer or (lambda line: print(line, file=sys.stdout, flush=True))
+        self._wandb = None
+        if rank != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if wandb_cfg.mode != "disabled":
+            try:
+                import wandb
+            except ImportError as exc:
+                raise RuntimeError(
+                    f"train.wandb.mode={wandb_cfg.mode!r} needs wandb: pip install wandb "
+                    "(or set train.wandb.mode=disabled)") from exc
+            self._wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name,
+                                     id=self.run_id, resume="allow", mode=wandb_cfg.mode,
+                                     config=config, dir=str(self.path.parent))
+
+    def log(self, record: dict[str, Any], line: Optional[str] = None) -> None:
+        """Append ``record`` to metrics.jsonl (and wandb); print ``line`` if given."""
+        if self.rank != 0:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        if self._wandb is not None:
+            data = {f"{record.get('kind', 'train')}/{k}": v for k, v in record.items()
+                    if k not in ("kind", "step") and isinstance(v, (int, float))}
+            self._wandb.log(data, step=int(record.get("step", 0)))
+        if line is not None:
+            self._print(line)
+
+    def info(self, line: str) -> None:
+        if self.rank == 0:
+            self._print(line)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def human_line(r: dict[str, Any], max_steps: int, eta_s: float) -> str:
+    """One line of a ``train`` record: the figures a person watches."""
+    mfu = r.get("mfu")
+    parts = [f"step {r['step']}/{max_steps}", f"loss {r['loss']:.4f}", f"ce {r['ce']:.4f}",
+             f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}",
+             f"{r['tokens_per_s']:,.0f} tok/s",
+             f"mfu {100 * mfu:.1f}%" if mfu is not None else "mfu n/a",
+             f"mem {r['memory_gb']:.2f}GB", f"eta {format_duration(eta_s)}"]
+    if r.get("nan_skips"):
+        parts.append(f"nan-skips {r['nan_skips']}")
+    return " | ".join(parts)

@@ -1,0 +1,56 @@
+"""Launch-time checks that need files: the tokenizer decides ``model.vocab_size: auto``.
+
+Everything here runs before any process group exists, so a bad config or a
+missing file stops every rank with one clear message and nothing to clean up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from liquid_dist.config import Config, ConfigError, validate
+from liquid_dist.parallel.deepspeed_config import check_supported, resolve_precision
+
+
+def resolve_config(cfg: Config) -> Config:
+    """A copy of ``cfg`` with ``model.vocab_size`` an integer, checked against the tokenizer.
+
+    ``auto`` takes the tokenizer's size; an explicit size below it is a
+    ConfigError (ids past the embedding would crash mid-run), as are special
+    token ids that differ from the tokenizer's and settings this engine does
+    not run yet (``parallel.ep_size > 1``, fp16 without a GPU).
+    """
+    from liquid_dist.data import Tokenizer
+
+    check_supported(cfg)
+    resolve_precision(cfg.train, "cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.train.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.wandb.mode", cfg.train.wandb.mode,
+                          "'disabled' unless wandb is installed (pip install wandb)")
+    tok_path = Path(cfg.data.tokenizer)
+    if not tok_path.is_file():
+        raise ConfigError("data.tokenizer", cfg.data.tokenizer,
+                          "an existing sentencepiece model file (data_prep/train_tokenizer.py "
+                          "writes one; scripts/demo.sh prepares the Shakespeare one)")
+    tok = Tokenizer(tok_path)
+    m = cfg.model
+    if m.vocab_size == "auto":
+        vocab = tok.vocab_size
+    else:
+        vocab = int(m.vocab_size)
+        if vocab < tok.vocab_size:
+            raise ConfigError("model.vocab_size", vocab,
+                              f"'auto' or an integer >= the tokenizer's vocabulary "
+                              f"({tok.vocab_size}, {tok_path})")
+    for name, tok_id in (("pad_token_id", tok.pad_id), ("eos_token_id", tok.eos_id),
+                         ("decoder_start_token_id", tok.pad_id)):
+        if getattr(m, name) != tok_id:
+            raise ConfigError(f"model.{name}", getattr(m, name),
+                              f"{tok_id}, the id the tokenizer and the data loader use")
+    out = dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=vocab))
+    validate(out)
+    return out

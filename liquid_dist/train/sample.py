@@ -1,0 +1,62 @@
+"""Text from a trained checkpoint: a plain model, a validation prompt, greedy decoding.
+
+    python launch/sample.py --checkpoint runs/tiny [--num 2] [--max-new-tokens 48]
+
+Single process, no DeepSpeed engine: the ZeRO shards are merged with
+DeepSpeed's ``zero_to_fp32`` (checkpoint.consolidated_state_dict).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from liquid_dist.config import Config, config_from_dict
+from liquid_dist.train.checkpoint import consolidated_state_dict, find_checkpoint, read_config
+
+
+def load_trained_model(checkpoint: str | Path) -> tuple[nn.Module, Config]:
+    """A plain model with a checkpoint's weights, in eval mode, and its resolved config.
+
+    ``checkpoint``: a checkpoint directory, a ``checkpoints`` directory or a run
+    directory (its ``latest``).
+    """
+    from liquid_dist.model import LiquidFoundationModelOptimized
+
+    ref = find_checkpoint(str(checkpoint), checkpoint)
+    assert ref is not None
+    cfg = config_from_dict(read_config(ref))
+    model = LiquidFoundationModelOptimized(cfg.model)
+    model.load_state_dict(consolidated_state_dict(ref))
+    return model.eval(), cfg
+
+
+def _text(tok: Any, ids: torch.Tensor) -> str:
+    keep = [int(i) for i in ids if int(i) not in (-100, tok.pad_id, tok.eos_id)]
+    return tok.decode(keep)
+
+
+def validation_samples(checkpoint: str | Path, *, num: int = 1,
+                       max_new_tokens: int = 48) -> list[dict[str, str]]:
+    """Greedy continuations of ``num`` prefix-LM prompts from the validation shards.
+
+    Returns dicts with ``prompt`` (the encoder input), ``reference`` (the true
+    continuation) and ``generated``, all detokenised.
+    """
+    from liquid_dist.data import Tokenizer, build_val_loader
+
+    model, cfg = load_trained_model(checkpoint)
+    data = dataclasses.replace(cfg.data, objective="prefix_lm", num_workers=0)
+    tok = Tokenizer(data.tokenizer)
+    batch = next(iter(build_val_loader(data, rank=0, world_size=1, batch_size=num,
+                                       seed=cfg.train.seed, num_batches=1)))
+    steps = min(max_new_tokens, cfg.model.max_decoder_length)
+    out = model.generate(batch["encoder_input_ids"], batch["encoder_attention_mask"],
+                         max_new_tokens=steps, eos_token_id=tok.eos_id)
+    return [{"prompt": _text(tok, batch["encoder_input_ids"][i]),
+             "reference": _text(tok, batch["labels"][i][:steps]),
+             "generated": _text(tok, out[i, 1:])} for i in range(num)]

@@ -1,0 +1,473 @@
+"""The training loop: DeepSpeed engine, data, logging, evaluation, checkpoints, preemption.
+
+One optimizer step = ``train.grad_accum`` micro-batches of
+``train.micro_batch_size`` on every rank. After the last backward of a step
+all ranks sum one small vector (the step's losses, a non-finite flag and the
+stop flag) in a single all-reduce, so they all take the same decisions:
+
+* non-finite loss on any rank: the optimizer update is skipped (the step
+  still counts and its batches are consumed), the skip is counted, and more
+  than ``train.max_nan_skips`` skips in a row raise :class:`NonFiniteLossError`;
+* a stop signal on any rank: the step completes, every rank saves a
+  checkpoint, and :meth:`Trainer.run` returns :data:`EXIT_PREEMPTED`.
+
+The learning rate is a function of the step (schedule.py), set on the
+optimizer before each update; the optimizer is a torch AdamW (no
+compilation), whose ``skip`` flag turns an update into a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from liquid_dist.config import Config
+from liquid_dist.parallel.deepspeed_config import build_deepspeed_config, resolve_precision
+from liquid_dist.parallel.distributed import DistEnv
+from liquid_dist.params import count_parameters
+from liquid_dist.train import testhooks
+from liquid_dist.train.checkpoint import CheckpointManager, find_checkpoint, load_weights
+from liquid_dist.train.flops import forward_flops, peak_flops_per_device
+from liquid_dist.train.metrics import MetricsLogger, human_line, truncate_metrics
+from liquid_dist.train.monitor import BlockMonitor
+from liquid_dist.train.schedule import lr_at
+from liquid_dist.train.signals import EXIT_PREEMPTED, StopFlag
+
+EXIT_OK = 0
+PREEMPTED_MARKER = "PREEMPTED"
+"""Written to RUN_DIR by rank 0 after a preemption checkpoint (the Slurm script requeues on it)."""
+LOSS_KEYS = ("loss", "ce", "recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was non-finite on more than ``train.max_nan_skips`` consecutive steps."""
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """torch AdamW whose :meth:`step` does nothing while ``skip`` is set.
+
+    DeepSpeed calls the wrapped optimizer's ``step`` from inside its own (after
+    gradient reduction and clipping) and zeroes the gradients afterwards in
+    any case, so a skipped step leaves weights and moments untouched.
+    """
+
+    skip: bool = False
+
+    def step(self, closure=None):  # type: ignore[override]
+        if self.skip:
+            return None
+        return super().step(closure)
+
+
+class PretrainingModule(nn.Module):
+    """What DeepSpeed wraps: the model, returning a dict of tensors DeepSpeed can traverse.
+
+    ``forward(**batch)`` -> ``loss``, ``ce``, the auxiliary terms (scalars) and
+    ``expert_usage`` (MoE layers, experts). Weights are stored as ``model.*``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, encoder_input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
+                labels: torch.Tensor,
+                encoder_attention_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        out = self.model(encoder_input_ids, decoder_input_ids,
+                         encoder_attention_mask=encoder_attention_mask, labels=labels)
+        result = {"loss": out.loss, **out.aux}
+        if out.expert_usage:
+            result["expert_usage"] = torch.stack([u.float() for u in out.expert_usage])
+        return result
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # decay matrices only: biases, norm gains and scalars keep their scale
+    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": rest, "weight_decay": 0.0}]
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+
+
+class _Window:
+    """Sums over the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.start = now
+        self.steps = 0
+        self.good = 0
+        self.losses = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        self.grad_norm = 0.0
+        self.target_tokens = 0.0
+        self.usage: Optional[torch.Tensor] = None
+        self.micro = 0
+
+
+class Trainer:
+    """Trains ``cfg`` (resolved: see prepare.resolve_config) on the current process group.
+
+    ``train_loader`` replaces the loader built from ``cfg.data`` (tests use it
+    to feed one process the union of several ranks' batches); it must yield
+    the same batch dicts and offer ``state_dict`` / ``load_state_dict``.
+    """
+
+    def __init__(self, cfg: Config, dist_env: DistEnv, device: torch.device, *,
+                 resume: str = "auto", train_loader: Any = None):
+        if not isinstance(cfg.model.vocab_size, int):
+            raise ValueError("resolve the config first (liquid_dist.train.resolve_config)")
+        self.cfg = cfg
+        self.env = dist_env
+        self.device = device
+        self.resume = resume
+        self.run_dir = Path(cfg.train.run_dir)
+        self.precision = resolve_precision(cfg.train, device.type)
+        self._train_loader = train_loader
+        self.step = 0
+        self.nan_skips_total = 0
+        self.nan_skips_in_row = 0
+        self._last_saved_step = -1
+
+    # ------------------------------------------------------------------ build
+
+    def _build(self) -> None:
+        import deepspeed
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from liquid_dist.data import build_train_loader, build_val_loader
+        from liquid_dist.model import LiquidFoundationModelOptimized, MoELayer
+
+        cfg, t = self.cfg, self.cfg.train
+        # DeepSpeed 0.19 calls torch.distributed functions that torch 2.13 deprecates
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
+                                category=FutureWarning)
+        seed_everything(t.seed)  # identical initial weights on every rank
+        self.model = LiquidFoundationModelOptimized(cfg.model)
+        self.parameter_counts = count_parameters(self.model)  # before ZeRO-3 partitions them
+        module = PretrainingModule(self.model)
+        if cfg.parallel.zero_stage == 3:
+            # routing decides per batch which experts run: fetch a MoE layer's
+            # parameters as one unit, or ranks disagree on the prefetch order
+            set_z3_leaf_modules(module, [MoELayer])
+        self.optimizer = SkippableAdamW(_param_groups(module, t.weight_decay), lr=t.lr,
+                                        betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+        ds_config = build_deepspeed_config(cfg, world_size=self.env.world_size,
+                                           device_type=self.device.type)
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer,
+                                                    config=ds_config, dist_init_required=False)
+        seed_everything(t.seed + self.env.rank)  # per-rank dropout streams
+        if self._train_loader is None:
+            self._train_loader = build_train_loader(
+                cfg.data, rank=self.env.rank, world_size=self.env.world_size,
+                batch_size=t.micro_batch_size, seed=t.seed)
+        self.val_loader = None
+        if cfg.data.val_shards is not None:
+            self.val_loader = build_val_loader(
+                cfg.data, rank=self.env.rank, world_size=self.env.world_size,
+                batch_size=t.micro_batch_size, seed=t.seed, num_batches=t.eval_steps)
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=t.keep_last, rank=self.env.rank,
+                                      world_size=self.env.world_size)
+        self.monitor = BlockMonitor(self.model, cfg.parallel.zero_stage)
+        flops = forward_flops(cfg.model, cfg.data.encoder_length, cfg.data.decoder_length)
+        self.flops_per_sample = flops.training
+        self.peak_flops = peak_flops_per_device(self.device, self.precision)
+
+    def _restore(self) -> Optional[str]:
+        """Resume (``--resume``) or initialise from ``train.init_from``; returns the run id."""
+        self.ckpt.remove_incomplete()
+        ref = find_checkpoint(self.resume, self.run_dir)
+        if ref is not None:
+            state = self.ckpt.load(self.engine, ref)
+            self.step = state["step"]
+            self._last_saved_step = self.step
+            self._train_loader.load_state_dict(state["rank_state"]["loader"])
+            self.nan_skips_total = state.get("nan_skips_total", 0)
+            self.nan_skips_in_row = state.get("nan_skips_in_row", 0)
+            self.resumed_from = str(ref.path)
+            return state.get("run_id")
+        self.resumed_from = None
+        if self.cfg.train.init_from:
+            init_ref = find_checkpoint(self.cfg.train.init_from, self.cfg.train.init_from)
+            assert init_ref is not None
+            load_weights(self.engine, init_ref)
+        return None
+
+    # ------------------------------------------------------------------- loop
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:  # one pass per epoch; the loader starts the next epoch by itself
+            for batch in self._train_loader:
+                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.env.world_size > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def run(self) -> int:
+        """Train to ``train.max_steps``; returns EXIT_OK, or EXIT_PREEMPTED after a stop signal.
+
+        Raises NonFiniteLossError after too many non-finite steps in a row.
+        """
+        from tqdm import tqdm
+
+        self._build()
+        run_id = self._restore()
+        t = self.cfg.train
+        rank0 = self.env.rank == 0
+        if rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+            truncate_metrics(self.run_dir, self.step)
+        bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (rank0 and sys.stderr.isatty()))
+        printer = bar.write if not bar.disable else None
+        self.logger = MetricsLogger(self.run_dir, rank=self.env.rank, wandb_cfg=t.wandb,
+                                    config=self.cfg.to_dict(), run_id=run_id, printer=printer)
+        stop = StopFlag().install()
+        try:
+            self._log_start()
+            code = self._loop(stop, bar)
+        finally:
+            stop.restore()
+            bar.close()
+            self.logger.close()
+        return code
+
+    def _log_start(self) -> None:
+        counts = self.parameter_counts
+        event = "resume" if self.resumed_from else "start"
+        self.logger.log({"kind": "event", "event": event, "step": self.step,
+                         "world_size": self.env.world_size, "precision": self.precision,
+                         "zero_stage": self.cfg.parallel.zero_stage,
+                         "parameters": counts["total"], "device": str(self.device),
+                         "flops_per_sample": self.flops_per_sample,
+                         "checkpoint": self.resumed_from},
+                        f"{event} at step {self.step}: {counts['total']:,} parameters, "
+                        f"{self.env.world_size} rank(s) on {self.device.type}, "
+                        f"{self.precision}, ZeRO-{self.cfg.parallel.zero_stage}"
+                        + (f", from {self.resumed_from}" if self.resumed_from else ""))
+
+    def _loop(self, stop: StopFlag, bar: Any) -> int:
+        t = self.cfg.train
+        nan_steps = testhooks.nan_steps()
+        stop_at = testhooks.stop_at_step()
+        batches = self._batches()
+        window = _Window()
+        while self.step < t.max_steps:
+            monitoring = t.monitor_every > 0 and (self.step + 1) % t.monitor_every == 0
+            if monitoring:
+                self.monitor.arm()
+            local = torch.zeros(len(LOSS_KEYS) + 3, dtype=torch.float64)
+            for micro in range(t.grad_accum):
+                batch = next(batches)
+                if monitoring:
+                    self.monitor.resume()
+                with self._autocast():
+                    out = self.engine(**batch)
+                if monitoring:
+                    self.monitor.pause()
+                loss = out["loss"]
+                if self.env.rank == 0 and self.step + 1 in nan_steps:
+                    loss = loss * float("nan")
+                vals = torch.stack([loss.detach().float()] + [out[k].detach().float()
+                                                              for k in LOSS_KEYS[1:]])
+                local[: len(LOSS_KEYS)] += vals.double().cpu()
+                local[len(LOSS_KEYS) + 2] += float((batch["labels"] != -100).sum())
+                if "expert_usage" in out:
+                    u = out["expert_usage"].detach().double().cpu()
+                    window.usage = u if window.usage is None else window.usage + u
+                window.micro += 1
+                self.engine.backward(loss)
+                if micro < t.grad_accum - 1:
+                    self.engine.step()
+            nonfinite = not bool(torch.isfinite(local[: len(LOSS_KEYS)]).all())
+            raise_stop = stop.requested or (self.env.rank == 0 and stop_at is not None
+                                            and self.step + 1 >= stop_at)
+            local[len(LOSS_KEYS)] = float(nonfinite)
+            local[len(LOSS_KEYS) + 1] = float(raise_stop)
+            total = self._all_reduce(local)
+            losses = total[: len(LOSS_KEYS)] / (t.grad_accum * self.env.world_size)
+            skip = bool(total[len(LOSS_KEYS)] > 0)
+            stop_now = bool(total[len(LOSS_KEYS) + 1] > 0)
+            lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
+                       max_steps=t.max_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            monitor_stats = self.monitor.collect(self.device) if monitoring else None
+            # without ZeRO, DeepSpeed (fp32) computes no norm: take it before the update
+            own_norm = self._plain_grad_norm() if self.cfg.parallel.zero_stage == 0 else None
+            self.optimizer.skip = skip
+            self.engine.step()
+            self.optimizer.skip = False
+            self.step += 1
+            bar.update(1)
+            ds_norm = self.engine.get_global_grad_norm()
+            grad_norm = float(ds_norm if ds_norm is not None else (own_norm or 0.0))
+            # DeepSpeed's ZeRO-3 also skips an update whose gradient norm is not finite
+            skip = skip or not math.isfinite(grad_norm)
+            self._count_nan(skip, losses)
+            if not skip:
+                window.good += 1
+                window.losses += losses
+                window.grad_norm += grad_norm
+            window.steps += 1
+            window.target_tokens += float(total[len(LOSS_KEYS) + 2])
+            if monitor_stats is not None:
+                self.logger.log({"kind": "monitor", "step": self.step, **monitor_stats})
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                self._log_train(window, lr, bar)
+            if self.val_loader is not None and (self.step % t.eval_every == 0
+                                                or self.step == t.max_steps):
+                self._evaluate()
+            if stop_now and self.step < t.max_steps:  # at the last step: just finish
+                return self._preempt(stop)
+            if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                self._save()
+        if self._last_saved_step != self.step:
+            self._save()
+        self.logger.log({"kind": "event", "event": "done", "step": self.step,
+                         "nan_skips_total": self.nan_skips_total},
+                        f"done at step {self.step}")
+        return EXIT_OK
+
+    def _plain_grad_norm(self) -> Optional[float]:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    def _count_nan(self, skip: bool, losses: torch.Tensor) -> None:
+        limit = self.cfg.train.max_nan_skips
+        if not skip:
+            self.nan_skips_in_row = 0
+            return
+        self.nan_skips_total += 1
+        self.nan_skips_in_row += 1
+        self.logger.log({"kind": "event", "event": "nan_skip", "step": self.step,
+                         "loss": float(losses[0]), "nan_skips_in_row": self.nan_skips_in_row,
+                         "nan_skips_total": self.nan_skips_total},
+                        f"step {self.step}: non-finite loss or gradient, update skipped "
+                        f"({self.nan_skips_in_row} in a row, {self.nan_skips_total} in all)")
+        if self.nan_skips_in_row > limit:
+            raise NonFiniteLossError(
+                f"non-finite loss or gradients on {self.nan_skips_in_row} consecutive steps "
+                f"(up to step {self.step}; train.max_nan_skips={limit}): stopping. The last "
+                f"checkpoint is in {self.run_dir / 'checkpoints'}; lower train.lr, check the "
+                "data, or set model.check_finite=true to name the first non-finite module")
+
+    def _log_train(self, w: _Window, lr: float, bar: Any) -> None:
+        t = self.cfg.train
+        now = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = max(now - w.start, 1e-9)
+        usage = self._all_reduce(w.usage) if w.usage is not None else None
+        samples = w.steps * t.grad_accum * t.micro_batch_size * self.env.world_size
+        positions = samples * (self.cfg.data.encoder_length + self.cfg.data.decoder_length)
+        flops_per_s = samples * self.flops_per_sample / elapsed
+        good = max(w.good, 1)
+        losses = (w.losses / good).tolist() if w.good else [float("nan")] * len(LOSS_KEYS)
+        record: dict[str, Any] = {"kind": "train", "step": self.step,
+                                  **dict(zip(LOSS_KEYS, losses, strict=True)),
+                                  "lr": lr, "grad_norm": w.grad_norm / good,
+                                  "tokens_per_s": positions / elapsed,
+                                  "target_tokens_per_s": w.target_tokens / elapsed,
+                                  "step_time_s": elapsed / w.steps,
+                                  "tflops_per_s": flops_per_s / 1e12,
+                                  "mfu": (flops_per_s / (self.peak_flops * self.env.world_size)
+                                          if self.peak_flops else None),
+                                  "memory_gb": _peak_memory_gb(self.device),
+                                  "nan_skips": self.nan_skips_total,
+                                  "epoch": getattr(self._train_loader, "epoch", None)}
+        if usage is not None:
+            usage = usage / (w.micro * self.env.world_size)
+            names = ([f"encoder.blocks.{i}" for i in range(self.cfg.model.n_encoder_layers)]
+                     + [f"decoder.blocks.{i}" for i in range(self.cfg.model.n_decoder_layers)])
+            for name, row in zip(names, usage, strict=True):
+                for e, frac in enumerate(row.tolist()):
+                    record[f"expert_usage/{name}/e{e}"] = frac
+        eta = (t.max_steps - self.step) * elapsed / w.steps
+        self.logger.log(record, human_line(record, t.max_steps, eta))
+        w.reset(time.perf_counter())
+
+    @torch.no_grad()
+    def _evaluate(self) -> None:
+        self.engine.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for batch in self.val_loader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self._autocast():
+                out = self.engine(**batch)
+            n = float((batch["labels"] != -100).sum())
+            sums += torch.tensor([float(out["ce"]) * n, n, float(out["loss"])],
+                                 dtype=torch.float64)
+        batches = len(self.val_loader)
+        self.engine.train()
+        sums = self._all_reduce(sums)
+        val_ce = float(sums[0] / sums[1].clamp(min=1))
+        val_loss = float(sums[2]) / max(1, batches * self.env.world_size)
+        self.logger.log({"kind": "eval", "step": self.step, "val_ce": val_ce,
+                         "val_loss": val_loss,
+                         "val_ppl": math.exp(val_ce) if val_ce < 50 else float("inf")},
+                        f"eval step {self.step}: val ce {val_ce:.4f} "
+                        f"(ppl {math.exp(min(val_ce, 50)):.1f}), val loss {val_loss:.4f}")
+
+    def _save(self) -> None:
+        self.ckpt.save(self.engine, self.step,
+                       rank_state={"loader": self._train_loader.state_dict()},
+                       shared_state={"run_id": self.logger.run_id,
+                                     "nan_skips_total": self.nan_skips_total,
+                                     "nan_skips_in_row": self.nan_skips_in_row},
+                       config=self.cfg.to_dict(), tokenizer_path=self.cfg.data.tokenizer)
+        self._last_saved_step = self.step
+        self.logger.log({"kind": "event", "event": "checkpoint", "step": self.step},
+                        f"checkpoint step {self.step} -> {self.run_dir / 'checkpoints'}")
+
+    def _preempt(self, stop: StopFlag) -> int:
+        if self._last_saved_step != self.step:
+            self._save()
+        reason = stop.received or "stop requested on another rank"
+        if self.env.rank == 0:
+            (self.run_dir / PREEMPTED_MARKER).write_text(f"{self.step} {reason}\n")
+        self.logger.log({"kind": "event", "event": "preempted", "step": self.step,
+                         "reason": reason},
+                        f"preempted at step {self.step} ({reason}): checkpoint saved, "
+                        f"exiting with {EXIT_PREEMPTED}")
+        return EXIT_PREEMPTED
+

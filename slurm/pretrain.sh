@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Multi-node pretraining under Slurm, requeued after a preemption checkpoint.
+#
+#   sbatch --nodes=4 slurm/pretrain.sh [pretrain.py arguments, e.g. --set train.max_steps=1000]
+#
+# One srun task per node runs slurm/node_launch.sh, which starts torchrun with
+# GPUS_PER_NODE ranks; all nodes meet at the first host of the allocation
+# (c10d rendezvous). Variables (environment, or `sbatch --export=ALL,CONFIG=...`):
+#   CONFIG         run config                       (configs/small.yaml)
+#   RUN_DIR        train.run_dir, on a filesystem every node shares (runs/<job name>)
+#   GPUS_PER_NODE  ranks per node                   ($SLURM_GPUS_ON_NODE, else 8)
+#   NNODES         nodes                            ($SLURM_JOB_NUM_NODES)
+#   MASTER_PORT    rendezvous port                  (29500 + job id mod 1000)
+#   VENV           environment with liquid_dist     (.venv)
+#   TORCHRUN       per-node launcher                ($VENV/bin/torchrun)
+#
+# 120 s before the time limit Slurm sends USR1 to the job steps; the ranks
+# finish their step, save a checkpoint, rank 0 writes RUN_DIR/PREEMPTED, and
+# this script requeues the job, which resumes from RUN_DIR's latest
+# checkpoint (--resume auto). A preemption that sends SIGTERM takes the same
+# path. Logs append across requeues (--open-mode=append).
+#SBATCH --job-name=liquid-pretrain
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+: "${SLURM_JOB_ID:?run this script with sbatch}"
+export CONFIG="${CONFIG:-configs/small.yaml}"
+export RUN_DIR="${RUN_DIR:-runs/${SLURM_JOB_NAME:-liquid-pretrain}}"
+export GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
+export NNODES="${NNODES:-${SLURM_JOB_NUM_NODES:-1}}"
+export MASTER_PORT="${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}"
+export VENV="${VENV:-.venv}"
+export TORCHRUN="${TORCHRUN:-$VENV/bin/torchrun}"
+# sed, not head: head would close the pipe early and pipefail would fail the script
+HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
+export HEAD_NODE
+
+echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x" \
+     "$GPUS_PER_NODE rank(s), rendezvous $HEAD_NODE:$MASTER_PORT, config $CONFIG, run $RUN_DIR"
+mkdir -p "$RUN_DIR"
+rm -f "$RUN_DIR/PREEMPTED"
+
+status=0
+srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+    bash slurm/node_launch.sh "$@" || status=$?
+
+if [ -f "$RUN_DIR/PREEMPTED" ]; then
+    echo "$(date -Is) preempted at step $(cut -d' ' -f1 "$RUN_DIR/PREEMPTED"):" \
+         "requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+echo "$(date -Is) training exited with status $status"
+exit "$status"

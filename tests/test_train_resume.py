@@ -1,0 +1,71 @@
+"""Exact resume: stop at step n (or lose a rank mid-checkpoint), resume, same losses after n."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import train_fixtures as tf
+
+from liquid_dist.train.checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE
+from liquid_dist.train.signals import EXIT_PREEMPTED
+from liquid_dist.train.trainer import PREEMPTED_MARKER
+
+
+def _latest(run_dir) -> str:
+    return (run_dir / CHECKPOINTS / LATEST).read_text().strip()
+
+
+@pytest.mark.slow
+def test_stop_after_step_4_and_resume_matches_uninterrupted_run() -> None:
+    ref = tf.train_losses(tf.reference_run())
+    run = tf.TMP / "stop_resume"
+    first = tf.launch(2, tf.base_overrides(run), extra_env={"LIQUID_TEST_STOP_AT_STEP": "4"})
+    assert first.returncode == EXIT_PREEMPTED, tf.tail(first)
+    assert _latest(run) == "step_00000004"
+    assert (run / PREEMPTED_MARKER).exists()
+    assert sorted(tf.train_losses(run)) == [1, 2, 3, 4]
+
+    second = tf.launch(2, tf.base_overrides(run))
+    assert second.returncode == 0, tf.tail(second)
+    assert "resume at step 4" in second.stdout
+    assert not (run / PREEMPTED_MARKER).exists()
+    resumed = tf.train_losses(run)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(ref[step], rel=1e-6, abs=0), step
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpoint_write_keeps_previous_latest_and_resumes() -> None:
+    ref = tf.train_losses(tf.reference_run())
+    run = tf.TMP / "kill9"
+    overrides = tf.base_overrides(run) + ["train.ckpt_every=2"]
+    proc = tf.start(2, overrides, extra_env={"LIQUID_TEST_CKPT_PAUSE": "4:1"},
+                    log=tf.TMP / "kill9.log")
+    pid_file = run / "ckpt_pause.pid"
+    deadline = time.time() + 180
+    while not pid_file.exists():
+        assert proc.poll() is None, (tf.TMP / "kill9.log").read_text()[-3000:]
+        assert time.time() < deadline, "rank 1 never reached the checkpoint write"
+        time.sleep(0.2)
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)  # rank 1, its shard files written
+    assert proc.wait(timeout=120) != 0
+    ckpts = run / CHECKPOINTS
+    assert _latest(run) == "step_00000002"
+    assert (ckpts / "step_00000004.tmp").is_dir()
+    assert not (ckpts / "step_00000004").exists()
+    assert not (ckpts / "step_00000004.tmp" / TRAINER_STATE).exists()
+
+    pid_file.unlink()
+    resumed = tf.launch(2, overrides)
+    assert resumed.returncode == 0, tf.tail(resumed)
+    assert "resume at step 2" in resumed.stdout
+    assert not (ckpts / "step_00000004.tmp").exists()
+    assert _latest(run) == "step_00000008"
+    losses = tf.train_losses(run)
+    assert sorted(losses) == list(range(1, 9))
+    for step in range(3, 9):
+        assert losses[step] == pytest.approx(ref[step], rel=1e-6, abs=0), step

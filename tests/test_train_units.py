@@ -1,0 +1,201 @@
+"""Single-process pieces of the training engine: schedule, DeepSpeed config, rank discovery,
+signals, FLOPs, metrics files, checkpoint bookkeeping, launch-time config resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import train_fixtures as tf
+
+from liquid_dist.config import Config, ConfigError, ModelConfig, WandbConfig, load_config
+from liquid_dist.parallel import build_deepspeed_config, check_supported, resolve_dist_env
+from liquid_dist.train.checkpoint import (
+    LATEST,
+    TRAINER_STATE,
+    CheckpointManager,
+    CheckpointRef,
+    check_resumable,
+    find_checkpoint,
+)
+from liquid_dist.train.flops import forward_flops
+from liquid_dist.train.metrics import MetricsLogger, read_metrics, truncate_metrics
+from liquid_dist.train.prepare import resolve_config
+from liquid_dist.train.schedule import lr_at
+from liquid_dist.train.signals import StopFlag
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=20)
+    assert [lr_at(s, **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    after = [lr_at(s, **kw) for s in range(3, 20)]
+    assert all(a > b for a, b in zip(after, after[1:], strict=False))
+    assert lr_at(19, **kw) == pytest.approx(0.1)
+    assert lr_at(11, **kw) == pytest.approx(0.55)  # half-way: mean of lr and min_lr
+    assert lr_at(500, **kw) == pytest.approx(0.1)
+    assert lr_at(0, lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10) == pytest.approx(1.0)
+
+
+def _cfg(**train: object) -> Config:
+    cfg = Config()
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+
+
+def test_deepspeed_config_sets_every_trap_explicitly() -> None:
+    cfg = _cfg(micro_batch_size=3, grad_accum=4, grad_clip=0.5)
+    ds = build_deepspeed_config(cfg, world_size=2, device_type="cpu")
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["memory_efficient_linear"] is False
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # CPU: fp32
+    assert build_deepspeed_config(_cfg(grad_clip=0.0), world_size=1,
+                                  device_type="cpu")["gradient_clipping"] == 0.0
+    assert build_deepspeed_config(cfg, world_size=1, device_type="cuda")["bf16"]["enabled"]
+    with pytest.raises(ConfigError, match="train.precision"):
+        build_deepspeed_config(_cfg(precision="fp16"), world_size=1, device_type="cpu")
+
+
+def test_expert_parallelism_is_refused_with_a_pointer_to_its_issue() -> None:
+    cfg = Config()
+    check_supported(cfg)
+    with pytest.raises(ConfigError, match="expert parallelism is not implemented yet"):
+        check_supported(dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, ep_size=2)))
+
+
+def test_rank_discovery_from_launcher_slurm_and_nothing() -> None:
+    e = resolve_dist_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                          "MASTER_ADDR": "h0", "MASTER_PORT": "1234", "SLURM_PROCID": "0"})
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port) == (
+        3, 4, 1, "h0", 1234)
+    e = resolve_dist_env({"RANK": "1", "WORLD_SIZE": "2"}, local_rank_arg=1)
+    assert e.local_rank == 1 and e.master_port == 29500
+    e = resolve_dist_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                          "MASTER_ADDR": "n1"})
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr) == (5, 8, 1, "n1")
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        resolve_dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    with pytest.raises(ConfigError, match="RANK"):
+        resolve_dist_env({"RANK": "2", "WORLD_SIZE": "2"})
+    e = resolve_dist_env({})
+    assert (e.rank, e.world_size) == (0, 1) and e.master_port > 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_sets_the_flag_and_nothing_else(sig: signal.Signals) -> None:
+    before = signal.getsignal(sig)
+    flag = StopFlag().install()
+    try:
+        assert not flag.requested
+        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), sig)  # a second copy (Slurm + torchrun) is harmless
+        assert flag.received == sig.name
+    finally:
+        flag.restore()
+    assert signal.getsignal(sig) == before
+
+
+def test_flops_count_experts_by_top_k_and_scale_with_lengths() -> None:
+    m = ModelConfig(vocab_size=64, d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                    max_encoder_length=32, max_decoder_length=16, window=8, freq_heads=2,
+                    band_block=16, hyena_filter_dim=8)
+    m2 = dataclasses.replace(m, moe=dataclasses.replace(m.moe, top_k=2))
+    one, two = forward_flops(m, 32, 16), forward_flops(m2, 32, 16)
+    e = m.moe
+    per_layer = e.num_experts * 2 * m.d_model * e.expert_ffn_dim  # w1 + w2
+    expected = 2 * per_layer / e.num_experts * (m.n_encoder_layers * 32 + m.n_decoder_layers * 16)
+    assert two.weights - one.weights == pytest.approx(expected)
+    assert forward_flops(m, 32, 8).forward < one.forward
+    assert one.training == pytest.approx(3 * one.forward)
+
+
+def test_metrics_written_on_rank_0_only_and_truncated_on_resume(tmp_path: Path) -> None:
+    lines: list[str] = []
+    log0 = MetricsLogger(tmp_path / "a", rank=0, wandb_cfg=WandbConfig(), config={},
+                         printer=lines.append)
+    for step in (1, 2, 3):
+        log0.log({"kind": "train", "step": step, "loss": float("nan") if step == 2 else 1.0},
+                 f"line {step}")
+    MetricsLogger(tmp_path / "b", rank=1, wandb_cfg=WandbConfig(), config={}).log(
+        {"kind": "train", "step": 1})
+    assert not (tmp_path / "b").exists()
+    assert lines == ["line 1", "line 2", "line 3"]
+    assert [r["loss"] for r in read_metrics(tmp_path / "a")] == [1.0, "nan", 1.0]
+    assert truncate_metrics(tmp_path / "a", 2) == 1
+    assert [r["step"] for r in read_metrics(tmp_path / "a", "train")] == [1, 2]
+    json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
+
+
+class _FakeEngine:
+    """Stands in for DeepSpeed (not under test here): writes one shard file per save."""
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
+        assert save_latest is False
+        path = Path(save_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+
+
+def test_checkpoints_keep_last_k_and_resolve_resume_paths(tmp_path: Path) -> None:
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"tokenizer")
+    mgr = CheckpointManager(tmp_path / "run", keep_last=2, rank=0, world_size=1)
+    assert find_checkpoint("auto", tmp_path / "run") is None
+    for step in (5, 10, 15):
+        ref = mgr.save(_FakeEngine(), step, rank_state={"loader": {"pos": step}},
+                       shared_state={"run_id": "abc"}, config={"train": {}}, tokenizer_path=tok)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [
+        "step_00000010", "step_00000015"]
+    assert (ckpts / LATEST).read_text().strip() == "step_00000015"
+    assert ref == CheckpointRef(ckpts, "step_00000015")
+    state = torch.load(ref.path / TRAINER_STATE, weights_only=False)
+    assert state["step"] == 15 and state["ranks"][0]["loader"] == {"pos": 15}
+    assert (ref.path / "tokenizer.model").read_bytes() == b"tokenizer"
+    assert find_checkpoint("auto", tmp_path / "run") == ref
+    assert find_checkpoint(str(tmp_path / "run"), "elsewhere") == ref
+    assert find_checkpoint(str(ckpts / "step_00000010"), "x").tag == "step_00000010"
+    assert find_checkpoint("none", tmp_path / "run") is None
+    with pytest.raises(FileNotFoundError):
+        find_checkpoint(str(tmp_path), "x")
+    (ckpts / "step_00000020.tmp").mkdir()
+    assert mgr.remove_incomplete() == ["step_00000020.tmp"]
+    with pytest.raises(ValueError, match="written by 1 ranks, this run has 2"):
+        CheckpointManager(tmp_path / "run", keep_last=2, rank=0, world_size=2).load(None, ref)
+
+
+def test_resuming_with_another_model_is_a_config_error(tmp_path: Path) -> None:
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"tokenizer")
+    config = Config().to_dict()
+    mgr = CheckpointManager(tmp_path / "run", keep_last=1, rank=0, world_size=1)
+    ref = mgr.save(_FakeEngine(), 1, rank_state={}, shared_state={}, config=config,
+                   tokenizer_path=tok)
+    check_resumable(config, ref)
+    config["train"]["lr"] = 0.5  # training settings may change
+    check_resumable(config, ref)
+    config["model"]["moe"]["num_experts"] = 8
+    with pytest.raises(ConfigError, match=r"model.moe.num_experts: 4 -> 8"):
+        check_resumable(config, ref)
+
+
+def test_vocab_auto_takes_the_tokenizers_size_and_smaller_is_refused(tmp_path: Path) -> None:
+    def cfg(*extra: str) -> Config:
+        return load_config(REPO_TINY, tf.base_overrides(tmp_path) + list(extra))
+
+    assert resolve_config(cfg()).model.vocab_size == 600
+    assert resolve_config(cfg("model.vocab_size=640")).model.vocab_size == 640
+    with pytest.raises(ConfigError, match="tokenizer's vocabulary"):
+        resolve_config(cfg("model.vocab_size=599"))
+    with pytest.raises(ConfigError, match="model.eos_token_id"):
+        resolve_config(cfg("model.eos_token_id=2"))
+
+
+REPO_TINY = tf.REPO / "configs" / "tiny.yaml"
