@@ -460,7 +460,39 @@ def local_attention(
 # ------------------------------------------------------------------ modules
 
 
-class EnhancedLocalAttentionWithGQA(nn.Module):
+class _GQAProjections(nn.Module):
+    """Query (H heads), key/value (G groups) and output projections shared by
+    the self- and cross-attention modules; Dh = d / H."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.check_finite = cfg.check_finite
+        self.q_proj = xavier_linear(cfg.d_model, self.n_heads * self.head_dim)
+        self.k_proj = xavier_linear(cfg.d_model, self.n_kv_heads * self.head_dim)
+        self.v_proj = xavier_linear(cfg.d_model, self.n_kv_heads * self.head_dim)
+        self.out_proj = xavier_linear(self.n_heads * self.head_dim, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        return self.q_proj(x).view(B, L, self.n_heads, self.head_dim)
+
+    def _keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L, _ = x.shape
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        return k, v
+
+    def _output(self, o: torch.Tensor) -> torch.Tensor:
+        B, L = o.shape[:2]
+        y = self.dropout(self.out_proj(o.reshape(B, L, self.n_heads * self.head_dim)))
+        return check_finite(type(self).__name__, y, self.check_finite)
+
+
+class EnhancedLocalAttentionWithGQA(_GQAProjections):
     """Local self-attention with grouped K/V heads (seed 3.3).
 
     Projections d → H·Dh (queries) and d → G·Dh (keys, values), Dh = d / H,
@@ -472,31 +504,13 @@ class EnhancedLocalAttentionWithGQA(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, causal: bool):
-        super().__init__()
+        super().__init__(cfg)
         self.causal = causal
         self.window = cfg.window
         self.backend = cfg.attention_backend
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.check_finite = cfg.check_finite
-        self.q_proj = xavier_linear(cfg.d_model, self.n_heads * self.head_dim)
-        self.k_proj = xavier_linear(cfg.d_model, self.n_kv_heads * self.head_dim)
-        self.v_proj = xavier_linear(cfg.d_model, self.n_kv_heads * self.head_dim)
-        self.out_proj = xavier_linear(self.n_heads * self.head_dim, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
-        return q, k, v
-
-    def _output(self, o: torch.Tensor) -> torch.Tensor:
-        B, L = o.shape[:2]
-        y = self.dropout(self.out_proj(o.reshape(B, L, self.n_heads * self.head_dim)))
-        return check_finite(type(self).__name__, y, self.check_finite)
+        return (self._queries(x), *self._keys_values(x))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, d), mask (B, L) bool (True = real) or None → (B, L, d).
@@ -555,7 +569,7 @@ class EnhancedLocalAttentionWithGQA(nn.Module):
         return self._output(o), {"k": k_buf, "v": v_buf, "pos": p_buf}
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_GQAProjections):
     """Decoder-to-encoder attention (DESIGN.md §2.3): full, GQA, encoder padding mask.
 
     Queries H·Dh from the decoder stream, keys and values G·Dh from the encoder
@@ -565,24 +579,9 @@ class CrossAttention(nn.Module):
     :meth:`attend` on its one position.
     """
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.check_finite = cfg.check_finite
-        self.q_proj = xavier_linear(cfg.d_model, self.n_heads * self.head_dim)
-        self.k_proj = xavier_linear(cfg.d_model, self.n_kv_heads * self.head_dim)
-        self.v_proj = xavier_linear(cfg.d_model, self.n_kv_heads * self.head_dim)
-        self.out_proj = xavier_linear(self.n_heads * self.head_dim, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
-
     def compute_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory (B, Lm, d) → k, v, each (B, Lm, G, Dh) (batch first: beams reorder them)."""
-        B, Lm, _ = memory.shape
-        k = self.k_proj(memory).view(B, Lm, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(memory).view(B, Lm, self.n_kv_heads, self.head_dim)
-        return k, v
+        return self._keys_values(memory)
 
     def attend(
         self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -594,12 +593,9 @@ class CrossAttention(nn.Module):
         memory never reaches the output; a row whose memory is all padding
         gets a zero attention output (the output projection's bias).
         """
-        B, Ld, _ = x.shape
-        q = self.q_proj(x).view(B, Ld, self.n_heads, self.head_dim)
+        q = self._queries(x)
         allowed = None if memory_mask is None else memory_mask[:, None, None, :]
-        o = _masked_sdpa(q, k.to(q.dtype), v.to(q.dtype), allowed)
-        y = self.dropout(self.out_proj(o.reshape(B, Ld, self.n_heads * self.head_dim)))
-        return check_finite(type(self).__name__, y, self.check_finite)
+        return self._output(_masked_sdpa(q, k.to(q.dtype), v.to(q.dtype), allowed))
 
     def forward(
         self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None
