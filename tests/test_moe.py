@@ -271,7 +271,7 @@ def test_linear_experts_layout_and_init():
 
 def test_megablocks_backend_raises_clear_error():
     layer = make_layer(backend="megablocks")
-    with pytest.raises(NotImplementedError, match="megablocks backend requires MegaBlocks on CUDA"):
+    with pytest.raises(RuntimeError, match="megablocks backend requires MegaBlocks on CUDA"):
         layer(torch.randn(2, 3, D))
 
 

@@ -62,12 +62,21 @@ def test_deepspeed_config_sets_every_trap_explicitly() -> None:
         build_deepspeed_config(_cfg(precision="fp16"), world_size=1, device_type="cpu")
 
 
-def test_expert_parallelism_is_refused_with_a_pointer_to_its_issue() -> None:
-    cfg = Config()
+def test_expert_parallel_size_must_divide_the_launched_world_and_need_zero3(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = Config()  # 4 experts
+    with_ep = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep_size=2))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
     check_supported(cfg)
-    with pytest.raises(ConfigError, match="expert parallelism is not implemented yet"):
-        check_supported(dataclasses.replace(cfg, parallel=dataclasses.replace(
-            cfg.parallel, ep_size=2)))
+    check_supported(with_ep)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"divisor of the data-parallel world size \(3\)"):
+        check_supported(with_ep)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="unless parallel.zero_stage is 3"):
+        check_supported(dataclasses.replace(with_ep, parallel=dataclasses.replace(
+            with_ep.parallel, zero_stage=2)))
 
 
 def test_rank_discovery_from_launcher_slurm_and_nothing() -> None:

@@ -218,6 +218,22 @@ class LiquidFoundationModelOptimized(nn.Module):
             num_beams=num_beams, eos_token_id=eos_token_id, generator=generator,
         )
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> LiquidFoundationModelOptimized:
+        """Load a converted model directory (``python -m liquid_dist.convert``), in eval mode.
+
+        Safetensors only (no pickle, no DeepSpeed); tied weights are re-tied
+        from the config. ``dtype`` None keeps the stored precision.
+        """
+        from .pretrained import load_pretrained
+
+        return load_pretrained(cls, path, device=device, dtype=dtype)
+
     def num_parameters(self) -> dict[str, int]:
         """Total and active-per-token parameter counts (tied weights counted once)."""
         from ..params import count_parameters

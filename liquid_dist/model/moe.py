@@ -25,7 +25,12 @@ Expert weight layout (fused over experts, shared by every backend):
 
 MegaBlocks stores ``w1``/``w2`` as ``(E * F, d)`` with ``act(x @ w1[e].T) @ w2[e]``:
 its ``w1`` is ``w1.transpose(1, 2).reshape(E * F, d)`` and its ``w2`` is
-``w2.reshape(E * F, d)`` of this layout.
+``w2.reshape(E * F, d)`` of this layout (liquid_dist/model/megablocks.py maps
+both ways).
+
+Expert parallelism plugs in from outside: ``MoELayer.expert_parallel`` (None by
+default) replaces the local expert step by an exchange with the ranks that hold
+the other experts (liquid_dist/parallel/expert_parallel.py).
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from liquid_dist.config import MoEConfig
+from liquid_dist.model.megablocks import MEGABLOCKS_ERROR, megablocks_expert_forward
 from liquid_dist.model.utils import check_finite, xavier_linear
 
-MEGABLOCKS_ERROR = (
-    "megablocks backend requires MegaBlocks on CUDA; implemented in the expert-parallel issue"
-)
+__all__ = ["MEGABLOCKS_ERROR", "DispatchInfo", "MoELayer", "combine", "dispatch",
+           "expert_forward", "route", "routing_width"]
+
 
 
 class DispatchInfo(NamedTuple):
@@ -249,7 +255,7 @@ def expert_forward(
             return x_sorted.new_zeros(0, out_dim)
         return torch.cat(outs)
     if backend == "megablocks":
-        raise NotImplementedError(MEGABLOCKS_ERROR)
+        return megablocks_expert_forward(x_sorted, tokens_per_expert, w1, b1, w2, b2)
     raise ValueError(f"unknown MoE backend {backend!r}; expected grouped_mm, loop or megablocks")
 
 
@@ -296,6 +302,10 @@ class MoELayer(nn.Module):
             self.register_parameter("w2", None)
             self.register_parameter("b2", None)
         self.dropout = nn.Dropout(dropout)
+        # Set from outside by liquid_dist.parallel.expert_parallel: a callable
+        # (x_sorted, tokens_per_expert, layer) -> y_sorted that exchanges the
+        # rows with the ranks holding the other experts; None = all experts here.
+        self.expert_parallel = None
         self.reset_expert_parameters()
 
     def reset_expert_parameters(self) -> None:
@@ -314,6 +324,14 @@ class MoELayer(nn.Module):
         """The fused expert tensors (first dim = expert index); the router is not one."""
         return [p for p in (self.w1, self.b1, self.w2, self.b2) if p is not None]
 
+    def local_expert_forward(
+        self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor
+    ) -> torch.Tensor:
+        """:func:`expert_forward` on the experts this module holds (all, or a slice under EP)."""
+        return expert_forward(
+            x_sorted, tokens_per_expert, self.w1, self.b1, self.w2, self.b2, self.cfg.backend
+        )
+
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d) -> (N, E) fp32 logits, outside autocast."""
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -328,9 +346,10 @@ class MoELayer(nn.Module):
         x_sorted, tokens_per_expert, info = dispatch(
             tokens, experts, weights, self.cfg.num_experts
         )
-        y_sorted = expert_forward(
-            x_sorted, tokens_per_expert, self.w1, self.b1, self.w2, self.b2, self.cfg.backend
-        )
+        if self.expert_parallel is None:
+            y_sorted = self.local_expert_forward(x_sorted, tokens_per_expert)
+        else:
+            y_sorted = self.expert_parallel(x_sorted, tokens_per_expert, self)
         y = self.dropout(combine(y_sorted, info).to(x.dtype)).reshape(shape)
         real = None if mask is None else mask.reshape(-1)
         aux = self.aux_losses(probs, experts, weights, k, real)

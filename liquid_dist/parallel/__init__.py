@@ -1,7 +1,9 @@
-"""Process groups and the DeepSpeed configuration (DESIGN.md section 3).
+"""Process groups, the DeepSpeed configuration and expert parallelism (DESIGN.md section 3).
 
 * :mod:`.distributed` — rank discovery (deepspeed / torchrun / Slurm), device, backend.
 * :mod:`.deepspeed_config` — the DeepSpeed config dict built from a Config.
+* :mod:`.expert_parallel` — experts split over an ``ep_size`` group under ZeRO-3
+  (docs/parallelism.md).
 """
 
 from liquid_dist.parallel.deepspeed_config import (
@@ -16,6 +18,15 @@ from liquid_dist.parallel.distributed import (
     resolve_dist_env,
     select_device,
 )
+from liquid_dist.parallel.expert_parallel import (
+    ExpertExchange,
+    ExpertLayout,
+    apply_expert_parallel,
+    check_expert_placement,
+    load_expert_shards,
+)
 
-__all__ = ["DistEnv", "build_deepspeed_config", "check_supported", "free_port",
-           "init_distributed", "resolve_dist_env", "resolve_precision", "select_device"]
+__all__ = ["DistEnv", "ExpertExchange", "ExpertLayout", "apply_expert_parallel",
+           "build_deepspeed_config", "check_expert_placement", "check_supported", "free_port",
+           "init_distributed", "load_expert_shards", "resolve_dist_env", "resolve_precision",
+           "select_device"]

@@ -12,10 +12,6 @@ from typing import Any
 
 from liquid_dist.config import Config, ConfigError, TrainConfig
 
-EP_NOT_IMPLEMENTED = ("1: expert parallelism is not implemented yet (it comes with the "
-                      "expert-parallel issue; DESIGN.md section 3); experts are replicated "
-                      "and trained under ZeRO like dense parameters")
-
 
 def resolve_precision(train: TrainConfig, device_type: str) -> str:
     """``fp32`` / ``bf16`` / ``fp16`` for this device; ``auto`` is bf16 on GPU, fp32 on CPU."""
@@ -28,9 +24,23 @@ def resolve_precision(train: TrainConfig, device_type: str) -> str:
 
 
 def check_supported(cfg: Config) -> None:
-    """Raise ConfigError for settings this engine does not run yet (before any process starts)."""
-    if cfg.parallel.ep_size != 1:
-        raise ConfigError("parallel.ep_size", cfg.parallel.ep_size, EP_NOT_IMPLEMENTED)
+    """Raise ConfigError for settings this engine cannot run (before any process starts).
+
+    ``parallel.ep_size`` must divide the world size the launcher announces
+    (``WORLD_SIZE`` / ``SLURM_NTASKS``; 1 without a launcher) and
+    ``model.moe.num_experts``, and expert parallelism needs ZeRO stage 3
+    (docs/parallelism.md).
+    """
+    from liquid_dist.parallel.distributed import resolve_dist_env
+    from liquid_dist.parallel.expert_parallel import check_ep_size
+
+    ep = cfg.parallel.ep_size
+    if ep != 1:
+        if cfg.parallel.zero_stage != 3:
+            raise ConfigError("parallel.ep_size", ep,
+                              "1 unless parallel.zero_stage is 3 (expert parallelism is "
+                              "implemented for ZeRO-3; docs/parallelism.md)")
+        check_ep_size(ep, resolve_dist_env().world_size, cfg.model.moe.num_experts)
 
 
 def build_deepspeed_config(cfg: Config, *, world_size: int, device_type: str) -> dict[str, Any]:

@@ -9,6 +9,9 @@ Layout of ``RUN_DIR/checkpoints/``::
                              rank its data-loader state and RNG states
         config.yaml          the resolved config (model.vocab_size an integer)
         tokenizer.model      copy of the tokenizer the data was made with
+        experts/             only with parallel.ep_size > 1: meta.json and one
+                             ep_rank<e>.pt per expert-parallel rank, every expert
+                             under its global index (docs/parallelism.md)
         done.rank<r>         each rank's "my part is written" marker
     step_00000200.tmp/       a checkpoint being written (or abandoned by a crash)
 
@@ -157,12 +160,17 @@ def _barrier() -> None:
 class CheckpointManager:
     """Saves and loads the checkpoints of one run directory (see the module docstring)."""
 
-    def __init__(self, run_dir: str | Path, *, keep_last: int, rank: int, world_size: int):
+    def __init__(self, run_dir: str | Path, *, keep_last: int, rank: int, world_size: int,
+                 expert_layout: Any = None, model: Any = None):
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / CHECKPOINTS
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
+        # expert parallelism (ep_size > 1): every checkpoint also gets experts/
+        # with each expert under its global index (docs/parallelism.md)
+        self.expert_layout = expert_layout
+        self.model = model
 
     def remove_incomplete(self) -> list[str]:
         """Rank 0 deletes checkpoints a crash left half-written; every rank waits."""
@@ -193,6 +201,10 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
         _barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
+        if self.expert_layout is not None:
+            from liquid_dist.parallel.expert_parallel import save_expert_shards
+
+            save_expert_shards(self.model, self.expert_layout, tmp, self.world_size)
         testhooks.maybe_pause_checkpoint(step, self.rank, self.run_dir)
         _write_atomic(tmp / f"done.rank{self.rank}", str(step))
         _barrier()
@@ -235,6 +247,9 @@ class CheckpointManager:
                 f"{self.world_size}: an exact resume (ZeRO partitions, every rank's data "
                 "position) needs the same world size; use train.init_from to start a new run "
                 "from its weights instead")
+        from liquid_dist.parallel.expert_parallel import check_expert_checkpoint
+
+        check_expert_checkpoint(ref.path, self.expert_layout, self.world_size)
         path, _ = engine.load_checkpoint(str(ref.load_dir), tag=ref.tag,
                                          load_optimizer_states=True,
                                          load_lr_scheduler_states=False)
@@ -247,7 +262,19 @@ class CheckpointManager:
 
 
 def load_weights(engine: Any, ref: CheckpointRef) -> None:
-    """Load only the model weights of ``ref`` (``train.init_from``): no optimizer, data or step."""
+    """Load only the model weights of ``ref`` (``train.init_from``): no optimizer, data or step.
+
+    ValueError when ``ref`` or this run uses expert parallelism: DeepSpeed's
+    files then hold per-rank expert slices; convert the checkpoint
+    (``liquid-convert``) and start from the converted directory instead.
+    """
+    from liquid_dist.parallel.expert_parallel import is_expert_parameter, read_expert_metadata
+
+    if read_expert_metadata(ref.path) is not None or any(
+            is_expert_parameter(p) for p in engine.module.parameters()):
+        raise ValueError(f"train.init_from={ref.path}: a DeepSpeed checkpoint cannot seed a run "
+                         "when either uses parallel.ep_size > 1; convert it (liquid-convert) "
+                         "and set train.init_from to the converted directory")
     path, _ = engine.load_checkpoint(str(ref.load_dir), tag=ref.tag, load_module_only=True,
                                      load_optimizer_states=False,
                                      load_lr_scheduler_states=False)
@@ -258,12 +285,21 @@ def load_weights(engine: Any, ref: CheckpointRef) -> None:
 def consolidated_state_dict(ref: CheckpointRef, prefix: str = "model.") -> dict[str, torch.Tensor]:
     """The full fp32 weights of a checkpoint as one state dict (single process, no GPU).
 
-    ZeRO 1-3 shards are merged with DeepSpeed's ``zero_to_fp32``; ``prefix`` (the
-    trainer's wrapper module) is stripped from the names.
+    ZeRO 1-3 shards are merged with DeepSpeed's ``zero_to_fp32``, expert-parallel
+    checkpoints by ``consolidate_expert_parallel_checkpoint`` (all experts, global
+    order); ``prefix`` (the trainer's wrapper module) is stripped from the names.
     """
+    from liquid_dist.parallel.expert_parallel import (
+        consolidate_expert_parallel_checkpoint,
+        read_expert_metadata,
+    )
+
     zero_files = list(ref.path.glob("zero_pp_rank_*_optim_states.pt")) + list(
         ref.path.glob("bf16_zero_pp_rank_*_optim_states.pt"))
-    if zero_files:
+    if read_expert_metadata(ref.path) is not None:
+        # zero_to_fp32 cannot merge expert-parallel partitions (docs/parallelism.md)
+        sd = consolidate_expert_parallel_checkpoint(ref.path)
+    elif zero_files:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # zero_to_fp32 narrates every shard on stdout/stderr; keep the caller's output clean
@@ -299,10 +335,13 @@ def check_resumable(config: dict[str, Any], ref: CheckpointRef) -> None:
     from liquid_dist.config import ConfigError
 
     saved = read_config(ref)
+    # ep_size fixes which experts every rank's ZeRO partitions hold
     old = {**_flat(saved["model"], "model."),
-           "parallel.zero_stage": saved["parallel"]["zero_stage"]}
+           "parallel.zero_stage": saved["parallel"]["zero_stage"],
+           "parallel.ep_size": saved["parallel"].get("ep_size", 1)}
     new = {**_flat(config["model"], "model."),
-           "parallel.zero_stage": config["parallel"]["zero_stage"]}
+           "parallel.zero_stage": config["parallel"]["zero_stage"],
+           "parallel.ep_size": config["parallel"].get("ep_size", 1)}
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)

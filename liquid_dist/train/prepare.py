@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from liquid_dist.config import Config, ConfigError, validate
+from liquid_dist.model.pretrained import check_compatible, is_pretrained_dir
 from liquid_dist.parallel.deepspeed_config import check_supported, resolve_precision
 
 
@@ -53,4 +54,7 @@ def resolve_config(cfg: Config) -> Config:
                               f"{tok_id}, the id the tokenizer and the data loader use")
     out = dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=vocab))
     validate(out)
+    # a converted model to start from must have this architecture (ConfigError)
+    if out.train.init_from and is_pretrained_dir(out.train.init_from):
+        check_compatible(out.model, out.train.init_from)
     return out

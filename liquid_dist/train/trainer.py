@@ -35,8 +35,14 @@ import torch.distributed as dist
 from torch import nn
 
 from liquid_dist.config import Config
+from liquid_dist.model.pretrained import is_pretrained_dir, load_weights_into
 from liquid_dist.parallel.deepspeed_config import build_deepspeed_config, resolve_precision
 from liquid_dist.parallel.distributed import DistEnv
+from liquid_dist.parallel.expert_parallel import (
+    apply_expert_parallel,
+    check_expert_placement,
+    split_expert_param_groups,
+)
 from liquid_dist.params import count_parameters
 from liquid_dist.train import testhooks
 from liquid_dist.train.checkpoint import CheckpointManager, find_checkpoint, load_weights
@@ -170,13 +176,24 @@ class Trainer:
                                 category=FutureWarning)
         seed_everything(t.seed)  # identical initial weights on every rank
         self.model = LiquidFoundationModelOptimized(cfg.model)
+        if t.init_from and is_pretrained_dir(t.init_from):
+            # a converted model (liquid_dist.convert): full weights, loaded before
+            # anything slices or partitions them; prepare.py checked the config
+            load_weights_into(self.model, t.init_from)
         self.parameter_counts = count_parameters(self.model)  # before ZeRO-3 partitions them
+        self.expert_layout = None
+        if cfg.parallel.ep_size > 1:
+            self.expert_layout = apply_expert_parallel(self.model, cfg.parallel.ep_size)
+        check_expert_placement(self.model, cfg.parallel.ep_size, self.env.world_size)
         module = PretrainingModule(self.model)
         if cfg.parallel.zero_stage == 3:
             # routing decides per batch which experts run: fetch a MoE layer's
             # parameters as one unit, or ranks disagree on the prefetch order
             set_z3_leaf_modules(module, [MoELayer])
-        self.optimizer = SkippableAdamW(_param_groups(module, t.weight_decay), lr=t.lr,
+        param_groups = _param_groups(module, t.weight_decay)
+        if self.expert_layout is not None:
+            param_groups = split_expert_param_groups(param_groups)
+        self.optimizer = SkippableAdamW(param_groups, lr=t.lr,
                                         betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
         ds_config = build_deepspeed_config(cfg, world_size=self.env.world_size,
                                            device_type=self.device.type)
@@ -193,7 +210,8 @@ class Trainer:
                 cfg.data, rank=self.env.rank, world_size=self.env.world_size,
                 batch_size=t.micro_batch_size, seed=t.seed, num_batches=t.eval_steps)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=t.keep_last, rank=self.env.rank,
-                                      world_size=self.env.world_size)
+                                      world_size=self.env.world_size,
+                                      expert_layout=self.expert_layout, model=self.model)
         self.monitor = BlockMonitor(self.model, cfg.parallel.zero_stage)
         flops = forward_flops(cfg.model, cfg.data.encoder_length, cfg.data.decoder_length)
         self.flops_per_sample = flops.training
@@ -213,7 +231,7 @@ class Trainer:
             self.resumed_from = str(ref.path)
             return state.get("run_id")
         self.resumed_from = None
-        if self.cfg.train.init_from:
+        if self.cfg.train.init_from and not is_pretrained_dir(self.cfg.train.init_from):
             init_ref = find_checkpoint(self.cfg.train.init_from, self.cfg.train.init_from)
             assert init_ref is not None
             load_weights(self.engine, init_ref)

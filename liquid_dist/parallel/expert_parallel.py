@@ -1,0 +1,447 @@
+"""Expert parallelism for :class:`~liquid_dist.model.moe.MoELayer` under DeepSpeed ZeRO-3.
+
+The model stays parallelism-agnostic; this module plugs into it from outside
+(docs/parallelism.md explains the choice):
+
+* :func:`apply_expert_parallel` replaces each MoE layer's fused expert tensors
+  ``w1 / b1 / w2 / b2`` (first dim = expert) by this rank's contiguous slice of
+  ``num_experts / ep_size`` experts and installs an :class:`ExpertExchange` as
+  the layer's ``expert_parallel`` hook: the project's router, dispatch, combine
+  and auxiliary losses run unchanged on every rank, and only the expert
+  computation moves to the rank that holds the expert (two ``all_to_all_single``
+  calls in the expert-parallel group, differentiable).
+* The sliced parameters are marked the way DeepSpeed's AutoEP marks its expert
+  parameters (``ds_zero_placement_family = "autoep_expert"``, the EP group
+  name, ``allreduce = False``), so ZeRO-3 itself partitions and reduces them
+  over the expert-data-parallel group only, divides their gradients by the
+  global data-parallel size and adds their norm into the one gradient norm
+  used for clipping and reporting.
+* :func:`check_expert_placement` refuses, before training, any set-up that
+  would let ZeRO mix different experts (the silent failure of
+  PLATFORM_NOTES.md, "Mixture of experts under ZeRO-3").
+
+Groups are DeepSpeed's (``deepspeed.utils.groups``, legacy layout): with W
+ranks and ep_size P, the expert-parallel groups are ``[0..P-1], [P..2P-1], ...``
+and rank r holds global experts ``[(r % P) * E/P, (r % P + 1) * E/P)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from liquid_dist.config import ConfigError
+
+# DeepSpeed 0.19.8's ZeRO-3 keys expert handling on these attribute values
+# (runtime/zero/stage3.py `_autoep_expert_parallel_group`, runtime/engine.py
+# `_resolve_zero3_param_placement`, module_inject/auto_ep_layer.py).
+EP_PLACEMENT_FAMILY = "autoep_expert"
+
+
+def ep_group_name(ep_size: int) -> str:
+    """DeepSpeed's name of the expert(-data)-parallel groups for ``ep_size``."""
+    return f"ep_size_{ep_size}"
+
+
+def expert_range(num_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
+    """Global expert indices ``[start, stop)`` held by expert-parallel rank ``ep_rank``."""
+    local = num_experts // ep_size
+    return ep_rank * local, (ep_rank + 1) * local
+
+
+def check_ep_size(ep_size: int, world_size: int, num_experts: int) -> None:
+    """Raise ConfigError unless ``ep_size`` divides both the world size and the experts."""
+    if ep_size < 1 or world_size % ep_size:
+        raise ConfigError("parallel.ep_size", ep_size,
+                          f"a divisor of the data-parallel world size ({world_size})")
+    if num_experts % ep_size:
+        raise ConfigError("parallel.ep_size", ep_size,
+                          f"a divisor of model.moe.num_experts ({num_experts})")
+
+
+def create_expert_groups(ep_size: int) -> str:
+    """Create (once) DeepSpeed's expert-parallel and expert-data-parallel groups; returns the name.
+
+    Collective: every rank must call it, in the same order.
+    """
+    from deepspeed.utils import groups
+
+    name = ep_group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return name
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` whose backward sends the gradients back the reverse way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                group: Any) -> torch.Tensor:
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        output_splits, input_splits = ctx.splits
+        grad_in = grad.new_empty((sum(input_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(grad_in, grad.contiguous(), input_splits, output_splits,
+                               group=ctx.group)
+        return grad_in, None, None, None
+
+
+def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                group: Any) -> torch.Tensor:
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+def _join_graph(y: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``y`` plus an exact zero that depends on every tensor in ``tensors``.
+
+    The backward pass must run the same collectives on every rank: the reverse
+    all-to-alls (reached only through ``x_recv``) and ZeRO's gradient reduction
+    of every expert tensor (whose hooks fire only for tensors that get a
+    gradient). A rank that received no rows, or an expert without tokens on the
+    ``loop`` backend, would otherwise drop out of the graph and leave the other
+    ranks waiting.
+    """
+    zero = sum(t.reshape(-1)[:1].sum() for t in tensors) * 0.0
+    return y + zero.to(y.dtype)
+
+
+@dataclass
+class ExpertExchange:
+    """The ``MoELayer.expert_parallel`` hook: rows to their experts' ranks and back.
+
+    ``__call__(x_sorted, tokens_per_expert, layer) -> y_sorted``: ``x_sorted``
+    (M, d) grouped by global expert, ``tokens_per_expert`` (E,) from
+    :func:`~liquid_dist.model.moe.dispatch`; returns (M, d_out) in the same row
+    order, each row computed by the rank that holds its expert. Every rank of
+    the group joins both exchanges even when it sends or receives no rows, so a
+    rank whose experts get no tokens never leaves the others waiting.
+    """
+
+    group: Any
+    ep_size: int
+    ep_rank: int
+    num_experts: int
+
+    def __call__(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
+                 layer: nn.Module) -> torch.Tensor:
+        local = self.num_experts // self.ep_size
+        counts = tokens_per_expert.to(torch.int64).contiguous()
+        # received[s, j]: rows rank s sends for this rank's local expert j
+        received = torch.empty_like(counts)
+        dist.all_to_all_single(received, counts, group=self.group)
+        received = received.view(self.ep_size, local)
+        send_splits = counts.view(self.ep_size, local).sum(1).tolist()
+        recv_splits = received.sum(1).tolist()
+        x_recv = _all_to_all(x_sorted, recv_splits, send_splits, self.group)
+        # rows arrive grouped by source rank, then by expert: regroup by expert,
+        # sources in rank order (stable), i.e. the global batch's token order
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(local, device=counts.device).repeat(self.ep_size), received.reshape(-1),
+            output_size=x_recv.shape[0])
+        order = torch.argsort(expert_of_row, stable=True)
+        y_local = layer.local_expert_forward(x_recv[order], received.sum(0))
+        y_local = _join_graph(y_local, [x_recv, *layer.expert_parameters()])
+        y_recv = torch.empty_like(y_local).index_copy(0, order, y_local)
+        return _all_to_all(y_recv, send_splits, recv_splits, self.group)
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Which global experts this rank holds (the same for every MoE layer)."""
+
+    ep_size: int
+    ep_rank: int
+    num_experts: int
+    group_name: str
+    layers: tuple[str, ...]
+
+    @property
+    def global_experts(self) -> list[int]:
+        start, stop = expert_range(self.num_experts, self.ep_size, self.ep_rank)
+        return list(range(start, stop))
+
+
+def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from liquid_dist.model.moe import MoELayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+def mark_expert_parameter(param: nn.Parameter, group_name: str) -> None:
+    """Tag ``param`` as an expert-parallel parameter of group ``group_name`` for DeepSpeed.
+
+    ``ds_zero_partition_process_group`` makes ZeRO-3's conversion partition (and
+    broadcast) it over the expert-data-parallel group only.
+    """
+    from deepspeed.utils import groups
+
+    param.allreduce = False
+    param.group_name = group_name
+    param.ds_zero_placement_family = EP_PLACEMENT_FAMILY
+    param.ds_zero_partition_group_name = group_name
+    param.ds_zero_partition_process_group = groups._get_expert_data_parallel_group(group_name)
+
+
+def is_expert_parameter(param: nn.Parameter) -> bool:
+    """Whether ``param`` carries the expert-parallel marking."""
+    return getattr(param, "ds_zero_placement_family", None) == EP_PLACEMENT_FAMILY
+
+
+def apply_expert_parallel(model: nn.Module, ep_size: int) -> ExpertLayout:
+    """Keep this rank's slice of every MoE layer's experts and install the exchange hook.
+
+    Call on every rank after the full model is built identically (same seed)
+    and before ``deepspeed.initialize``: rank r keeps global experts
+    :func:`expert_range` of its expert-parallel rank, so its slice is exactly
+    the corresponding slice of a single-process model. Needs the default
+    process group (collective: creates the groups).
+    """
+    from deepspeed.utils import groups
+
+    layers = _moe_layers(model)
+    if not layers:
+        raise ConfigError("parallel.ep_size", ep_size, "1 for a model without MoE layers")
+    num_experts = layers[0][1].cfg.num_experts
+    check_ep_size(ep_size, dist.get_world_size(), num_experts)
+    name = create_expert_groups(ep_size)
+    ep_rank = groups._get_expert_parallel_rank(name)
+    start, stop = expert_range(num_experts, ep_size, ep_rank)
+    hook = ExpertExchange(group=groups._get_expert_parallel_group(name), ep_size=ep_size,
+                          ep_rank=ep_rank, num_experts=num_experts)
+    for _, layer in layers:
+        for attr in ("w1", "b1", "w2", "b2"):
+            full = getattr(layer, attr)
+            if full is None:
+                continue
+            local = nn.Parameter(full.detach()[start:stop].clone(),
+                                 requires_grad=full.requires_grad)
+            mark_expert_parameter(local, name)
+            setattr(layer, attr, local)
+        layer.expert_parallel = hook
+    return ExpertLayout(ep_size=ep_size, ep_rank=ep_rank, num_experts=num_experts,
+                        group_name=name, layers=tuple(n for n, _ in layers))
+
+
+def check_expert_placement(model: nn.Module, ep_size: int, world_size: int) -> None:
+    """Refuse a set-up in which ZeRO would mix different experts; call before ``initialize``.
+
+    Under ``ep_size > 1`` every MoE layer must hold ``num_experts / ep_size``
+    experts, carry the exchange hook, and have every expert tensor marked
+    (:func:`mark_expert_parameter`); no other parameter may be marked. Without
+    the marking ZeRO-3 would broadcast rank 0's experts to every rank and
+    average different experts' gradients, and training would run, wrongly.
+    """
+    layers = _moe_layers(model)
+    if ep_size == 1:
+        for name, layer in layers:
+            if layer.expert_parallel is not None or layer.w1.shape[0] != layer.cfg.num_experts:
+                raise ConfigError("parallel.ep_size", ep_size,
+                                  f"> 1: MoE layer {name} holds a slice of the experts")
+        return
+    if not layers:
+        raise ConfigError("parallel.ep_size", ep_size, "1 for a model without MoE layers")
+    check_ep_size(ep_size, world_size, layers[0][1].cfg.num_experts)
+    expert_ids = set()
+    for name, layer in layers:
+        want = layer.cfg.num_experts // ep_size
+        params = {"w1": layer.w1, "b1": layer.b1, "w2": layer.w2, "b2": layer.b2}
+        for attr, p in params.items():
+            if p is None:
+                continue
+            if p.shape[0] != want or not is_expert_parameter(p) or layer.expert_parallel is None:
+                raise ConfigError(
+                    "parallel.ep_size", ep_size,
+                    f"a model prepared by liquid_dist.parallel.apply_expert_parallel: "
+                    f"{name}.{attr} has {p.shape[0]} experts (want {want}), marked="
+                    f"{is_expert_parameter(p)}, hook={layer.expert_parallel is not None}; "
+                    "unmarked per-rank experts would be broadcast from rank 0 and their "
+                    "gradients averaged across different experts")
+            expert_ids.add(id(p))
+    for pname, p in model.named_parameters():
+        if is_expert_parameter(p) and id(p) not in expert_ids:
+            raise ConfigError("parallel.ep_size", ep_size,
+                              f"expert marking only on MoE expert tensors, not on {pname}")
+
+
+def split_expert_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Move expert parameters into their own optimizer groups (same hyper-parameters).
+
+    ZeRO-3 keeps one partition process group per optimizer sub-group, so expert
+    and dense parameters must never share a group. Uses DeepSpeed's own
+    ``split_params_into_different_moe_groups_for_optimizer`` (groups need a
+    ``name``; unnamed ones are named by position).
+    """
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    named = [dict(g, name=g.get("name", f"group{i}")) for i, g in enumerate(param_groups)]
+    split = split_params_into_different_moe_groups_for_optimizer(named)
+    return [g for g in split if g["params"]]
+
+
+def expert_metadata(layout: ExpertLayout, world_size: int) -> dict[str, Any]:
+    """The JSON-able description of the expert placement saved with every checkpoint."""
+    return {"ep_size": layout.ep_size, "world_size": world_size,
+            "num_experts": layout.num_experts, "layers": list(layout.layers),
+            "experts_per_ep_rank": {str(r): list(range(*expert_range(
+                layout.num_experts, layout.ep_size, r))) for r in range(layout.ep_size)}}
+
+
+EXPERTS_DIR = "experts"
+EXPERTS_META = "meta.json"
+
+
+def expert_shard_name(ep_rank: int) -> str:
+    """File of expert-parallel rank ``ep_rank`` inside a checkpoint's ``experts/``."""
+    return f"ep_rank{ep_rank}.pt"
+
+
+def save_expert_shards(model: nn.Module, layout: ExpertLayout, ckpt_dir: Path,
+                       world_size: int) -> None:
+    """Write ``ckpt_dir/experts/``: every expert of every MoE layer under its global index.
+
+    Collective (every rank calls it): each rank gathers its experts' ZeRO-3
+    partitions over the expert-data-parallel group; the first rank of each
+    expert-data-parallel group (expert-data-parallel rank 0) writes
+    ``ep_rank<e>.pt`` = ``{"global_experts": [...], "tensors": {name: (E/ep, ...)}}``
+    with ``name`` the model's parameter name (e.g. ``encoder.blocks.0.moe.w1``);
+    rank 0 writes ``meta.json`` (:func:`expert_metadata`).
+    """
+    import deepspeed
+    from deepspeed.utils import groups
+
+    out = Path(ckpt_dir) / EXPERTS_DIR
+    names = [f"{layer}.{attr}" for layer in layout.layers for attr in ("w1", "b1", "w2", "b2")]
+    params = dict(model.named_parameters())
+    mine = {n: params[n] for n in names if n in params}
+    with deepspeed.zero.GatheredParameters(list(mine.values()), modifier_rank=None):
+        tensors = {n: p.detach().clone().cpu() for n, p in mine.items()}
+    edp_rank = dist.get_rank(group=groups._get_expert_data_parallel_group(layout.group_name))
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / EXPERTS_META).write_text(json.dumps(expert_metadata(layout, world_size), indent=1))
+    dist.barrier()
+    if edp_rank == 0:
+        torch.save({"global_experts": layout.global_experts, "tensors": tensors},
+                   out / expert_shard_name(layout.ep_rank))
+    dist.barrier()
+
+
+def read_expert_metadata(ckpt_dir: Path) -> dict[str, Any] | None:
+    """A checkpoint's ``experts/meta.json``; None for one written without expert parallelism."""
+    path = Path(ckpt_dir) / EXPERTS_DIR / EXPERTS_META
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_expert_shards(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Every MoE expert tensor of an expert-parallel checkpoint, all experts in global order.
+
+    Returns ``{param name: (num_experts, ...)}`` (the layout of a single-process
+    MoELayer), assembled from ``experts/ep_rank*.pt`` by their ``global_experts``.
+    ValueError if the checkpoint has no ``experts/`` or a shard is missing.
+    """
+    meta = read_expert_metadata(ckpt_dir)
+    if meta is None:
+        raise ValueError(f"{ckpt_dir}: no {EXPERTS_DIR}/{EXPERTS_META} (not an expert-parallel "
+                         "checkpoint; its experts are in the DeepSpeed files)")
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    for ep_rank in range(meta["ep_size"]):
+        path = Path(ckpt_dir) / EXPERTS_DIR / expert_shard_name(ep_rank)
+        if not path.is_file():
+            raise ValueError(f"{path}: missing expert shard of expert-parallel rank {ep_rank}")
+        shard = torch.load(path, map_location="cpu", weights_only=True)
+        for name, t in shard["tensors"].items():
+            for i, e in enumerate(shard["global_experts"]):
+                parts.setdefault(name, {})[e] = t[i]
+    full = {}
+    for name, by_expert in parts.items():
+        if sorted(by_expert) != list(range(meta["num_experts"])):
+            raise ValueError(f"{ckpt_dir}: {name} has experts {sorted(by_expert)}, "
+                             f"expected 0..{meta['num_experts'] - 1}")
+        full[name] = torch.stack([by_expert[e] for e in range(meta["num_experts"])])
+    return full
+
+
+def check_expert_checkpoint(ckpt_dir: Path, layout: ExpertLayout | None,
+                            world_size: int) -> None:
+    """ValueError unless an exact resume from ``ckpt_dir`` keeps every expert on its rank.
+
+    The DeepSpeed files hold each rank's ZeRO partitions of *its* experts, so an
+    exact resume needs the same ep_size and world size; a checkpoint from
+    another expert-parallel layout is refused (its experts/ files still hold
+    every expert by global index, for conversion).
+    """
+    meta = read_expert_metadata(ckpt_dir)
+    saved = (1, None) if meta is None else (meta["ep_size"], meta["world_size"])
+    want = (1 if layout is None else layout.ep_size, None if layout is None else world_size)
+    if saved != want:
+        raise ValueError(
+            f"{ckpt_dir} was written with parallel.ep_size={saved[0]} (world size "
+            f"{saved[1] or 'any'}), this run has ep_size={want[0]} (world size "
+            f"{want[1] or 'any'}): each rank's ZeRO partitions hold its own experts, so an "
+            "exact resume needs the same ep_size and world size; convert the checkpoint "
+            "(experts/ holds every expert by global index) and use train.init_from instead")
+
+
+def consolidate_expert_parallel_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of an expert-parallel ZeRO-3 checkpoint (single process, no GPU).
+
+    DeepSpeed's ``zero_to_fp32`` assumes every parameter is partitioned over all
+    W ranks, which the expert tensors are not (W / ep_size ranks), so it cannot
+    merge these files. Here, like ``zero_to_fp32``, each rank's fp32 flat
+    groups are concatenated and walked in ``param_shapes`` order, each parameter
+    taking ``ceil(numel / partition_count)`` elements; dense parameters
+    (partition count W) are joined across all ranks, expert tensors (partition
+    count W / ep_size) are skipped and taken, all E experts in global order, from
+    ``experts/`` (:func:`load_expert_shards`). Names as saved by the engine
+    (the trainer's ``model.`` prefix included).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_expert_metadata(ckpt_dir)
+    if meta is None:
+        raise ValueError(f"{ckpt_dir}: not an expert-parallel checkpoint")
+    world, ep = meta["world_size"], meta["ep_size"]
+    experts = load_expert_shards(ckpt_dir)
+    flats, shapes, shared = [], None, []
+    for rank in range(world):
+        optim = torch.load(ckpt_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                           map_location="cpu", weights_only=False)
+        groups = optim["optimizer_state_dict"]["fp32_flat_groups"]
+        flats.append(torch.cat([t.float() for t in groups]))
+        if shapes is None:
+            model = torch.load(ckpt_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+                               map_location="cpu", weights_only=False)
+            shapes = [(n, torch.Size(s)) for group in model["param_shapes"]
+                      for n, s in group.items()]
+            shared = list(model.get("shared_params", {}).items())
+    assert shapes is not None
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, shape in shapes:
+        expert_name = next((k for k in experts if name == k or name.endswith("." + k)), None)
+        count = world // ep if expert_name is not None else world
+        part = -(-shape.numel() // count)
+        if expert_name is not None:
+            out[name] = experts[expert_name].float()
+        else:
+            full = torch.cat([f.narrow(0, offset, part) for f in flats])
+            out[name] = full.narrow(0, 0, shape.numel()).view(shape).clone()
+        offset += part
+    if any(offset != f.numel() for f in flats):
+        raise ValueError(f"{ckpt_dir}: walked {offset} elements of flat groups of "
+                         f"{[f.numel() for f in flats]} (unexpected ZeRO-3 layout)")
+    for alias, source in shared:  # tied weights are stored once
+        if source in out:
+            out[alias] = out[source]
+    return out

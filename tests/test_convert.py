@@ -1,0 +1,344 @@
+"""Checkpoint -> single-GPU format: exact weights, refused checkpoints, from_pretrained, init_from.
+
+The multi-process tests reuse train_fixtures.reference_run(): 2 ranks, ZeRO-3,
+8 steps on the Shakespeare shards (one checkpoint, step 8).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import train_fixtures as tf
+import yaml
+from safetensors.torch import load_file
+
+from liquid_dist.config import ModelConfig
+from liquid_dist.convert import CheckpointError, assemble_experts, convert, parse_size
+from liquid_dist.model import LiquidFoundationModelOptimized
+from liquid_dist.model.pretrained import INDEX_NAME, load_weights_into, read_model_config
+
+STEP = "step_00000008"
+
+
+def converted(dtype: str = "fp32") -> Path:
+    """The reference run converted once per dtype."""
+    return _converted(dtype)
+
+
+@functools.cache
+def _converted(dtype: str) -> Path:
+    return convert(tf.reference_run(), tf.TMP / f"converted_{dtype}", dtype=dtype,
+                   progress=False)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    files = sorted(out.glob("*.safetensors"))
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+def copy_run(tmp_path: Path) -> Path:
+    """A private copy of the reference run's checkpoint that a test may break."""
+    src = tf.reference_run() / "checkpoints"
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / STEP, run / "checkpoints" / STEP)
+    shutil.copy(src / "latest", run / "checkpoints" / "latest")
+    return run
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=tf.REPO, input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def random_inputs(cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    enc = torch.randint(2, cfg.vocab_size, (2, cfg.max_encoder_length), generator=g)
+    dec = torch.randint(2, cfg.vocab_size, (2, cfg.max_decoder_length), generator=g)
+    mask = torch.ones_like(enc, dtype=torch.bool)
+    mask[1, 20:] = False
+    return enc, dec, mask
+
+
+# ---------------------------------------------------------------- fast units
+
+
+def test_assemble_experts_orders_pieces_by_global_index() -> None:
+    pieces = {2: torch.full((3,), 2.0), 0: torch.zeros(3), 1: torch.ones(3)}
+    out = assemble_experts("enc.moe.w1", pieces, 3)
+    assert torch.equal(out, torch.tensor([[0.0] * 3, [1.0] * 3, [2.0] * 3]))
+
+
+def test_assemble_experts_refuses_a_missing_expert() -> None:
+    with pytest.raises(CheckpointError, match=r"wrong expert count.*missing \[1\]"):
+        assemble_experts("enc.moe.w1", {0: torch.zeros(3), 2: torch.zeros(3)}, 3)
+
+
+def test_parse_size_units() -> None:
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("100KB") == 100_000
+    assert parse_size("1234") == 1234
+    with pytest.raises(ValueError):
+        parse_size("five")
+
+
+def test_from_pretrained_refuses_mismatched_weights(tmp_path: Path) -> None:
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=2, n_kv_heads=1, n_encoder_layers=1,
+                      n_decoder_layers=1, ffn_dim=64, max_encoder_length=32,
+                      max_decoder_length=16, window=8, freq_heads=2, band_block=16,
+                      hyena_filter_dim=8)
+    model = LiquidFoundationModelOptimized(cfg)
+    from safetensors.torch import save_file
+
+    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.bias"}
+    sd.pop("encoder.embedding.token_embedding.weight")
+    sd.pop("decoder.embedding.token_embedding.weight")
+    sd.pop("lm_head.weight")
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(__import__("dataclasses").asdict(cfg)))
+    with pytest.raises(ValueError, match=r"missing \['lm_head.bias'\]"):
+        load_weights_into(LiquidFoundationModelOptimized(cfg), tmp_path)
+
+
+# ---------------------------------------------------------- on a real run
+
+
+@pytest.mark.slow
+def test_dense_tensors_equal_deepspeed_consolidation_bitwise() -> None:
+    from liquid_dist.train.checkpoint import consolidated_state_dict, find_checkpoint
+
+    ref = find_checkpoint(str(tf.reference_run()), tf.reference_run())
+    deepspeed_sd = consolidated_state_dict(ref)
+    ours = weights(converted())
+    # every stored tensor once; the aliases are the tied embedding / lm_head
+    assert set(ours) <= set(deepspeed_sd)
+    assert set(deepspeed_sd) - set(ours) == {"lm_head.weight",
+                                            "encoder.embedding.token_embedding.weight",
+                                            "decoder.embedding.token_embedding.weight"}
+    for name, t in ours.items():
+        assert t.dtype == torch.float32
+        assert torch.equal(t, deepspeed_sd[name]), name
+
+
+@pytest.mark.slow
+def test_converted_model_logits_equal_the_trained_weights_logits() -> None:
+    from liquid_dist.train.sample import load_trained_model
+
+    live, _ = load_trained_model(tf.reference_run())
+    model = LiquidFoundationModelOptimized.from_pretrained(converted())
+    assert model.lm_head.weight is model.token_embedding.weight  # re-tied
+    enc, dec, mask = random_inputs(model.cfg)
+    with torch.no_grad():
+        want = live(enc, dec, encoder_attention_mask=mask).logits
+        got = model(enc, dec, encoder_attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_bf16_export_is_the_fp32_export_rounded() -> None:
+    fp32, bf16 = weights(converted("fp32")), weights(converted("bf16"))
+    assert fp32.keys() == bf16.keys()
+    for name in fp32:
+        assert bf16[name].dtype == torch.bfloat16
+        assert torch.equal(bf16[name], fp32[name].to(torch.bfloat16)), name
+    model = LiquidFoundationModelOptimized.from_pretrained(converted("bf16"))
+    assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_sharded_export_has_an_index_and_the_same_weights(tmp_path: Path) -> None:
+    out = convert(tf.reference_run(), tmp_path / "sharded", max_shard_size="100KB",
+                  progress=False)
+    index = json.loads((out / INDEX_NAME).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and not (out / "model.safetensors").exists()
+    assert weights(out).keys() == set(index["weight_map"])
+    single = weights(converted())
+    for name, t in weights(out).items():
+        assert torch.equal(t, single[name]), name
+    model = LiquidFoundationModelOptimized.from_pretrained(out)
+    for name, t in single.items():
+        assert torch.equal(model.state_dict()[name], t), name
+
+
+@pytest.mark.slow
+def test_output_directory_has_config_tokenizer_generation_config_and_card() -> None:
+    out = converted()
+    run_cfg = yaml.safe_load((tf.reference_run() / "checkpoints" / STEP / "config.yaml")
+                             .read_text())
+    cfg = read_model_config(out)
+    assert cfg.vocab_size == run_cfg["model"]["vocab_size"] and cfg.tie_embeddings
+    assert (out / "tokenizer.model").read_bytes() == tf.train_data().tokenizer.read_bytes()
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == cfg.eos_token_id and gen["max_new_tokens"] == 16
+    card = (out / "README.md").read_text()
+    last = [r for r in map(json.loads, (tf.reference_run() / "metrics.jsonl").read_text()
+                           .splitlines()) if r["kind"] == "train"][-1]
+    assert "| training_steps | 8 |" in card
+    assert "| tokens_seen | 1536 |" in card  # 8 steps x 2 ranks x 2 samples x (32 + 16)
+    assert f"| loss | {last['loss']:.4f} |" in card and "val_ce" in card
+
+
+@pytest.mark.slow
+def test_from_pretrained_imports_no_deepspeed() -> None:
+    code = ("import sys\nfrom liquid_dist.model import LiquidFoundationModelOptimized as M\n"
+            f"m = M.from_pretrained({str(converted())!r}, device='cpu')\n"
+            "assert not [k for k in sys.modules if k.startswith('deepspeed')], 'deepspeed'\n"
+            "print(sum(p.numel() for p in m.parameters()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tf.REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout) > 0
+
+
+# ----------------------------------------------------- refused checkpoints
+
+
+@pytest.mark.slow
+def test_refuses_a_missing_rank_file(tmp_path: Path) -> None:
+    run = copy_run(tmp_path)
+    (run / "checkpoints" / STEP / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError,
+                       match=r"missing rank file.*zero_pp_rank_1_mp_rank_00_optim_states\.pt "
+                             r"\(rank 1 of 2\)"):
+        convert(run, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_refuses_a_shape_mismatch_and_a_wrong_expert_count(tmp_path: Path) -> None:
+    run = copy_run(tmp_path)
+    cfg_file = run / "checkpoints" / STEP / "config.yaml"
+    original = yaml.safe_load(cfg_file.read_text())
+    changed = json.loads(json.dumps(original))
+    changed["model"]["ffn_dim"] = 48
+    cfg_file.write_text(yaml.safe_dump(changed))
+    with pytest.raises(CheckpointError,
+                       match=r"shape mismatch encoder\.blocks\.0\.ffn\.fc1\.weight: "
+                             r"checkpoint \(64, 32\), config \(48, 32\)"):
+        convert(run, tmp_path / "out", progress=False)
+    changed = json.loads(json.dumps(original))
+    changed["model"]["moe"]["num_experts"] = 3
+    cfg_file.write_text(yaml.safe_dump(changed))
+    with pytest.raises(CheckpointError, match=r"wrong expert count in .*moe\.w1: checkpoint "
+                                              r"has 2 experts, model\.moe\.num_experts = 3"):
+        convert(run, tmp_path / "out", progress=False)
+
+
+@pytest.mark.slow
+def test_refuses_no_latest_and_an_incomplete_checkpoint(tmp_path: Path) -> None:
+    run = copy_run(tmp_path)
+    ckpts = run / "checkpoints"
+    (ckpts / "latest").unlink()
+    with pytest.raises(CheckpointError, match=r"no 'latest' file.*step_00000008"):
+        convert(run, tmp_path / "out", progress=False)
+    assert convert(run, tmp_path / "out", step=8, progress=False).is_dir()
+    with pytest.raises(CheckpointError, match=r"no checkpoint of step 5"):
+        convert(run, tmp_path / "out5", step=5, progress=False)
+    (ckpts / "latest").write_text(STEP + "\n")
+    (ckpts / STEP / "trainer_state.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"names step_00000008, which is not a complete"):
+        convert(run, tmp_path / "out2", progress=False)
+    with pytest.raises(CheckpointError, match=r"incomplete checkpoint"):
+        convert(run, tmp_path / "out2", step=8, progress=False)
+
+
+@pytest.mark.slow
+def test_never_overwrites_output_without_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = cli("liquid_dist.convert", str(tf.reference_run()), "--output", str(out))
+    assert proc.returncode == 2 and "exists: pass --overwrite" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    proc = cli("liquid_dist.convert", str(tf.reference_run()), "--output", str(out),
+               "--overwrite", "--dtype", "bf16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert "100%" in proc.stderr  # the progress bar
+
+
+@pytest.mark.slow
+def test_expert_shards_by_global_index_replace_the_deepspeed_copies(tmp_path: Path) -> None:
+    """An expert-parallel checkpoint's experts/ (docs/parallelism.md) is what the converter
+    reads for expert tensors; a missing ep_rank file is refused by name."""
+    run = copy_run(tmp_path)
+    experts = run / "checkpoints" / STEP / "experts"
+    experts.mkdir()
+    full = weights(converted())
+    names = [k for k in full if k.endswith((".moe.w1", ".moe.b1", ".moe.w2", ".moe.b2"))]
+    assert len(names) == 8
+    marked = {k: full[k] + 1.0 for k in names}  # differ from the DeepSpeed copies
+    layers = sorted({k.rsplit(".", 1)[0] for k in names})
+    (experts / "meta.json").write_text(json.dumps(
+        {"ep_size": 2, "world_size": 2, "num_experts": 2, "layers": layers,
+         "experts_per_ep_rank": {"0": [0], "1": [1]}}))
+    for ep_rank in (1, 0):
+        torch.save({"global_experts": [ep_rank],
+                    "tensors": {k: v[ep_rank: ep_rank + 1].clone() for k, v in marked.items()}},
+                   experts / f"ep_rank{ep_rank}.pt")
+    out = weights(convert(run, tmp_path / "out", progress=False))
+    for k in full:
+        assert torch.equal(out[k], marked.get(k, full[k])), k
+    (experts / "ep_rank1.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"missing expert shard file\(s\) "
+                                              r"\['experts/ep_rank1\.pt'\]"):
+        convert(run, tmp_path / "out2", progress=False)
+
+
+@functools.cache
+def ep_run() -> Path:
+    """2 ranks, ZeRO-3, ep_size 2 (4 experts, 2 per rank), 2 steps."""
+    run_dir = tf.TMP / "convert_ep2"
+    proc = tf.launch(2, tf.base_overrides(run_dir, steps=2)
+                     + ["model.moe.num_experts=4", "parallel.ep_size=2"], launcher="torchrun")
+    assert proc.returncode == 0, tf.tail(proc)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_expert_parallel_checkpoint_converts_to_the_trained_model() -> None:
+    from liquid_dist.parallel.expert_parallel import load_expert_shards
+    from liquid_dist.train.sample import load_trained_model
+
+    run = ep_run()
+    ckpt = run / "checkpoints" / "step_00000002"
+    out = convert(run, tf.TMP / "converted_ep2", progress=False)
+    ours = weights(out)
+    experts = load_expert_shards(ckpt)
+    assert len(experts) == 8 and all(t.shape[0] == 4 for t in experts.values())
+    for name, t in experts.items():
+        assert torch.equal(ours[name], t), name
+    live, _ = load_trained_model(run)  # the project's own consolidation of the same files
+    model = LiquidFoundationModelOptimized.from_pretrained(out)
+    for name, t in ours.items():
+        assert torch.equal(live.state_dict()[name], t), name
+    enc, dec, mask = random_inputs(model.cfg)
+    with torch.no_grad():
+        want = live(enc, dec, encoder_attention_mask=mask).logits
+        got = model(enc, dec, encoder_attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_zero_stage_0_and_2_checkpoints_convert_like_deepspeed_consolidates(stage: int) -> None:
+    from liquid_dist.train.checkpoint import consolidated_state_dict, find_checkpoint
+
+    run = tf.TMP / f"convert_zero{stage}"
+    proc = tf.launch(2, tf.base_overrides(run, steps=1) + [f"parallel.zero_stage={stage}"],
+                     launcher="torchrun")
+    assert proc.returncode == 0, tf.tail(proc)
+    deepspeed_sd = consolidated_state_dict(find_checkpoint(str(run), run))
+    ours = weights(convert(run, tf.TMP / f"converted_zero{stage}", progress=False))
+    assert len(ours) == 154
+    for name, t in ours.items():
+        assert torch.equal(t, deepspeed_sd[name]), name

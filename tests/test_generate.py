@@ -1,0 +1,72 @@
+"""python -m liquid_dist.generate on a model converted from a run on the Shakespeare shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_convert import cli, converted
+
+from liquid_dist.data import Tokenizer
+from liquid_dist.generate import encode_prompts, generate_batch
+from liquid_dist.model import LiquidFoundationModelOptimized
+
+
+@pytest.mark.slow
+def test_generate_prompt_streams_decoded_text() -> None:
+    proc = cli("liquid_dist.generate", str(converted()), "--prompt", "To be, or not to be",
+               "--max-new-tokens", "12")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.endswith("\n") and proc.stdout.strip()
+
+
+@pytest.mark.slow
+def test_generate_reads_the_prompt_from_stdin_and_samples_reproducibly() -> None:
+    args = ("liquid_dist.generate", str(converted()), "--prompt", "-", "--sample",
+            "--temperature", "0.8", "--top-k", "20", "--top-p", "0.95", "--seed", "3",
+            "--max-new-tokens", "12")
+    first = cli(*args, stdin="ROMEO: But soft")
+    again = cli(*args, stdin="ROMEO: But soft")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.strip() and first.stdout == again.stdout
+
+
+@pytest.mark.slow
+def test_generate_prompts_file_gives_one_json_line_per_prompt(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("KING HENRY:\n\nWhat light through yonder window breaks\nO\n")
+    proc = cli("liquid_dist.generate", str(converted()), "--prompts-file", str(prompts),
+               "--beams", "2", "--max-new-tokens", "8", "--batch-size", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["KING HENRY:", "What light through yonder window "
+                                           "breaks", "O"]
+    assert all(r["generated"] for r in rows)
+
+
+@pytest.mark.slow
+def test_batched_greedy_equals_one_prompt_at_a_time() -> None:
+    """Padding a prompt in a batch does not change its continuation."""
+    model = LiquidFoundationModelOptimized.from_pretrained(converted())
+    tok = Tokenizer(converted() / "tokenizer.model")
+    prompts = ["Now is the winter of our discontent", "Friends"]
+    ids, mask = encode_prompts(tok, prompts, model.cfg.max_encoder_length)
+    assert ids[0, -1] == tok.eos_id and not mask[1, -1]
+    together = generate_batch(model, tok, prompts, max_new_tokens=10)
+    alone = [generate_batch(model, tok, [p], max_new_tokens=10)[0] for p in prompts]
+    assert together == alone
+
+
+def test_encode_prompts_keeps_the_last_tokens_and_ends_with_eos() -> None:
+    class Tok:
+        eos_id, pad_id = 1, 0
+
+        def encode(self, text: str) -> list[int]:
+            return [int(w) for w in text.split()]
+
+    ids, mask = encode_prompts(Tok(), ["5 6 7 8 9", "5"], max_len=4)
+    assert ids.tolist() == [[7, 8, 9, 1], [5, 1, 0, 0]]
+    assert mask.tolist() == [[True] * 4, [True, True, False, False]]
+    assert ids.dtype == torch.long
