@@ -21,12 +21,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, model_config_from_dict
+from ..config import ConfigError, ModelConfig, flatten_keys, model_config_from_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -85,16 +85,6 @@ def canonical_names(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_compatible(cfg: ModelConfig, path: Union[str, Path],
                      key_prefix: str = "model.") -> None:
     """ConfigError unless ``cfg`` describes the same architecture as the model at ``path``.
@@ -102,8 +92,8 @@ def check_compatible(cfg: ModelConfig, path: Union[str, Path],
     Runtime settings (:data:`RUNTIME_FIELDS`: dropout, checkpointing, loss weights,
     kernels) may differ.
     """
-    saved = _flat(dataclasses.asdict(read_model_config(path)))
-    mine = _flat(dataclasses.asdict(cfg))
+    saved = flatten_keys(dataclasses.asdict(read_model_config(path)))
+    mine = flatten_keys(dataclasses.asdict(cfg))
     changed = sorted(k for k in saved.keys() | mine.keys()
                      if k not in RUNTIME_FIELDS and saved.get(k) != mine.get(k))
     if changed:

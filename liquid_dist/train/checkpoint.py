@@ -316,30 +316,20 @@ def read_config(ref: CheckpointRef) -> dict[str, Any]:
     return yaml.safe_load((ref.path / CONFIG_FILE).read_text())
 
 
-def _flat(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resumable(config: dict[str, Any], ref: CheckpointRef) -> None:
     """ConfigError unless ``config`` has the checkpoint's model and ZeRO stage.
 
     (Other settings may change on resume; the data loader refuses a changed data
     setup itself.)
     """
-    from liquid_dist.config import ConfigError
+    from liquid_dist.config import ConfigError, flatten_keys
 
     saved = read_config(ref)
     # ep_size fixes which experts every rank's ZeRO partitions hold
-    old = {**_flat(saved["model"], "model."),
+    old = {**flatten_keys(saved["model"], "model."),
            "parallel.zero_stage": saved["parallel"]["zero_stage"],
            "parallel.ep_size": saved["parallel"].get("ep_size", 1)}
-    new = {**_flat(config["model"], "model."),
+    new = {**flatten_keys(config["model"], "model."),
            "parallel.zero_stage": config["parallel"]["zero_stage"],
            "parallel.ep_size": config["parallel"].get("ep_size", 1)}
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
