@@ -5,7 +5,8 @@
 
 Writes OUTPUT/tokenizer.model and OUTPUT/tokenizer.json (its settings and
 sha256). Inputs: .txt/.md (one document per blank-line-separated block, or
-per file with --txt-docs file), .jsonl (--text-field), gzip of either, and
+per file with --txt-docs file), .jsonl (--text-field), gzip of either,
+.parquet (a row per document, column --text-field; needs pyarrow) and
 directories (recursive). Large inputs are streamed and sampled
 (--input-sentence-size lines, uniformly), never read whole into memory.
 Bad inputs are counted per file and reported (--bad-input skip) or stop the

@@ -72,3 +72,32 @@ def test_colliding_file_keys_are_refused():
     (root / "other" / "a.txt").write_text("x\n")
     with pytest.raises(DataError, match="a.txt"):
         expand_inputs([root / "d" / "a.txt", root / "other" / "a.txt"])
+
+
+def test_parquet_rows_are_documents_and_bad_rows_are_counted():
+    import pyarrow as pa  # the test extra installs it
+    import pyarrow.parquet as pq
+
+    root = TMP / "inputs_parquet"
+    (root / "d").mkdir(parents=True, exist_ok=True)
+    rows = ["row zero", "", None, "row three"] + [f"more {i}" for i in range(2000)]
+    pq.write_table(pa.table({"text": rows, "id": list(range(len(rows)))}),
+                   root / "d" / "a.parquet", row_group_size=700)
+    pq.write_table(pa.table({"body": ["x"]}), root / "d" / "nocol.parquet")
+    (root / "d" / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    files = expand_inputs([root / "d"])
+    assert [(f.key, f.kind) for f in files] == [
+        ("d/a.parquet", "parquet"), ("d/corrupt.parquet", "parquet"),
+        ("d/nocol.parquet", "parquet")]
+    report = InputReport()
+    docs = list(iter_documents(files, report))
+    expected = [(i, t) for i, t in enumerate(rows) if t]
+    assert [(d.index, d.text) for d in docs] == expected
+    assert report.problems() == {
+        "d/a.parquet": {"empty": 1, "missing_field": 1},
+        "d/corrupt.parquet": {"unreadable": 1},
+        "d/nocol.parquet": {"missing_field": 1},
+    }
+    with pytest.raises(DataError, match="nocol.parquet"):
+        list(iter_documents(expand_inputs([root / "d" / "nocol.parquet"]), InputReport(),
+                            policy="fail"))

@@ -5,7 +5,9 @@ Inputs are files or directories (searched recursively, in sorted order):
 * ``.txt`` / ``.text`` / ``.md``: one document per blank-line-separated block
   (``txt_docs="blank-line"``) or per file (``txt_docs="file"``);
 * ``.jsonl`` / ``.ndjson``: one JSON object per line, the text in ``text_field``;
-* any of these gzip-compressed (``.gz``).
+* any of these gzip-compressed (``.gz``);
+* ``.parquet``: one document per row, the text in column ``text_field``
+  (needs ``pyarrow``: the ``parquet`` extra), read in record batches.
 
 Files are read as a stream (one block or line at a time), never whole, except
 a ``txt_docs="file"`` document, which is the whole file by definition.
@@ -30,6 +32,8 @@ from liquid_dist.data.errors import DataError
 
 TXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+PARQUET_BATCH_ROWS = 1024
 PROBLEMS = ("invalid_utf8", "empty", "unreadable", "bad_json", "missing_field")
 
 
@@ -38,7 +42,7 @@ class InputFile:
     path: Path
     key: str
     """Path relative to the input argument (prefixed by its name): stable across machines."""
-    kind: Literal["txt", "jsonl"]
+    kind: Literal["txt", "jsonl", "parquet"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ class Document:
     key: str
     """The InputFile key of the file it came from."""
     index: int
-    """Position in its file: block number (txt), line number (jsonl), 0 (whole file)."""
+    """Position in its file: block number (txt), line number (jsonl), row (parquet),
+    0 (whole file)."""
     text: str
 
 
@@ -87,6 +92,8 @@ class InputReport:
 
 def _kind(path: Path) -> Union[str, None]:
     name = path.name.lower()
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
     if name.endswith(".gz"):
         name = name[:-3]
     if name.endswith(TXT_SUFFIXES):
@@ -192,6 +199,35 @@ class _Reader:
         if n_lines == 0:
             self.problem(f, "empty", "no records")
 
+    def parquet(self, f: InputFile, text_field: str) -> Iterator[Document]:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise DataError(f"{f.path}: reading parquet needs pyarrow "
+                            "(pip install 'liquid_dist[parquet]')") from exc
+        try:
+            table = pq.ParquetFile(f.path)
+            if text_field not in table.schema_arrow.names:
+                self.problem(f, "missing_field", f"no column '{text_field}' "
+                             f"(columns: {table.schema_arrow.names})")
+                return
+            index = 0
+            for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+                for text in batch.column(0).to_pylist():
+                    if not isinstance(text, str):
+                        self.problem(f, "missing_field", f"row {index}: no string '{text_field}'")
+                    elif not text.strip():
+                        self.problem(f, "empty", f"row {index}")
+                    else:
+                        yield Document(f.key, index, text)
+                    index += 1
+        except (OSError, pa.ArrowException) as exc:
+            self.problem(f, "unreadable", f"{type(exc).__name__}: {exc}")
+            return
+        if index == 0:
+            self.problem(f, "empty", "no rows")
+
 
 def iter_documents(files: Sequence[InputFile], report: InputReport, *,
                    txt_docs: Literal["blank-line", "file"] = "blank-line",
@@ -204,6 +240,11 @@ def iter_documents(files: Sequence[InputFile], report: InputReport, *,
     """
     reader = _Reader(report, policy)
     for f in files:
+        if f.kind == "parquet":
+            for doc in reader.parquet(f, text_field):
+                report.count(f.key, "documents")
+                yield doc
+            continue
         try:
             with _open(f.path) as fh:
                 if f.kind == "jsonl":
