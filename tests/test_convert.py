@@ -128,6 +128,15 @@ def test_dense_tensors_equal_deepspeed_consolidation_bitwise() -> None:
         assert torch.equal(t, deepspeed_sd[name]), name
 
 
+def assert_same_logits(model, live) -> None:
+    """fp32 logits of ``model`` equal ``live``'s on the same random inputs, within 1e-5."""
+    enc, dec, mask = random_inputs(model.cfg)
+    with torch.no_grad():
+        want = live(enc, dec, encoder_attention_mask=mask).logits
+        got = model(enc, dec, encoder_attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.slow
 def test_converted_model_logits_equal_the_trained_weights_logits() -> None:
     from liquid_dist.train.sample import load_trained_model
@@ -135,11 +144,7 @@ def test_converted_model_logits_equal_the_trained_weights_logits() -> None:
     live, _ = load_trained_model(tf.reference_run())
     model = LiquidFoundationModelOptimized.from_pretrained(converted())
     assert model.lm_head.weight is model.token_embedding.weight  # re-tied
-    enc, dec, mask = random_inputs(model.cfg)
-    with torch.no_grad():
-        want = live(enc, dec, encoder_attention_mask=mask).logits
-        got = model(enc, dec, encoder_attention_mask=mask).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert_same_logits(model, live)
 
 
 @pytest.mark.slow
@@ -321,11 +326,7 @@ def test_expert_parallel_checkpoint_converts_to_the_trained_model() -> None:
     model = LiquidFoundationModelOptimized.from_pretrained(out)
     for name, t in ours.items():
         assert torch.equal(live.state_dict()[name], t), name
-    enc, dec, mask = random_inputs(model.cfg)
-    with torch.no_grad():
-        want = live(enc, dec, encoder_attention_mask=mask).logits
-        got = model(enc, dec, encoder_attention_mask=mask).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert_same_logits(model, live)
 
 
 @pytest.mark.slow
