@@ -43,6 +43,6 @@ if not last["loss"] < first["loss"]:
 PYEOF
 ls "$RUN_DIR/checkpoints"
 
-echo "== 4/4 a greedy continuation of a validation prompt (single process, from the checkpoint)"
+echo "== 4/4 greedy and top-p continuations of a validation prompt (single process, from the checkpoint)"
 "$PY" launch/sample.py --checkpoint "$RUN_DIR" --max-new-tokens 48
 echo "demo finished in $(( $(date +%s) - start )) s"

@@ -6,7 +6,9 @@ rank feeds its own tokens; the expert-parallel layer must give the reference's
 outputs, input gradients and (summed over ranks) expert gradients. The router
 bias sends every token to the experts of expert-parallel rank 0, so rank 1's
 experts receive no token and rank 1 sends none to itself: the exchange must
-still complete (the test's timeout turns a hang into a failure).
+still complete (the test's timeout turns a hang into a failure). In the
+"padded" case a third of rank 0's tokens and all of rank 1's are padding: none
+of it is sent, and its outputs are exactly zero.
 
     torchrun --nproc_per_node 2 tests/expert_parallel_worker.py BACKEND OUT_JSON
 """
@@ -39,14 +41,17 @@ def main() -> int:
     holder.moe = copy.deepcopy(ref)
     layout = apply_expert_parallel(holder, ep_size=2)
     results = {}
-    for case, n_tokens in (("skewed", 12), ("empty_rank", 12 if env.rank == 0 else 0)):
+    n_empty = 12 if env.rank == 0 else 0
+    for case, n_tokens, n_real in (("skewed", 12, 12), ("empty_rank", n_empty, n_empty),
+                                   ("padded", 12, 8 if env.rank == 0 else 0)):
         torch.manual_seed(100 + env.rank)
         x = torch.randn(n_tokens, 8)
+        mask = None if n_real == n_tokens else torch.arange(n_tokens) < n_real
         x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
         for p in list(ref.parameters()) + list(holder.parameters()):
             p.grad = None
-        y_ref, aux_ref = ref(x_ref)
-        y_ep, aux_ep = holder.moe(x_ep)
+        y_ref, aux_ref = ref(x_ref, mask)
+        y_ep, aux_ep = holder.moe(x_ep, mask)
         (y_ref.square().sum() + aux_ref["moe_entropy"]).backward()
         (y_ep.square().sum() + aux_ep["moe_entropy"]).backward()
         start, stop = expert_range(4, 2, layout.ep_rank)
@@ -65,6 +70,7 @@ def main() -> int:
                                 - ref.router.weight.grad).abs().max().item(),
             "expert_grad_err": grad_err,
             "usage": aux_ep["expert_usage"].tolist(),
+            "padding_out": 0.0 if mask is None else y_ep[~mask].abs().sum().item(),
         }
     results["rank"] = env.rank
     results["global_experts"] = layout.global_experts

@@ -17,6 +17,7 @@ from liquid_dist.data import (
     Tokenizer,
     build_train_loader,
     build_val_loader,
+    example_shape,
     read_manifest,
 )
 
@@ -54,27 +55,39 @@ def _shard_documents() -> dict[int, list[int]]:
 
 def test_batches_have_the_model_format():
     tok = Tokenizer(tokenizer_path())
-    loader = build_train_loader(data_config(), rank=0, world_size=1, batch_size=4, seed=0)
-    for batch in _batches(loader, 5):
+    cfg = data_config()
+    loader = build_train_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0)
+    shapes = {name: tuple(example_shape(name, encoder_length=64, decoder_length=32,
+                                        noise_density=cfg.noise_density,
+                                        mean_noise_span_length=cfg.mean_noise_span_length,
+                                        max_spans=tok.num_sentinels))[1:]
+              for name in ("span_corruption", "prefix_lm")}
+    seen = set()
+    for batch in _batches(loader, 12):
         assert set(batch) == {"encoder_input_ids", "encoder_attention_mask",
                               "decoder_input_ids", "labels"}
         enc, mask = batch["encoder_input_ids"], batch["encoder_attention_mask"]
         dec, labels = batch["decoder_input_ids"], batch["labels"]
-        assert enc.shape == mask.shape == (4, 64) and dec.shape == labels.shape == (4, 32)
+        shape = (enc.shape[1], dec.shape[1])
+        assert shape in shapes.values()
+        seen.add(shape)
+        assert enc.shape == mask.shape and enc.shape[0] == 4
+        assert dec.shape == labels.shape == (4, shape[1])
         assert enc.dtype == dec.dtype == labels.dtype == torch.int64
         assert mask.dtype == torch.bool
-        assert (enc[~mask] == tok.pad_id).all() and mask[:, 0].all()
+        # one objective per batch at its own shape: no padding on either side
+        assert mask.all() and (labels != -100).all()
         assert ((enc >= 0) & (enc < tok.vocab_size)).all()
-        valid = labels != -100
         assert (dec[:, 0] == tok.pad_id).all()
-        # teacher forcing: the decoder reads label j-1 at position j, pad after the targets
-        nxt = valid[:, 1:]
-        assert torch.equal(dec[:, 1:][nxt], labels[:, :-1][nxt])
-        assert (dec[:, 1:][~nxt] == tok.pad_id).all()
-        # every sequence ends with EOS: the last real encoder token and the last label
-        lengths = mask.sum(1) - 1
-        assert (enc[torch.arange(4), lengths] == tok.eos_id).all()
-        assert (labels[torch.arange(4), valid.sum(1) - 1] == tok.eos_id).all()
+        # teacher forcing: the decoder reads label j-1 at position j
+        assert torch.equal(dec[:, 1:], labels[:, :-1])
+        # every encoder input ends with EOS; span-corruption targets too
+        assert (enc[:, -1] == tok.eos_id).all()
+        if shape == shapes["span_corruption"]:
+            assert (labels[:, -1] == tok.eos_id).all()
+    assert seen == set(shapes.values()), "a mixture yields batches of both objectives"
+    stats = loader.stats()
+    assert stats["encoder_fill"] == stats["decoder_fill"] == 1.0
 
 
 def test_examples_are_packed_documents_separated_by_eos():
@@ -85,7 +98,7 @@ def test_examples_are_packed_documents_separated_by_eos():
         for i in range(4):
             enc = batch["encoder_input_ids"][i][batch["encoder_attention_mask"][i]]
             lab = batch["labels"][i][batch["labels"][i] != -100]
-            stream += enc[:-1].tolist() + lab[:-1].tolist()  # drop the appended EOS
+            stream += enc[:-1].tolist() + lab.tolist()  # drop the encoder's appended EOS
     val_keys = {int(k) for k in _val_keys()}
     val_docs = [d for k, d in sorted(_shard_documents().items()) if k in val_keys]
     expected: list[int] = []

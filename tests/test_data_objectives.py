@@ -8,6 +8,7 @@ import pytest
 from liquid_dist.data import (
     IGNORE_INDEX,
     collate,
+    example_shape,
     prefix_lm,
     prefix_lm_raw_length,
     span_corruption,
@@ -80,21 +81,34 @@ def test_span_corruption_raw_length_is_the_longest_chunk_that_fits(enc, dec):
 
 
 @pytest.mark.parametrize("enc, dec", [(128, 64), (64, 128), (2, 2), (3, 40)])
-def test_prefix_lm_splits_every_token_into_prefix_or_continuation(enc, dec):
+def test_prefix_lm_fills_both_sides_with_every_token_once(enc, dec):
     rng = np.random.default_rng(2)
     n = prefix_lm_raw_length(enc, dec)
-    splits = set()
-    for _ in range(200):
-        tokens = rng.integers(4, 500, size=n)
-        encoder, targets = prefix_lm(tokens, rng, encoder_length=enc, decoder_length=dec,
-                                     eos_id=EOS)
-        assert encoder[-1] == EOS and targets[-1] == EOS
-        assert np.array_equal(np.concatenate((encoder[:-1], targets[:-1])), tokens)
-        assert len(encoder) <= enc and len(targets) <= dec
-        assert len(encoder) >= 2 and len(targets) >= 2
-        splits.add(len(encoder))
-    if min(enc, dec) > 8:
-        assert len(splits) > 10, "the split point is random"
+    tokens = rng.integers(4, 500, size=n)
+    encoder, targets = prefix_lm(tokens, encoder_length=enc, eos_id=EOS)
+    assert len(encoder) == enc and len(targets) == dec
+    assert encoder[-1] == EOS
+    assert np.array_equal(np.concatenate((encoder[:-1], targets)), tokens)
+    with pytest.raises(ValueError, match="does not fit"):
+        prefix_lm(tokens[:enc - 1], encoder_length=enc, eos_id=EOS)
+
+
+@pytest.mark.parametrize("enc, dec", [(128, 64), (512, 128), (1024, 512), (2048, 1024)])
+def test_every_example_of_an_objective_has_its_shape_exactly(enc, dec):
+    rng = np.random.default_rng(4)
+    common = {"encoder_length": enc, "decoder_length": dec, "noise_density": 0.15,
+              "mean_noise_span_length": 3.0, "max_spans": len(SENTINELS)}
+    span = example_shape("span_corruption", **common)
+    assert span.encoder <= enc and span.decoder <= dec
+    assert span.raw == span_corruption_raw_length(enc, dec, 0.15, 3.0, len(SENTINELS))
+    for _ in range(20):
+        e, t = span_corruption(rng.integers(4, 500, size=span.raw), rng, noise_density=0.15,
+                               mean_noise_span_length=3.0, sentinel_ids=SENTINELS, eos_id=EOS)
+        assert (len(e), len(t)) == (span.encoder, span.decoder)
+    # a full encoder: the encoder side is within one token of encoder_length
+    assert span.encoder >= enc - 1
+    assert example_shape("prefix_lm", **common) == (enc + dec - 1, enc, dec)
+    assert example_shape("span_corruption", **dict(common, decoder_length=2)) is None
 
 
 def test_collate_shifts_targets_into_decoder_inputs():

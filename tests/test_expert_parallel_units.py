@@ -43,9 +43,10 @@ def test_exchange_matches_one_process_and_a_rank_without_tokens_does_not_hang(
     for r in ranks:
         # the router bias sends every token to experts 0 and 1 (rank 0's)
         assert r["skewed"]["usage"][2:] == [0.0, 0.0]
-        for case in ("skewed", "empty_rank"):
+        for case in ("skewed", "empty_rank", "padded"):
             for key in ("y_err", "x_grad_err", "router_grad_err", "expert_grad_err"):
                 assert r[case][key] <= 2e-6, (r["rank"], case, key, r[case][key])
+        assert r["padded"]["padding_out"] == 0.0
 
 
 def _model(num_experts: int = 4) -> LiquidFoundationModelOptimized:

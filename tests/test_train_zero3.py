@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import train_fixtures as tf
 
+from liquid_dist.config import load_config
+from liquid_dist.data import build_train_loader
 from liquid_dist.train.metrics import read_metrics
 
 # Observed: bitwise equal losses on CPU (fp32, same reduction order). The bound
@@ -29,9 +31,15 @@ def test_metrics_stream_has_losses_throughput_experts_and_block_monitors() -> No
     train = read_metrics(ref, "train")
     r = train[-1]
     for key in ("step", "loss", "ce", "recon_encoder", "recon_decoder", "moe_entropy",
-                "moe_overuse", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb"):
+                "moe_overuse", "lr", "grad_norm", "real_tokens_per_s", "target_tokens_per_s",
+                "positions_per_s", "padding_fraction", "tflops_per_s_positions",
+                "tflops_per_s_real_tokens", "mfu_positions", "mfu_real_tokens", "memory_gb"):
         assert key in r, key
-    assert r["tokens_per_s"] > 0 and r["memory_gb"] > 0 and r["grad_norm"] > 0
+    assert r["real_tokens_per_s"] > r["target_tokens_per_s"] > 0
+    assert r["memory_gb"] > 0 and r["grad_norm"] > 0
+    # full batches: real tokens are every position, so both throughputs agree
+    assert r["padding_fraction"] == 0.0
+    assert r["real_tokens_per_s"] == pytest.approx(r["positions_per_s"])
     for block in ("encoder.blocks.0", "decoder.blocks.0"):
         usage = [r[f"expert_usage/{block}/e{e}"] for e in range(2)]
         assert all(0 <= u <= 1 for u in usage) and sum(usage) > 0
@@ -48,3 +56,40 @@ def test_metrics_stream_has_losses_throughput_experts_and_block_monitors() -> No
             assert m[f"act_rms/{block}"] == pytest.approx(
                 one[m["step"]][f"act_rms/{block}"], rel=1e-4)
     assert [e["step"] for e in read_metrics(ref, "eval")] == [8]
+
+
+NO_AUX = ["model.recon_loss_weight=0", "model.moe.entropy_loss_weight=0",
+          "model.moe.overuse_loss_weight=0"]
+
+
+@pytest.mark.slow
+def test_token_weighted_loss_of_ranks_with_unequal_targets_equals_one_batch_of_their_union():
+    """The CE is the sum over every real target of the step / their number: 2 ranks whose
+    batches hold different numbers of targets train like 1 process on one batch that
+    stacks both (padded to the widest, padding masked). The auxiliary terms are means per
+    batch, not per token, so they are switched off here."""
+    overrides = tf.base_overrides(tf.TMP / "unused") + NO_AUX
+    data = load_config("configs/tiny.yaml", overrides).data
+    loaders = [build_train_loader(data, rank=r, world_size=2, batch_size=2, seed=7)
+               for r in range(2)]
+    targets = [[int((b["labels"] != -100).sum()) for b, _ in zip(ld, range(8), strict=False)]
+               for ld in loaders]
+    assert sum(a != b for a, b in zip(*targets, strict=True)) >= 2, targets
+    two_dir, one_dir = tf.TMP / "token_weighted_two", tf.TMP / "token_weighted_union"
+    two = tf.launch(2, tf.base_overrides(two_dir) + NO_AUX, launcher="torchrun")
+    assert two.returncode == 0, tf.tail(two)
+    one = tf.launch(1, tf.base_overrides(one_dir) + NO_AUX + ["train.micro_batch_size=4"],
+                    launcher="python", script="tests/train_union_harness.py",
+                    script_args=["--ranks", "2", "--concat"])
+    assert one.returncode == 0, tf.tail(one)
+    a = {r["step"]: r for r in read_metrics(two_dir, "train")}
+    b = {r["step"]: r for r in read_metrics(one_dir, "train")}
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        for key in ("loss", "ce"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=RTOL), (step, key)
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4), step
+        assert b[step]["target_tokens_per_s"] > 0
+    # the stacked batch carries padding, the ranks' batches none
+    assert max(r["padding_fraction"] for r in b.values()) > 0.05
+    assert max(r["padding_fraction"] for r in a.values()) == 0.0

@@ -3,13 +3,14 @@
 ``build_train_loader(cfg.data, rank=, world_size=, batch_size=, seed=)`` returns a
 :class:`PretrainingLoader`. Iterating it yields the rest of the current
 epoch (``len(loader)`` batches per epoch, the same number on every rank);
-the next iteration starts the next epoch. Each batch is a dict of tensors:
+the next iteration starts the next epoch. Each batch holds examples of one
+objective at that objective's fixed shape (Le, Ld) (``objectives.example_shape``:
+no padding), as a dict of tensors:
 
-* ``encoder_input_ids`` (B, encoder_length) int64
-* ``encoder_attention_mask`` (B, encoder_length) bool, True = real token
-* ``decoder_input_ids`` (B, decoder_length) int64, starting with the decoder
-  start token (pad = 0)
-* ``labels`` (B, decoder_length) int64, -100 at ignored positions
+* ``encoder_input_ids`` (B, Le) int64
+* ``encoder_attention_mask`` (B, Le) bool, True = real token
+* ``decoder_input_ids`` (B, Ld) int64, starting with the decoder start token (pad = 0)
+* ``labels`` (B, Ld) int64, -100 at ignored positions
 
 ``state_dict()`` after n batches, given to ``load_state_dict()`` of a fresh
 loader built with the same settings, continues with exactly batch n of the
@@ -29,16 +30,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from liquid_dist.config import ConfigError, DataConfig
 from liquid_dist.data.errors import DataError
-from liquid_dist.data.objectives import (
-    OBJECTIVES,
-    prefix_lm_raw_length,
-    span_corruption_raw_length,
-)
+from liquid_dist.data.objectives import OBJECTIVES, example_shape
 from liquid_dist.data.shards import SUFFIX_OF_DTYPE, resolve_shards
 from liquid_dist.data.stream import SourceSpec, StreamSpec, WorkerStream, unpack_batch
 from liquid_dist.data.tokenizer import Tokenizer
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class _EpochDataset(IterableDataset):
@@ -115,8 +112,8 @@ class PretrainingLoader:
         batches = iter(loader)
         try:
             for packed, meta in batches:
-                batch = unpack_batch(packed, self.spec.batch_size, self.spec.encoder_length,
-                                     self.spec.decoder_length)
+                shape = self.spec.shapes[meta["objective"]]
+                batch = unpack_batch(packed, self.spec.batch_size, shape.encoder, shape.decoder)
                 self._cursors[meta["worker"]] = meta["cursor"]
                 self._pos += 1
                 self._account(batch, meta["stats"])
@@ -169,6 +166,7 @@ class PretrainingLoader:
                 "workers": s.workers, "batch_size": s.batch_size,
                 "batches_per_epoch": s.batches_per_epoch, "encoder_length": s.encoder_length,
                 "decoder_length": s.decoder_length, "objectives": list(s.objectives),
+                "shapes": [list(sh) for sh in s.shapes],
                 "objective_probs": list(s.objective_probs), "shuffle_buffer": s.shuffle_buffer,
                 "sources": [[src.name, src.weight] for src in s.sources],
                 "shards_sha256": hashlib.sha256(urls).hexdigest(),
@@ -257,19 +255,18 @@ def _build(cfg: DataConfig, split: str, *, rank: int, world_size: int, batch_siz
         raise ValueError(f"batch_size {batch_size} must be >= 1")
     tok = Tokenizer(cfg.tokenizer)
     objectives, probs = _objectives(cfg)
-    raw = []
+    shapes = []
     for name in objectives:
-        if name == "span_corruption":
-            n = span_corruption_raw_length(cfg.encoder_length, cfg.decoder_length,
-                                           cfg.noise_density, cfg.mean_noise_span_length,
-                                           tok.num_sentinels)
-            if n is None or tok.num_sentinels == 0:
-                raise ConfigError("data.decoder_length", cfg.decoder_length,
-                                  "room for span corruption targets, and a tokenizer with "
-                                  "sentinels")
-            raw.append(n)
-        else:
-            raw.append(prefix_lm_raw_length(cfg.encoder_length, cfg.decoder_length))
+        shape = example_shape(name, encoder_length=cfg.encoder_length,
+                              decoder_length=cfg.decoder_length,
+                              noise_density=cfg.noise_density,
+                              mean_noise_span_length=cfg.mean_noise_span_length,
+                              max_spans=tok.num_sentinels)
+        if shape is None or (name == "span_corruption" and tok.num_sentinels == 0):
+            raise ConfigError("data.decoder_length", cfg.decoder_length,
+                              "room for span corruption targets, and a tokenizer with "
+                              "sentinels")
+        shapes.append(shape)
     sources, sets = _sources(cfg, split, tok)
     workers = max(1, cfg.num_workers)
     if num_batches is None and split == "train" and cfg.batches_per_epoch > 0:
@@ -281,11 +278,11 @@ def _build(cfg: DataConfig, split: str, *, rank: int, world_size: int, batch_siz
                               f"a positive count: sources {unknown} have no manifest to size "
                               "an epoch from")
         stream_tokens = sum(ss.tokens + ss.documents for ss in sets)
-        mean_raw = sum(p * n for p, n in zip(probs, raw, strict=True))
+        mean_raw = sum(p * sh.raw for p, sh in zip(probs, shapes, strict=True))
         num_batches = max(1, math.floor(stream_tokens / mean_raw / (world_size * batch_size)))
     spec = StreamSpec(
         sources=tuple(sources), objectives=objectives, objective_probs=probs,
-        raw_lengths=tuple(raw), noise_density=cfg.noise_density,
+        shapes=tuple(shapes), noise_density=cfg.noise_density,
         mean_noise_span_length=cfg.mean_noise_span_length, encoder_length=cfg.encoder_length,
         decoder_length=cfg.decoder_length, pad_id=tok.pad_id, eos_id=tok.eos_id,
         decoder_start_id=tok.pad_id, sentinel_ids=tok.sentinel_ids, vocab_size=tok.vocab_size,

@@ -7,7 +7,7 @@ state reproduces every example exactly.
 Conventions shared with the model (DESIGN.md §2, §4):
 
 * ``pad = 0`` is also the decoder start token; ``eos = 1`` ends every encoder
-  input and every target sequence.
+  input and every span-corruption target sequence, and separates documents.
 * ``encoder_attention_mask`` is bool, True at real tokens.
 * ``labels`` are the targets padded with -100; ``decoder_input_ids`` are the
   targets shifted right by one behind the decoder start token, padded with pad.
@@ -16,7 +16,7 @@ Conventions shared with the model (DESIGN.md §2, §4):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -115,33 +115,68 @@ def span_corruption(tokens: np.ndarray, rng: np.random.Generator, *, noise_densi
 
 
 def prefix_lm_raw_length(encoder_length: int, decoder_length: int) -> int:
-    """Raw chunk length of one prefix-LM example (needs both lengths >= 2).
+    """Raw chunk length of one prefix-LM example: ``encoder_length - 1 + decoder_length``.
 
-    The longer side bounds the chunk so that the random split point has room
-    on both sides: the prefix plus EOS fills the encoder, the rest plus EOS the
-    decoder.
+    The encoder holds ``encoder_length - 1`` tokens of context and EOS, the decoder
+    the ``decoder_length`` tokens that follow: both sides are full.
     """
-    return max(2, max(encoder_length, decoder_length) - 1)
+    return encoder_length - 1 + decoder_length
 
 
-def prefix_lm(tokens: np.ndarray, rng: np.random.Generator, *, encoder_length: int,
-              decoder_length: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split one raw chunk (n,) at a uniform random point -> (prefix + EOS, rest + EOS).
+def prefix_lm(tokens: np.ndarray, *, encoder_length: int,
+              eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split one raw chunk (n,) after ``encoder_length - 1`` tokens -> (prefix + EOS, rest).
 
-    The split point s is drawn from every value that leaves at least one token
-    on each side and fits ``s + 1 <= encoder_length`` and
-    ``n - s + 1 <= decoder_length``.
+    The chunk is a window at an arbitrary point of the packed document stream,
+    so the split falls anywhere in a document and the encoder often starts in
+    the previous one (EOS separates them). The targets are the stream's own
+    continuation: they hold EOS only where a document ends.
     """
-    n = len(tokens)
-    lo = max(1, n - (decoder_length - 1))
-    hi = min(encoder_length - 1, n - 1)
-    if lo > hi:
-        raise ValueError(f"a prefix-LM chunk of {n} tokens does not fit encoder_length="
-                         f"{encoder_length} and decoder_length={decoder_length}")
-    s = int(rng.integers(lo, hi + 1))
+    s = encoder_length - 1
+    if not 0 < s < len(tokens):
+        raise ValueError(f"a prefix-LM chunk of {len(tokens)} tokens does not fit "
+                         f"encoder_length={encoder_length} and a non-empty continuation")
     eos = np.array([eos_id], dtype=np.int64)
     return (np.concatenate((tokens[:s], eos)).astype(np.int64),
-            np.concatenate((tokens[s:], eos)).astype(np.int64))
+            tokens[s:].astype(np.int64))
+
+
+# ------------------------------------------------------------ batch shapes
+
+
+class ExampleShape(NamedTuple):
+    """Raw tokens one example takes from the stream, and its (encoder, decoder) widths."""
+
+    raw: int
+    encoder: int
+    decoder: int
+
+
+def example_shape(objective: str, *, encoder_length: int, decoder_length: int,
+                  noise_density: float, mean_noise_span_length: float,
+                  max_spans: Optional[int] = None) -> Optional[ExampleShape]:
+    """The fixed shape of every example of ``objective`` (None: span corruption cannot fit).
+
+    Every example of an objective has exactly these widths, so a batch of one
+    objective has no padding:
+
+    * ``span_corruption``: the longest chunk whose corrupted input fits
+      ``encoder_length`` and whose targets fit ``decoder_length``; the widths are
+      that chunk's exact input and target lengths (T5's rule: the targets fill a
+      decoder just as long as a full encoder's spans need).
+    * ``prefix_lm``: ``(encoder_length, decoder_length)``.
+    """
+    if objective == "prefix_lm":
+        return ExampleShape(prefix_lm_raw_length(encoder_length, decoder_length),
+                            encoder_length, decoder_length)
+    if objective != "span_corruption":
+        raise ValueError(f"unknown objective {objective!r}; expected one of {list(OBJECTIVES)}")
+    n = span_corruption_raw_length(encoder_length, decoder_length, noise_density,
+                                   mean_noise_span_length, max_spans)
+    if n is None:
+        return None
+    noise, spans = span_corruption_sizes(n, noise_density, mean_noise_span_length, max_spans)
+    return ExampleShape(n, n - noise + spans + 1, noise + spans + 1)
 
 
 # ------------------------------------------------------------ batches

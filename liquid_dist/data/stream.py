@@ -32,7 +32,7 @@ import torch
 import webdataset as wds
 
 from liquid_dist.data.errors import BadSample, DataError
-from liquid_dist.data.objectives import collate, prefix_lm, span_corruption
+from liquid_dist.data.objectives import ExampleShape, collate, prefix_lm, span_corruption
 from liquid_dist.data.shards import decode_sample
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ class StreamSpec:
     sources: tuple[SourceSpec, ...]
     objectives: tuple[str, ...]
     objective_probs: tuple[float, ...]
-    raw_lengths: tuple[int, ...]
-    """Raw chunk length of each objective (tokens taken from the document stream)."""
+    shapes: tuple[ExampleShape, ...]
+    """Each objective's raw chunk length and (encoder, decoder) batch widths."""
     noise_density: float
     mean_noise_span_length: float
     encoder_length: int
@@ -338,13 +338,12 @@ class WorkerStream:
         return {"batches": self.batches, "rng": self.rng.bit_generator.state,
                 "sources": [s.cursor() for s in self.sources]}
 
-    def _example(self) -> tuple[np.ndarray, np.ndarray]:
+    def _example(self, o: int) -> tuple[np.ndarray, np.ndarray]:
+        """One example of objective ``o``."""
         spec = self.spec
         s = int(self.rng.choice(len(self.sources), p=self._source_p)) if len(self.sources) > 1 \
             else 0
-        o = int(self.rng.choice(len(spec.objectives), p=self._objective_p)) \
-            if len(spec.objectives) > 1 else 0
-        n = spec.raw_lengths[o]
+        n = spec.shapes[o].raw
         tokens = self.sources[s].take(n)
         self.stats.tokens[s] += n
         self.stats.examples[s] += 1
@@ -353,23 +352,27 @@ class WorkerStream:
             return span_corruption(tokens, self.rng, noise_density=spec.noise_density,
                                    mean_noise_span_length=spec.mean_noise_span_length,
                                    sentinel_ids=spec.sentinel_ids, eos_id=spec.eos_id)
-        return prefix_lm(tokens, self.rng, encoder_length=spec.encoder_length,
-                         decoder_length=spec.decoder_length, eos_id=spec.eos_id)
+        return prefix_lm(tokens, encoder_length=spec.encoder_length, eos_id=spec.eos_id)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
-        """(packed batch, meta) pairs; meta = {worker, cursor after this batch, stats delta}.
+        """(packed batch, meta) pairs; meta = {worker, objective, cursor after this batch,
+        stats delta}.
 
-        The batch is :func:`pack_batch`'s single tensor; :func:`unpack_batch` restores it.
+        Every batch holds examples of one objective, drawn per batch with the
+        objective weights, at that objective's fixed shape: no padding. The batch
+        is :func:`pack_batch`'s single tensor; :func:`unpack_batch` restores it.
         """
         spec = self.spec
         while self.batches < spec.quota(self.worker):
-            arrays = collate([self._example() for _ in range(spec.batch_size)],
-                             encoder_length=spec.encoder_length,
-                             decoder_length=spec.decoder_length, pad_id=spec.pad_id,
-                             decoder_start_id=spec.decoder_start_id)
+            o = int(self.rng.choice(len(spec.objectives), p=self._objective_p)) \
+                if len(spec.objectives) > 1 else 0
+            shape = spec.shapes[o]
+            arrays = collate([self._example(o) for _ in range(spec.batch_size)],
+                             encoder_length=shape.encoder, decoder_length=shape.decoder,
+                             pad_id=spec.pad_id, decoder_start_id=spec.decoder_start_id)
             self.batches += 1
-            yield pack_batch(arrays), {"worker": self.worker, "cursor": self.cursor(),
-                          "stats": self.stats.take()}
+            yield pack_batch(arrays), {"worker": self.worker, "objective": o,
+                                       "cursor": self.cursor(), "stats": self.stats.take()}
 
 
 BATCH_KEYS = ("encoder_input_ids", "encoder_attention_mask", "decoder_input_ids", "labels")

@@ -69,7 +69,13 @@ class ImprovedTransformerBlock(nn.Module):
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AuxDict]:
-        """x (B, L, d); mask (B, L) True = real (encoder); memory (B, Le, d) (decoder)."""
+        """x (B, L, d); mask (B, L) bool, True = real token, or None (all real).
+
+        Decoder blocks also take ``memory`` (B, Le, d) and its ``memory_mask``
+        (B, Le). Self-attention, convolution and MoE all take ``mask``: what a
+        padding position holds reaches no other position, and padding is not
+        routed to any expert.
+        """
         x = x + self._check("attn", self.attn(self.attn_norm(x), mask))
         if self.causal:
             if memory is None:

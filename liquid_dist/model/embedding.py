@@ -31,10 +31,11 @@ class EnhancedLiquidEmbedding(nn.Module):
 
     ``token_embedding`` is owned by the model (shared by encoder and decoder,
     possibly tied to the output head); the learned position embedding has
-    ``max_encoder_length`` / ``max_decoder_length`` rows. Encoder convolutions
-    use "same" zero padding and see padded positions as zeros; decoder
-    convolutions are causal (left padding) and no spectral truncation is
-    applied there (it is non-causal).
+    ``max_encoder_length`` / ``max_decoder_length`` rows. Both convolutions
+    see padded positions (``mask`` False) as zeros, so no output position
+    depends on what padding holds; encoder convolutions use "same" zero
+    padding, decoder convolutions are causal (left padding) and no spectral
+    truncation is applied there (it is non-causal).
 
     Adaptive compression (encoder), per sequence, with fixed shapes: the
     zero-padded Y is rfft-ed at ``n_fft = next_power_of_two(max_encoder_length)``

@@ -20,17 +20,32 @@ from .utils import check_finite
 class ModelOutput:
     """What :meth:`LiquidFoundationModelOptimized.forward` returns.
 
-    ``logits`` (B, L_dec, vocab); ``loss`` the total training loss (None
-    without labels); ``aux`` named scalar tensors: ``ce``, ``recon_encoder``,
-    ``recon_decoder``, ``moe_entropy``, ``moe_overuse`` (summed over layers);
-    ``expert_usage`` one (experts,) tensor of hard assignment fractions per MoE
-    layer, encoder layers first.
+    * ``logits`` (B, L_dec, vocab);
+    * ``loss``: the total training loss ``ce + aux_loss`` (None without labels);
+    * ``aux``: named unweighted scalar tensors ``ce`` (with labels),
+      ``recon_encoder``, ``recon_decoder``, ``moe_entropy``, ``moe_overuse``
+      (the last two summed over layers);
+    * ``expert_usage``: one (experts,) tensor of hard assignment fractions per
+      MoE layer, encoder layers first;
+    * ``ce_sum``: fp32 scalar, the sum of the per-token cross-entropy over the
+      real targets (labels != -100), differentiable; None without labels;
+    * ``num_targets``: int64 scalar tensor, the number of labels != -100; None
+      without labels. ``ce = ce_sum / max(num_targets, 1)``;
+    * ``aux_loss``: fp32 scalar, differentiable, always set: the weighted sum
+      ``recon_loss_weight * (recon_encoder + recon_decoder) +
+      entropy_loss_weight * moe_entropy + overuse_loss_weight * moe_overuse``.
+
+    ``ce_sum`` and ``num_targets`` let a trainer weight the cross-entropy by
+    tokens across micro-batches and ranks, with ``aux_loss`` added per batch.
     """
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     expert_usage: list[torch.Tensor] = field(default_factory=list)
+    ce_sum: torch.Tensor | None = None
+    num_targets: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 def _run_blocks(
@@ -97,12 +112,19 @@ class LiquidDecoder(nn.Module):
         input_ids: torch.Tensor,
         memory: torch.Tensor,
         memory_mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[AuxDict]]:
-        x, recon = self.embedding(input_ids)
+        """input_ids (B, L), memory (B, Le, d) with memory_mask (B, Le), mask (B, L).
+
+        Masks are bool, True = real token, or None (all real). Returns the
+        hidden states (B, L, d), the reconstruction loss over real positions
+        and the blocks' MoE auxiliary dicts.
+        """
+        x, recon = self.embedding(input_ids, mask)
         x = self.dropout(x)
         x, auxes = _run_blocks(
             self.blocks, x, self.cfg.activation_checkpointing,
-            memory=memory, memory_mask=memory_mask,
+            mask=mask, memory=memory, memory_mask=memory_mask,
         )
         x = self.memory(x)
         return self.norm(x), recon, auxes
@@ -112,8 +134,9 @@ class LiquidFoundationModelOptimized(nn.Module):
     """The encoder-decoder language model of the seed.
 
     ``forward(encoder_input_ids, decoder_input_ids, encoder_attention_mask=None,
-    labels=None)`` returns a :class:`ModelOutput`. Labels equal to -100 are
-    ignored. ``generate`` decodes incrementally (see generation.py).
+    labels=None, decoder_attention_mask=None)`` returns a :class:`ModelOutput`.
+    Labels equal to -100 are ignored. ``generate`` decodes incrementally (see
+    generation.py).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -140,12 +163,24 @@ class LiquidFoundationModelOptimized(nn.Module):
         if ids.shape[1] > max_len:
             raise ValueError(f"{name} has length {ids.shape[1]} > the configured maximum {max_len}")
 
+    @staticmethod
+    def _mask(name: str, mask: torch.Tensor | None, ids_name: str,
+              ids: torch.Tensor) -> torch.Tensor | None:
+        """``mask`` as bool (True = real), after checking it is shaped like ``ids``."""
+        if mask is None:
+            return None
+        if mask.shape != ids.shape:
+            raise ValueError(f"{name} shape {tuple(mask.shape)} != {ids_name} "
+                             f"shape {tuple(ids.shape)}")
+        return mask.bool()
+
     def encode(
         self, encoder_input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[AuxDict]]:
         """Run the encoder: returns (memory (B, Le, d), bool mask or None, recon, aux list)."""
         self._check_ids("encoder_input_ids", encoder_input_ids, self.cfg.max_encoder_length)
-        mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
+        mask = self._mask("encoder_attention_mask", encoder_attention_mask,
+                          "encoder_input_ids", encoder_input_ids)
         memory, recon, auxes = self.encoder(encoder_input_ids, mask)
         return memory, mask, recon, auxes
 
@@ -155,10 +190,30 @@ class LiquidFoundationModelOptimized(nn.Module):
         decoder_input_ids: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
+        """Teacher-forced forward pass; see :class:`ModelOutput`.
+
+        Masks are (B, L) bool or int, True / 1 = real token. Without
+        ``decoder_attention_mask``, decoder position i is real iff
+        ``labels[:, i] != -100`` (all real without labels); pass it when -100
+        also marks real tokens that are not scored. Padding, on either side,
+        is zeroed before every sequence-mixing operation of the embeddings and
+        blocks and gets no expert: no logit, loss term or expert statistic
+        depends on what padding holds, and the loss terms count real
+        positions only.
+        """
         self._check_ids("decoder_input_ids", decoder_input_ids, self.cfg.max_decoder_length)
-        memory, mask, recon_enc, enc_aux = self.encode(encoder_input_ids, encoder_attention_mask)
-        hidden, recon_dec, dec_aux = self.decoder(decoder_input_ids, memory, mask)
+        if labels is not None and labels.shape != decoder_input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != decoder_input_ids "
+                             f"shape {tuple(decoder_input_ids.shape)}")
+        dec_mask = self._mask("decoder_attention_mask", decoder_attention_mask,
+                              "decoder_input_ids", decoder_input_ids)
+        if dec_mask is None and labels is not None:
+            dec_mask = labels != -100
+        memory, enc_mask, recon_enc, enc_aux = self.encode(
+            encoder_input_ids, encoder_attention_mask)
+        hidden, recon_dec, dec_aux = self.decoder(decoder_input_ids, memory, enc_mask, dec_mask)
         logits = check_finite("lm_head", self.lm_head(hidden), self.cfg.check_finite)
 
         auxes = enc_aux + dec_aux
@@ -169,25 +224,22 @@ class LiquidFoundationModelOptimized(nn.Module):
             "moe_entropy": sum((a["moe_entropy"].float() for a in auxes), zero),
             "moe_overuse": sum((a["moe_overuse"].float() for a in auxes), zero),
         }
-        out = ModelOutput(logits=logits, aux=aux,
+        m = self.cfg.moe
+        aux_loss = (
+            self.cfg.recon_loss_weight * (aux["recon_encoder"] + aux["recon_decoder"])
+            + m.entropy_loss_weight * aux["moe_entropy"]
+            + m.overuse_loss_weight * aux["moe_overuse"]
+        )
+        out = ModelOutput(logits=logits, aux=aux, aux_loss=aux_loss,
                           expert_usage=[a["expert_usage"] for a in auxes])
         if labels is not None:
-            if labels.shape != decoder_input_ids.shape:
-                raise ValueError(f"labels shape {tuple(labels.shape)} != decoder_input_ids "
-                                 f"shape {tuple(decoder_input_ids.shape)}")
-            ce_sum = F.cross_entropy(
+            out.ce_sum = F.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                 ignore_index=-100, reduction="sum",
             )
-            ce = ce_sum / (labels != -100).sum().clamp(min=1)
-            aux["ce"] = ce
-            m = self.cfg.moe
-            out.loss = (
-                ce
-                + self.cfg.recon_loss_weight * (aux["recon_encoder"] + aux["recon_decoder"])
-                + m.entropy_loss_weight * aux["moe_entropy"]
-                + m.overuse_loss_weight * aux["moe_overuse"]
-            )
+            out.num_targets = (labels != -100).sum()
+            aux["ce"] = out.ce_sum / out.num_targets.clamp(min=1)
+            out.loss = aux["ce"] + aux_loss
         return out
 
     @torch.no_grad()

@@ -13,7 +13,8 @@ back before :func:`combine`) without touching the router:
 4. :func:`combine` — weight each expert output by its gate and sum per token.
 
 Dropless: no assignment is ever dropped for capacity; a slot whose weight is
-zero (beyond the token's k) is not an assignment and is never computed.
+zero (beyond the token's k, or any slot of a padding token) is not an
+assignment and is never computed nor exchanged.
 
 Expert weight layout (fused over experts, shared by every backend):
 
@@ -263,10 +264,12 @@ class MoELayer(nn.Module):
     """Dropless mixture of experts with a softmax gate and per-token dynamic k.
 
     ``forward(x, mask)``: x (B, L, d) or (N, d); mask (B, L) / (N,) bool, True =
-    real token, or None. Every token (padding included) is routed and computed;
-    padding is excluded only from the auxiliary losses and statistics. Returns
-    ``(y, aux)`` with y shaped and typed like x (output dropout applied) and
-    ``aux`` holding, unweighted (the model applies the loss weights):
+    real token, or None (all real). Every token is routed, but the routing
+    weights of padding tokens are set to exactly zero, so :func:`dispatch`
+    leaves them out: padding is never computed by an expert nor sent to
+    another rank, and its output row is exactly 0. Returns ``(y, aux)`` with y
+    shaped and typed like x (output dropout applied) and ``aux`` holding,
+    unweighted (the model applies the loss weights), over real tokens only:
 
     * ``moe_entropy``: log E - H(p̄) >= 0, p̄ the mean gate distribution over
       real tokens; 0 when balanced (scalar, differentiable);
@@ -343,6 +346,11 @@ class MoELayer(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         weights, experts, k, probs = route(self.router_logits(tokens), self.cfg)
+        real = None
+        if mask is not None:
+            real = mask.reshape(-1).bool()
+            # Zero-weight slots are not dispatched: padding reaches no expert.
+            weights = weights.masked_fill(~real.unsqueeze(-1), 0.0)
         x_sorted, tokens_per_expert, info = dispatch(
             tokens, experts, weights, self.cfg.num_experts
         )
@@ -351,7 +359,6 @@ class MoELayer(nn.Module):
         else:
             y_sorted = self.expert_parallel(x_sorted, tokens_per_expert, self)
         y = self.dropout(combine(y_sorted, info).to(x.dtype)).reshape(shape)
-        real = None if mask is None else mask.reshape(-1)
         aux = self.aux_losses(probs, experts, weights, k, real)
         return check_finite("MoELayer", y, self.check_finite), aux
 

@@ -48,8 +48,8 @@ def check_finite(name: str, tensor: torch.Tensor, enabled: bool) -> torch.Tensor
 def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Zero the positions where ``mask`` (B, L; True = real token) is False.
 
-    Every sequence-mixing operation of the encoder applies this to its input, so
-    that what padding holds can never reach a real position.
+    Every sequence-mixing operation of the encoder and the decoder applies this
+    to its input, so that what padding holds can never reach a real position.
     """
     if mask is None:
         return x

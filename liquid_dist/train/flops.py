@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from liquid_dist.config import ModelConfig, next_power_of_two
@@ -61,43 +62,78 @@ class FlopsBreakdown:
         return 3.0 * self.forward
 
 
-def _weight_positions(name: str, p: torch.Tensor, cfg: ModelConfig, le: int, ld: int) -> float:
-    """How many times weight ``name`` is applied per sample (0: not a matmul weight)."""
+def _weight_share(name: str, p: torch.Tensor, cfg: ModelConfig) -> tuple[str, float]:
+    """Which positions apply weight ``name`` ("encoder", "decoder" or "" for none) and how
+    large a share of them (``top_k / num_experts`` for expert weights, else 1)."""
     if p.dim() < 2 or name.endswith(("token_embedding.weight", "position_embedding.weight")):
-        return 0.0
+        return "", 0.0
     expert = name.endswith((".moe.w1", ".moe.w2"))
     share = cfg.moe.top_k / cfg.moe.num_experts if expert else 1.0
     if name.startswith("encoder."):
-        return le * share
+        return "encoder", share
     if ".cross_attn.k_proj." in name or ".cross_attn.v_proj." in name:
-        return le * share
+        return "encoder", share
     if name.startswith("decoder."):
-        return ld * share
-    return 0.0
+        return "decoder", share
+    return "", 0.0
+
+
+def _next_pow2(n: np.ndarray) -> np.ndarray:
+    return np.exp2(np.ceil(np.log2(np.maximum(n, 1))))
+
+
+class ModelFlops:
+    """Forward FLOPs of one sample as a function of its (encoder, decoder) lengths.
+
+    Built once per model config (one model on the meta device); evaluating it
+    is a handful of numpy operations, so the trainer counts every batch at its
+    own shape and every row at its real lengths.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        from liquid_dist.model import LiquidFoundationModelOptimized
+
+        if not isinstance(cfg.vocab_size, int):
+            raise ValueError("resolve model.vocab_size before counting FLOPs")
+        self.cfg = cfg
+        with torch.device("meta"):
+            model = LiquidFoundationModelOptimized(cfg)
+        per = {"encoder": 0.0, "decoder": 2.0 * cfg.d_model * cfg.vocab_size, "": 0.0}
+        for n, p in model.named_parameters():
+            side, share = _weight_share(n, p, cfg)
+            per[side] += 2.0 * p.numel() * share
+        self._per_encoder_position = per["encoder"]
+        self._per_decoder_position = per["decoder"]
+
+    def forward(self, encoder_length, decoder_length) -> FlopsBreakdown:
+        """Forward FLOPs of samples of ``encoder_length`` (Le) and ``decoder_length`` (Ld)
+        positions; scalars or numpy arrays (one entry per sample), as the fields hold."""
+        cfg = self.cfg
+        le = np.asarray(encoder_length, dtype=np.float64)
+        ld = np.asarray(decoder_length, dtype=np.float64)
+        d, w = cfg.d_model, cfg.window
+        weights = self._per_encoder_position * le + self._per_decoder_position * ld
+        n_fft_enc = next_power_of_two(cfg.max_encoder_length)
+        bins = n_fft_enc // 2 + 1
+        attention = (cfg.n_encoder_layers * 4.0 * d * np.minimum(2 * w + 1, le) * le
+                     + cfg.n_decoder_layers * 4.0 * d * (np.minimum(w + 1, ld) * ld + le * ld)
+                     + 4.0 * d * min(cfg.band_block, bins) * bins)
+        n_fft_dec = _next_pow2(2 * ld)
+        fft = d * (4 * 2.5 * n_fft_enc * math.log2(n_fft_enc)
+                   + 3 * 2.5 * n_fft_dec * np.log2(n_fft_dec))
+        if weights.ndim == 0:
+            return FlopsBreakdown(weights=float(weights), attention=float(attention),
+                                  fft=float(fft))
+        return FlopsBreakdown(weights=weights, attention=attention, fft=fft)
+
+    def training(self, encoder_lengths, decoder_lengths) -> float:
+        """Training FLOPs summed over samples of the given lengths (arrays, one per sample)."""
+        return float(np.sum(self.forward(encoder_lengths, decoder_lengths).training))
 
 
 def forward_flops(cfg: ModelConfig, encoder_length: int, decoder_length: int) -> FlopsBreakdown:
     """Forward FLOPs of one (encoder_length, decoder_length) sample; see the module docstring."""
-    from liquid_dist.model import LiquidFoundationModelOptimized
-
-    if not isinstance(cfg.vocab_size, int):
-        raise ValueError("resolve model.vocab_size before counting FLOPs")
-    le, ld, d = encoder_length, decoder_length, cfg.d_model
-    with torch.device("meta"):
-        model = LiquidFoundationModelOptimized(cfg)
-    weights = sum(2.0 * p.numel() * _weight_positions(n, p, cfg, le, ld)
-                  for n, p in model.named_parameters())
-    weights += 2.0 * d * cfg.vocab_size * ld
-    w = cfg.window
-    n_fft_enc = next_power_of_two(cfg.max_encoder_length)
-    bins = n_fft_enc // 2 + 1
-    attention = (cfg.n_encoder_layers * 4.0 * d * min(2 * w + 1, le) * le
-                 + cfg.n_decoder_layers * 4.0 * d * (min(w + 1, ld) * ld + le * ld)
-                 + 4.0 * d * min(cfg.band_block, bins) * bins)
-    n_fft_dec = next_power_of_two(2 * ld)
-    fft = d * (4 * 2.5 * n_fft_enc * math.log2(n_fft_enc)
-               + 3 * 2.5 * n_fft_dec * math.log2(n_fft_dec))
-    return FlopsBreakdown(weights=weights, attention=attention, fft=fft)
+    return ModelFlops(cfg).forward(encoder_length, decoder_length)
 
 
 def peak_flops_per_device(device: torch.device, precision: str) -> Optional[float]:

@@ -111,11 +111,14 @@ def format_duration(seconds: float) -> str:
 
 def human_line(r: dict[str, Any], max_steps: int, eta_s: float) -> str:
     """One line of a ``train`` record: the figures a person watches."""
-    mfu = r.get("mfu")
+    mfu, mfu_real = r.get("mfu_positions"), r.get("mfu_real_tokens")
     parts = [f"step {r['step']}/{max_steps}", f"loss {r['loss']:.4f}", f"ce {r['ce']:.4f}",
              f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}",
-             f"{r['tokens_per_s']:,.0f} tok/s",
-             f"mfu {100 * mfu:.1f}%" if mfu is not None else "mfu n/a",
+             f"{r['real_tokens_per_s']:,.0f} real tok/s ({r['target_tokens_per_s']:,.0f} "
+             f"targets, {r['positions_per_s']:,.0f} positions)",
+             f"pad {100 * r['padding_fraction']:.1f}%",
+             f"mfu {100 * mfu:.1f}% (real tokens {100 * mfu_real:.1f}%)"
+             if mfu is not None else "mfu n/a",
              f"mem {r['memory_gb']:.2f}GB", f"eta {format_duration(eta_s)}"]
     if r.get("nan_skips"):
         parts.append(f"nan-skips {r['nan_skips']}")

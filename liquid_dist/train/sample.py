@@ -1,6 +1,6 @@
-"""Text from a trained checkpoint: a plain model, a validation prompt, greedy decoding.
+"""Text from a trained checkpoint: a plain model, a validation prompt, greedy and top-p.
 
-    python launch/sample.py --checkpoint runs/tiny [--num 2] [--max-new-tokens 48]
+    python launch/sample.py --checkpoint runs/tiny [--num 2] [--max-new-tokens 48] [--top-p 0.9]
 
 Single process, no DeepSpeed engine: the ZeRO shards are merged with
 DeepSpeed's ``zero_to_fp32`` (checkpoint.consolidated_state_dict).
@@ -40,12 +40,14 @@ def _text(tok: Any, ids: torch.Tensor) -> str:
     return tok.decode(keep)
 
 
-def validation_samples(checkpoint: str | Path, *, num: int = 1,
-                       max_new_tokens: int = 48) -> list[dict[str, str]]:
-    """Greedy continuations of ``num`` prefix-LM prompts from the validation shards.
+def validation_samples(checkpoint: str | Path, *, num: int = 1, max_new_tokens: int = 48,
+                       top_p: float = 0.9, seed: int = 0) -> list[dict[str, str]]:
+    """Continuations of ``num`` prefix-LM prompts from the validation shards.
 
     Returns dicts with ``prompt`` (the encoder input), ``reference`` (the true
-    continuation) and ``generated``, all detokenised.
+    continuation), ``greedy`` and ``sampled`` (nucleus sampling with ``top_p`` at
+    temperature 1, from a generator seeded with ``seed``: the same text every
+    run), all detokenised.
     """
     from liquid_dist.data import Tokenizer, build_val_loader
 
@@ -55,8 +57,12 @@ def validation_samples(checkpoint: str | Path, *, num: int = 1,
     batch = next(iter(build_val_loader(data, rank=0, world_size=1, batch_size=num,
                                        seed=cfg.train.seed, num_batches=1)))
     steps = min(max_new_tokens, cfg.model.max_decoder_length)
-    out = model.generate(batch["encoder_input_ids"], batch["encoder_attention_mask"],
-                         max_new_tokens=steps, eos_token_id=tok.eos_id)
+    prompt = (batch["encoder_input_ids"], batch["encoder_attention_mask"])
+    greedy = model.generate(*prompt, max_new_tokens=steps, eos_token_id=tok.eos_id)
+    sampled = model.generate(*prompt, max_new_tokens=steps, eos_token_id=tok.eos_id,
+                             do_sample=True, top_p=top_p,
+                             generator=torch.Generator().manual_seed(seed))
     return [{"prompt": _text(tok, batch["encoder_input_ids"][i]),
              "reference": _text(tok, batch["labels"][i][:steps]),
-             "generated": _text(tok, out[i, 1:])} for i in range(num)]
+             "greedy": _text(tok, greedy[i, 1:]),
+             "sampled": _text(tok, sampled[i, 1:])} for i in range(num)]

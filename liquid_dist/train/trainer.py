@@ -1,9 +1,16 @@
 """The training loop: DeepSpeed engine, data, logging, evaluation, checkpoints, preemption.
 
 One optimizer step = ``train.grad_accum`` micro-batches of
-``train.micro_batch_size`` on every rank. After the last backward of a step
-all ranks sum one small vector (the step's losses, a non-finite flag and the
-stop flag) in a single all-reduce, so they all take the same decisions:
+``train.micro_batch_size`` on every rank. The cross-entropy is token-weighted
+over the whole step: before the first forward all ranks sum the step's real
+target tokens N (one all-reduce of a scalar, left on the device), and each
+micro-batch back-propagates ``ce_sum * (grad_accum * world_size / N) +
+aux_loss``; DeepSpeed's division by ``grad_accum`` and its averaging over the
+ranks then leave exactly ``sum of per-token CE / N`` plus the mean auxiliary
+loss, whatever the number of targets of each micro-batch. After the last
+backward of a step all ranks sum one small vector (the step's loss sums and
+token counts, a non-finite flag and the stop flag) in a single all-reduce, so
+they all take the same decisions:
 
 * non-finite loss on any rank: the optimizer update is skipped (the step
   still counts and its batches are consumed), the skip is counted, and more
@@ -46,7 +53,7 @@ from liquid_dist.parallel.expert_parallel import (
 from liquid_dist.params import count_parameters
 from liquid_dist.train import testhooks
 from liquid_dist.train.checkpoint import CheckpointManager, find_checkpoint, load_weights
-from liquid_dist.train.flops import forward_flops, peak_flops_per_device
+from liquid_dist.train.flops import ModelFlops, peak_flops_per_device
 from liquid_dist.train.metrics import MetricsLogger, human_line, truncate_metrics
 from liquid_dist.train.monitor import BlockMonitor
 from liquid_dist.train.schedule import lr_at
@@ -56,6 +63,13 @@ EXIT_OK = 0
 PREEMPTED_MARKER = "PREEMPTED"
 """Written to RUN_DIR by rank 0 after a preemption checkpoint (the Slurm script requeues on it)."""
 LOSS_KEYS = ("loss", "ce", "recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse")
+MEAN_KEYS = ("aux_loss", "recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse")
+"""Per-micro-batch means, averaged over a step's micro-batches and ranks."""
+COUNT_KEYS = ("encoder_tokens", "target_tokens", "positions", "flops_positions",
+              "flops_real_tokens")
+"""Per-step sums over micro-batches and ranks: real encoder tokens, real decoder targets,
+positions computed (encoder + decoder, padding included), and the training FLOPs of the
+positions computed and of the real tokens (flops.ModelFlops)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,7 +95,8 @@ class SkippableAdamW(torch.optim.AdamW):
 class PretrainingModule(nn.Module):
     """What DeepSpeed wraps: the model, returning a dict of tensors DeepSpeed can traverse.
 
-    ``forward(**batch)`` -> ``loss``, ``ce``, the auxiliary terms (scalars) and
+    ``forward(**batch)`` -> ``loss``, ``ce``, ``ce_sum`` (summed over the real targets),
+    ``aux_loss`` (the weighted auxiliary terms), the auxiliary terms (scalars) and
     ``expert_usage`` (MoE layers, experts). Weights are stored as ``model.*``.
     """
 
@@ -94,7 +109,7 @@ class PretrainingModule(nn.Module):
                 encoder_attention_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         out = self.model(encoder_input_ids, decoder_input_ids,
                          encoder_attention_mask=encoder_attention_mask, labels=labels)
-        result = {"loss": out.loss, **out.aux}
+        result = {"loss": out.loss, "ce_sum": out.ce_sum, "aux_loss": out.aux_loss, **out.aux}
         if out.expert_usage:
             result["expert_usage"] = torch.stack([u.float() for u in out.expert_usage])
         return result
@@ -132,7 +147,7 @@ class _Window:
         self.good = 0
         self.losses = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
         self.grad_norm = 0.0
-        self.target_tokens = 0.0
+        self.counts = torch.zeros(len(COUNT_KEYS), dtype=torch.float64)
         self.usage: Optional[torch.Tensor] = None
         self.micro = 0
 
@@ -213,8 +228,7 @@ class Trainer:
                                       world_size=self.env.world_size,
                                       expert_layout=self.expert_layout, model=self.model)
         self.monitor = BlockMonitor(self.model, cfg.parallel.zero_stage)
-        flops = forward_flops(cfg.model, cfg.data.encoder_length, cfg.data.decoder_length)
-        self.flops_per_sample = flops.training
+        self.flops = ModelFlops(cfg.model)
         self.peak_flops = peak_flops_per_device(self.device, self.precision)
 
     def _restore(self) -> Optional[str]:
@@ -246,15 +260,29 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:  # one pass per epoch; the loader starts the next epoch by itself
-            for batch in self._train_loader:
-                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """Training batches on the host, endlessly (the loader starts each epoch itself)."""
+        while True:
+            yield from self._train_loader
+
+    def _counts(self, batch: dict[str, torch.Tensor]) -> list[float]:
+        """:data:`COUNT_KEYS` of one host batch (read before it moves to the device)."""
+        real_enc = batch["encoder_attention_mask"].sum(1).numpy()
+        real_dec = (batch["labels"] != -100).sum(1).numpy()
+        b, le = batch["encoder_input_ids"].shape
+        ld = batch["decoder_input_ids"].shape[1]
+        full = self.flops.training(np.full(b, le), np.full(b, ld))
+        return [float(real_enc.sum()), float(real_dec.sum()), float(b * (le + ld)), full,
+                self.flops.training(real_enc, real_dec)]
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks, on the device; the result stays there."""
+        t = t.to(self.device)
         if self.env.world_size > 1:
-            t = t.to(self.device)
             dist.all_reduce(t)
-        return t.cpu()
+        return t
 
     def run(self) -> int:
         """Train to ``train.max_steps``; returns EXIT_OK, or EXIT_PREEMPTED after a stop signal.
@@ -293,7 +321,6 @@ class Trainer:
                          "world_size": self.env.world_size, "precision": self.precision,
                          "zero_stage": self.cfg.parallel.zero_stage,
                          "parameters": counts["total"], "device": str(self.device),
-                         "flops_per_sample": self.flops_per_sample,
                          "checkpoint": self.resumed_from},
                         f"{event} at step {self.step}: {counts['total']:,} parameters, "
                         f"{self.env.world_size} rank(s) on {self.device.type}, "
@@ -310,38 +337,42 @@ class Trainer:
             monitoring = t.monitor_every > 0 and (self.step + 1) % t.monitor_every == 0
             if monitoring:
                 self.monitor.arm()
-            local = torch.zeros(len(LOSS_KEYS) + 3, dtype=torch.float64)
-            for micro in range(t.grad_accum):
-                batch = next(batches)
+            host = [next(batches) for _ in range(t.grad_accum)]
+            counts = torch.tensor([self._counts(b) for b in host], dtype=torch.float64).sum(0)
+            targets = self._all_reduce(counts[COUNT_KEYS.index("target_tokens")].clone())
+            ce_scale = (t.grad_accum * self.env.world_size) / targets.clamp(min=1.0)
+            sums = torch.zeros(1 + len(MEAN_KEYS), dtype=torch.float64, device=self.device)
+            for micro, batch in enumerate(host):
                 if monitoring:
                     self.monitor.resume()
                 with self._autocast():
-                    out = self.engine(**batch)
+                    out = self.engine(**self._to_device(batch))
                 if monitoring:
                     self.monitor.pause()
-                loss = out["loss"]
+                ce_sum = out["ce_sum"]
                 if self.env.rank == 0 and self.step + 1 in nan_steps:
-                    loss = loss * float("nan")
-                vals = torch.stack([loss.detach().float()] + [out[k].detach().float()
-                                                              for k in LOSS_KEYS[1:]])
-                local[: len(LOSS_KEYS)] += vals.double().cpu()
-                local[len(LOSS_KEYS) + 2] += float((batch["labels"] != -100).sum())
+                    ce_sum = ce_sum * float("nan")
+                sums += torch.stack([ce_sum.detach()] + [out[k].detach() for k in MEAN_KEYS]
+                                    ).double()
                 if "expert_usage" in out:
                     u = out["expert_usage"].detach().double().cpu()
                     window.usage = u if window.usage is None else window.usage + u
                 window.micro += 1
-                self.engine.backward(loss)
+                self.engine.backward(ce_sum * ce_scale + out["aux_loss"])
                 if micro < t.grad_accum - 1:
                     self.engine.step()
-            nonfinite = not bool(torch.isfinite(local[: len(LOSS_KEYS)]).all())
+            nonfinite = not bool(torch.isfinite(sums).all())
             raise_stop = stop.requested or (self.env.rank == 0 and stop_at is not None
                                             and self.step + 1 >= stop_at)
-            local[len(LOSS_KEYS)] = float(nonfinite)
-            local[len(LOSS_KEYS) + 1] = float(raise_stop)
-            total = self._all_reduce(local)
-            losses = total[: len(LOSS_KEYS)] / (t.grad_accum * self.env.world_size)
-            skip = bool(total[len(LOSS_KEYS)] > 0)
-            stop_now = bool(total[len(LOSS_KEYS) + 1] > 0)
+            flags = torch.tensor([float(nonfinite), float(raise_stop)], dtype=torch.float64)
+            total = self._all_reduce(torch.cat([sums.cpu(), flags, counts])).cpu()
+            n_sums = len(sums)
+            ce = total[0] / targets.cpu().clamp(min=1.0)
+            means = total[1:n_sums] / (t.grad_accum * self.env.world_size)
+            losses = torch.cat([(ce + means[0]).view(1), ce.view(1), means[1:]])
+            skip = bool(total[n_sums] > 0)
+            stop_now = bool(total[n_sums + 1] > 0)
+            step_counts = total[n_sums + 2:]
             lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
                        max_steps=t.max_steps)
             for group in self.optimizer.param_groups:
@@ -364,7 +395,7 @@ class Trainer:
                 window.losses += losses
                 window.grad_norm += grad_norm
             window.steps += 1
-            window.target_tokens += float(total[len(LOSS_KEYS) + 2])
+            window.counts += step_counts
             if monitor_stats is not None:
                 self.logger.log({"kind": "monitor", "step": self.step, **monitor_stats})
             if self.step % t.log_every == 0 or self.step == t.max_steps:
@@ -411,25 +442,33 @@ class Trainer:
 
     def _log_train(self, w: _Window, lr: float, bar: Any) -> None:
         t = self.cfg.train
-        now = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
         elapsed = max(now - w.start, 1e-9)
-        usage = self._all_reduce(w.usage) if w.usage is not None else None
-        samples = w.steps * t.grad_accum * t.micro_batch_size * self.env.world_size
-        positions = samples * (self.cfg.data.encoder_length + self.cfg.data.decoder_length)
-        flops_per_s = samples * self.flops_per_sample / elapsed
+        usage = self._all_reduce(w.usage).cpu() if w.usage is not None else None
+        c = dict(zip(COUNT_KEYS, w.counts.tolist(), strict=True))
+        real = c["encoder_tokens"] + c["target_tokens"]
+        devices = self.env.world_size
+
+        def mfu(flops: float) -> Optional[float]:
+            return flops / elapsed / (self.peak_flops * devices) if self.peak_flops else None
+
         good = max(w.good, 1)
         losses = (w.losses / good).tolist() if w.good else [float("nan")] * len(LOSS_KEYS)
         record: dict[str, Any] = {"kind": "train", "step": self.step,
                                   **dict(zip(LOSS_KEYS, losses, strict=True)),
                                   "lr": lr, "grad_norm": w.grad_norm / good,
-                                  "tokens_per_s": positions / elapsed,
-                                  "target_tokens_per_s": w.target_tokens / elapsed,
+                                  "real_tokens_per_s": real / elapsed,
+                                  "target_tokens_per_s": c["target_tokens"] / elapsed,
+                                  "positions_per_s": c["positions"] / elapsed,
+                                  "padding_fraction": 1.0 - real / max(c["positions"], 1.0),
                                   "step_time_s": elapsed / w.steps,
-                                  "tflops_per_s": flops_per_s / 1e12,
-                                  "mfu": (flops_per_s / (self.peak_flops * self.env.world_size)
-                                          if self.peak_flops else None),
+                                  "tflops_per_s_positions": c["flops_positions"] / elapsed / 1e12,
+                                  "tflops_per_s_real_tokens":
+                                      c["flops_real_tokens"] / elapsed / 1e12,
+                                  "mfu_positions": mfu(c["flops_positions"]),
+                                  "mfu_real_tokens": mfu(c["flops_real_tokens"]),
                                   "memory_gb": _peak_memory_gb(self.device),
                                   "nan_skips": self.nan_skips_total,
                                   "epoch": getattr(self._train_loader, "epoch", None)}
@@ -447,19 +486,18 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self) -> None:
         self.engine.eval()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for batch in self.val_loader:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self._autocast():
-                out = self.engine(**batch)
             n = float((batch["labels"] != -100).sum())
-            sums += torch.tensor([float(out["ce"]) * n, n, float(out["loss"])],
-                                 dtype=torch.float64)
+            with self._autocast():
+                out = self.engine(**self._to_device(batch))
+            sums += torch.stack([out["ce_sum"].detach().double(), sums.new_tensor(n),
+                                 out["aux_loss"].detach().double()])
         batches = len(self.val_loader)
         self.engine.train()
-        sums = self._all_reduce(sums)
+        sums = self._all_reduce(sums).cpu()
         val_ce = float(sums[0] / sums[1].clamp(min=1))
-        val_loss = float(sums[2]) / max(1, batches * self.env.world_size)
+        val_loss = val_ce + float(sums[2]) / max(1, batches * self.env.world_size)
         self.logger.log({"kind": "eval", "step": self.step, "val_ce": val_ce,
                          "val_loss": val_loss,
                          "val_ppl": math.exp(val_ce) if val_ce < 50 else float("inf")},
