@@ -45,7 +45,9 @@ class MoEConfig:
     expert_type: Literal["mlp", "linear"] = "mlp"
     renormalize: bool = False
     """Divide the selected gate probabilities by their sum."""
-    backend: Literal["grouped_mm", "loop", "megablocks"] = "grouped_mm"
+    backend: Literal["auto", "grouped_mm", "loop", "megablocks"] = "auto"
+    """Expert compute; ``auto``: grouped_mm where it is fast (CPU; CUDA bf16), else loop
+    (liquid_dist.model.moe.resolve_moe_backend decides, and refuses what cannot work)."""
     overuse_threshold: float = 0.5
     entropy_loss_weight: float = 0.01
     overuse_loss_weight: float = 0.01
@@ -151,6 +153,8 @@ class TrainConfig:
     monitor_every: int = 0
     """Per-block activation RMS / gradient norms every N steps (0: off)."""
     max_nan_skips: int = 5
+    compile: bool = False
+    """Compile every ImprovedTransformerBlock with ``torch.compile(fullgraph=True)``."""
     seed: int = 1234
     init_from: Union[str, None] = None
     wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -8,8 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from liquid_dist.config import MoEConfig
-from liquid_dist.model.moe import MoELayer, combine, dispatch, expert_forward, route
+from liquid_dist.config import ConfigError, MoEConfig
+from liquid_dist.model.moe import (
+    MoELayer,
+    combine,
+    dispatch,
+    expert_forward,
+    grouped_mm,
+    resolve_moe_backend,
+    route,
+)
 
 D = 8
 E = 4
@@ -37,22 +45,32 @@ def randomize_biases(layer: MoELayer) -> MoELayer:
     return layer
 
 
-def naive_moe(layer: MoELayer, tokens: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Per-token Python reference of seed 3.4, independent of route/dispatch/combine."""
+def naive_moe(layer: MoELayer, tokens: torch.Tensor,
+              real: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Per-token Python reference of seed 3.4, independent of route/dispatch/combine.
+
+    Differentiable w.r.t. the tokens, the router and the experts; a token with
+    ``real[n]`` False (padding) gives 0 and no gradient. Returns the outputs and
+    the real tokens' k.
+    """
     cfg = layer.cfg
     width = cfg.k_max if cfg.dynamic_k else cfg.top_k
     outs, ks = [], []
-    for x in tokens:
-        p = torch.softmax(x @ layer.router.weight.T + layer.router.bias, -1).tolist()
+    for n, x in enumerate(tokens):
+        if real is not None and not real[n]:
+            outs.append(torch.zeros(x.shape[-1]))
+            continue
+        p = torch.softmax(x @ layer.router.weight.T + layer.router.bias, -1)
+        p_list = p.tolist()
         if cfg.dynamic_k:
-            entropy = -sum(pi * math.log(pi) for pi in p if pi > 0)
+            entropy = -sum(pi * math.log(pi) for pi in p_list if pi > 0)
             k = min(max(1, min(cfg.num_experts, math.floor(cfg.top_k * (1 + entropy)))), width)
         else:
             k = cfg.top_k
-        chosen = sorted(range(cfg.num_experts), key=lambda j: -p[j])[:k]
-        gates = [p[j] for j in chosen]
+        chosen = sorted(range(cfg.num_experts), key=lambda j: -p_list[j])[:k]
+        gates = p[chosen]
         if cfg.renormalize:
-            gates = [g / sum(gates) for g in gates]
+            gates = gates / gates.sum()
         y = torch.zeros(x.shape[-1])
         for j, g in zip(chosen, gates, strict=True):
             h = x @ layer.w1[j] + layer.b1[j]
@@ -142,20 +160,218 @@ def test_fixed_k_selects_top_k_most_probable():
     assert torch.all(weights.min(1).values >= probs.sort(1, descending=True).values[:, 1])
 
 
-def test_dispatch_leaves_out_zero_weight_slots_and_combine_inverts_it():
+def test_dispatch_sorts_assignments_by_expert_and_non_assignments_last():
     cfg = make_cfg(top_k=1, k_max=3)
     torch.manual_seed(5)
     x = torch.randn(12, D)
     weights, experts, k, _ = route(torch.randn(12, E) * 2, cfg)
-    assert (weights == 0).any(), "the case must contain zero-weight slots"
+    weights = weights.masked_fill((torch.arange(12) >= 10).unsqueeze(-1), 0.0)  # 2 padding
+    assert (weights[:10] == 0).any(), "the case must contain slots beyond a token's k"
     x_sorted, tokens_per_expert, info = dispatch(x, experts, weights, E)
-    assert x_sorted.shape[0] == int(k.sum()) == int(tokens_per_expert.sum())
-    assert torch.all(info.weight != 0)
+    n_assigned = int(k[:10].sum())
+    assert x_sorted.shape == (12 * 3, D)
+    assert tokens_per_expert.tolist() == torch.bincount(
+        experts[weights != 0], minlength=E).tolist()
+    assert int(tokens_per_expert.sum()) == n_assigned
+    assert torch.all(info.weight[:n_assigned] != 0) and torch.all(info.weight[n_assigned:] == 0)
     assert torch.equal(info.expert_index, info.expert_index.sort().values)
+    assert torch.all(info.expert_index[n_assigned:] == E)  # the sentinel, after every group
+    assert torch.equal(info.expert_index[:n_assigned],
+                       experts.reshape(-1)[info.slot_index[:n_assigned]])
+    assert sorted(info.slot_index.tolist()) == list(range(12 * 3))
+    start = 0
+    for count in tokens_per_expert.tolist():  # stable: token order within an expert
+        group = info.slot_index[start:start + count]
+        assert torch.equal(group, group.sort().values)
+        start += count
     torch.testing.assert_close(x_sorted, x[info.slot_index // cfg.k_max])
     # combine of the identity expert is sum_j w_j * x: the gate mass on each token
-    out = combine(x_sorted, info)
+    y_sorted = torch.where((info.weight != 0).unsqueeze(-1), x_sorted, 0)
+    out = combine(y_sorted, info)
     torch.testing.assert_close(out, x * weights.sum(-1, keepdim=True))
+    assert torch.equal(out[10:], torch.zeros(2, D))
+
+
+def test_dispatch_shapes_depend_only_on_tokens_and_k_max():
+    cfg = make_cfg(top_k=1, k_max=3)
+    torch.manual_seed(12)
+    x = torch.randn(10, D)
+    weights, experts, _, _ = route(torch.randn(10, E), cfg)
+    one_expert = torch.full_like(experts, 2)  # every slot to expert 2 (weights left as they are)
+    shapes = set()
+    for w, ex in ((weights, experts), (torch.zeros_like(weights), experts),
+                  (torch.ones_like(weights), one_expert), (weights[:, :1].expand(-1, 3), experts)):
+        x_sorted, tokens_per_expert, info = dispatch(x, ex, w, E)
+        shapes.add((x_sorted.shape, tokens_per_expert.shape, info.slot_index.shape,
+                    info.weight.shape, info.expert_index.shape))
+    assert shapes == {((30, D), (E,), (30,), (30,), (30,))}
+
+
+def _case_batch(case: str):
+    """(layer overrides, router bias, x (B, L, d), mask) of one dispatch case."""
+    torch.manual_seed(13)
+    x = torch.randn(3, 6, D)
+    mask = None
+    bias = None
+    if case == "empty_expert":  # k <= 3 of 4, and expert 2 is always the least probable
+        bias = torch.tensor([1.0, 0.0, -30.0, 0.0])
+    if case == "padding":
+        mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4, [False] * 6])
+        x[~mask] = 1e3  # a value no real token holds
+    return dict(top_k=1, k_max=3, renormalize=case == "padding"), bias, x, mask
+
+
+def _output_and_grads(layer: MoELayer, x: torch.Tensor, mask, naive: bool = False):
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    if naive:
+        real = None if mask is None else mask.reshape(-1)
+        y = naive_moe(layer, x.reshape(-1, D), real)[0].reshape(x.shape)
+    else:
+        y = layer(x, mask)[0]
+    g = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    (y * g).sum().backward()
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+             for n, p in layer.named_parameters()}
+    grads["x"] = x.grad.clone()
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("case", ["plain", "empty_expert", "padding"])
+def test_dispatch_matches_loop_and_per_token_reference_in_outputs_and_gradients(case):
+    overrides, bias, x, mask = _case_batch(case)
+    layers = {b: randomize_biases(make_layer(backend=b, **overrides))
+              for b in ("grouped_mm", "loop")}
+    layers["loop"].load_state_dict(layers["grouped_mm"].state_dict())
+    if bias is not None:
+        for layer in layers.values():
+            with torch.no_grad():
+                layer.router.bias.copy_(bias)
+    ref_y, ref_grads = _output_and_grads(layers["loop"], x, mask, naive=True)
+    usage = layers["grouped_mm"](x, mask)[1]["expert_usage"]
+    if case == "empty_expert":
+        assert usage[2] == 0 and (usage[[0, 1, 3]] > 0).all()
+        assert torch.all(ref_grads["w1"][2] == 0)
+    for backend, layer in layers.items():
+        y, grads = _output_and_grads(layer, x, mask)
+        torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-5)
+        for name, ref in ref_grads.items():
+            assert ref.abs().sum() > 0, name
+            torch.testing.assert_close(grads[name], ref, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, n=name, b=backend: f"{b} {n}: {m}")
+        if case == "empty_expert":
+            for name in ("w1", "b1", "w2", "b2"):
+                assert torch.all(grads[name][2] == 0), (backend, name)
+        if case == "padding":
+            assert torch.equal(y[~mask], torch.zeros_like(y[~mask])), backend
+            assert torch.equal(grads["x"][~mask], torch.zeros_like(grads["x"][~mask])), backend
+
+
+def test_grouped_mm_op_equals_torch_grouped_mm_and_zeroes_rows_past_the_groups():
+    torch.manual_seed(14)
+    a = torch.randn(10, 8)
+    a[7:] = float("nan")  # rows past the groups: never read
+    b = torch.randn(3, 8, 4)
+    offs = torch.tensor([3, 3, 7], dtype=torch.int32)  # group 1 empty
+    g = torch.randn(10, 4)
+    a_ref, b_ref = a.clone().requires_grad_(), b.clone().requires_grad_()
+    y_ref = torch._grouped_mm(a_ref, b_ref, offs=offs)
+    y_ref.backward(g)
+    a_op, b_op = a.clone().requires_grad_(), b.clone().requires_grad_()
+    y = grouped_mm(a_op, b_op, offs)
+    y.backward(g)
+    assert torch.equal(y[:7], y_ref[:7]) and torch.equal(y[7:], torch.zeros(3, 4))
+    assert torch.equal(a_op.grad[:7], a_ref.grad[:7])
+    assert torch.equal(a_op.grad[7:], torch.zeros(3, 8))  # torch leaves these uninitialised
+    assert torch.equal(b_op.grad, b_ref.grad) and torch.all(b_op.grad[1] == 0)
+    # an upstream gradient with zero strides (from .sum()) is made contiguous
+    b_op.grad = None
+    grouped_mm(a_op, b_op, offs).sum().backward()
+    b_ref.grad = None
+    torch._grouped_mm(a_ref, b_ref, offs=offs).backward(torch.ones(10, 4))
+    assert torch.equal(b_op.grad, b_ref.grad)
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
+def test_expert_forward_rows_past_the_groups_are_zero_and_read_by_no_expert(backend):
+    torch.manual_seed(15)
+    layer = randomize_biases(make_layer())
+    counts = torch.tensor([2, 0, 3, 1])
+    x = torch.randn(6, D)
+    x_padded = torch.cat([x, torch.full((4, D), float("nan"))]).requires_grad_()
+    y = layer.local_expert_forward(x, counts)
+    y_padded = expert_forward(x_padded, counts, layer.w1, layer.b1, layer.w2, layer.b2, backend)
+    torch.testing.assert_close(y_padded[:6], y, atol=1e-6, rtol=1e-6)
+    assert torch.equal(y_padded[6:], torch.zeros(4, D))
+    y_padded.square().sum().backward()
+    assert torch.equal(x_padded.grad[6:], torch.zeros(4, D))
+    for p in layer.expert_parameters():
+        assert torch.isfinite(p.grad).all() and torch.all(p.grad[1] == 0)
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
+def test_compiled_layer_fullgraph_equals_eager_forward_and_backward(backend):
+    eager = randomize_biases(make_layer(backend=backend, renormalize=True))
+    compiled_layer = make_layer(backend=backend, renormalize=True)
+    compiled_layer.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_layer, fullgraph=True)
+    torch.manual_seed(16)
+    batches = []
+    for _ in range(2):
+        x = torch.randn(2, 6, D)
+        batches.append((x, torch.rand(2, 6) > 0.3))
+    for step, (x, mask) in enumerate(batches):
+        outs = []
+        for layer, fn in ((eager, eager), (compiled_layer, compiled)):
+            layer.zero_grad(set_to_none=True)
+            xg = x.clone().requires_grad_()
+            # the second batch routes differently, at the same shapes: no recompile
+            stance = "fail_on_recompile" if step and fn is compiled else "default"
+            with torch.compiler.set_stance(stance):
+                y, aux = fn(xg, mask)
+            (y.square().sum() + aux["moe_entropy"] + aux["moe_overuse"]).backward()
+            outs.append((y.detach(), aux, xg.grad,
+                         {n: p.grad for n, p in layer.named_parameters()}))
+        (y_e, aux_e, gx_e, grads_e), (y_c, aux_c, gx_c, grads_c) = outs
+        torch.testing.assert_close(y_c, y_e, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gx_c, gx_e, atol=1e-5, rtol=1e-5)
+        for name in aux_e:
+            torch.testing.assert_close(aux_c[name], aux_e[name], atol=1e-5, rtol=1e-5)
+        for name in grads_e:
+            torch.testing.assert_close(grads_c[name], grads_e[name], atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_resolve_moe_backend_decides_before_launch_without_a_gpu():
+    auto = make_cfg(backend="auto")
+    assert resolve_moe_backend(auto, "cpu", "fp32") == "grouped_mm"
+    assert resolve_moe_backend(auto, "cpu", "bf16") == "grouped_mm"
+    assert resolve_moe_backend(auto, "cuda", "bf16") == "grouped_mm"
+    assert resolve_moe_backend(auto, "cuda", "fp32") == "loop"
+    assert resolve_moe_backend(auto, "cuda", "fp16") == "loop"
+    assert resolve_moe_backend(make_cfg(backend="grouped_mm"), "cpu", "fp32") == "grouped_mm"
+    assert resolve_moe_backend(make_cfg(backend="grouped_mm"), "cuda", "bf16") == "grouped_mm"
+    for precision in ("fp32", "fp16"):
+        with pytest.raises(ConfigError, match=f"'model.moe.backend' = 'grouped_mm'.*cuda in "
+                                              f"{precision}.*'auto' or 'loop'"):
+            resolve_moe_backend(make_cfg(backend="grouped_mm"), "cuda", precision)
+    for device, precision in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "bf16")):
+        assert resolve_moe_backend(make_cfg(backend="loop"), device, precision) == "loop"
+    assert resolve_moe_backend(make_cfg(backend="megablocks"), "cuda", "bf16") == "megablocks"
+    with pytest.raises(ConfigError, match="'model.moe.backend' = 'megablocks'.*CUDA in bf16"):
+        resolve_moe_backend(make_cfg(backend="megablocks"), "cpu", "fp32")
+    with pytest.raises(ConfigError, match="'train.precision' = 'auto'.*resolved"):
+        resolve_moe_backend(auto, "cuda", "auto")
+    with pytest.raises(ConfigError, match="'model.moe.backend' = 'dense'"):
+        resolve_moe_backend(make_cfg(backend="dense"), "cpu", "fp32")
+    assert MoEConfig().backend == "auto"
+
+
+def test_auto_backend_runs_grouped_mm_on_cpu():
+    layers = [make_layer(backend=b) for b in ("auto", "grouped_mm")]
+    torch.manual_seed(17)
+    x = torch.randn(2, 5, D)
+    assert torch.equal(layers[0](x)[0], layers[1](x)[0])
 
 
 def test_aux_losses_zero_for_balanced_routing():

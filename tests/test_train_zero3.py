@@ -88,7 +88,9 @@ def test_token_weighted_loss_of_ranks_with_unequal_targets_equals_one_batch_of_t
     for step in a:
         for key in ("loss", "ce"):
             assert b[step][key] == pytest.approx(a[step][key], rel=RTOL), (step, key)
-        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4), step
+        # gradient norms are more sensitive to round-off than losses: the stacked batch
+        # pads the decoder (another FFT size) and groups the experts' rows differently
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-3), step
         assert b[step]["target_tokens_per_s"] > 0
     # the stacked batch carries padding, the ranks' batches none
     assert max(r["padding_fraction"] for r in b.values()) > 0.05

@@ -10,6 +10,12 @@ agree with :func:`reference_local_attention` (DESIGN.md §2.3):
   backward on every device: the CPU training path;
 * ``sdpa``    - scaled-dot-product attention with a dense band mask, O(L²).
 
+The mask structures that flex and flash need (a block mask, a packing of the
+real tokens) depend on the padding mask, not on a layer: an
+:class:`AttentionMaskPlan` builds them once and every layer of a stack shares
+it. Every SDPA call goes through :func:`_gqa_sdpa`, which owns the rule that
+keeps a fused CUDA kernel for grouped K/V with a mask.
+
 Mask semantics, shared by every backend and the reference. With ``w`` =
 ``window``, query ``i`` sees key ``j`` iff ``i - w <= j <= i + w``
 (``causal=False``) or ``i - w <= j <= i`` (``causal=True``), and key ``j`` is
@@ -28,11 +34,14 @@ output.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import flex_attention as flex
 
 from liquid_dist.config import ModelConfig
 from liquid_dist.model.utils import check_finite, xavier_linear, zero_padding
@@ -85,14 +94,38 @@ def _band(length: int, window: int, causal: bool, device: torch.device) -> torch
     return (j >= i - window) & (j <= i + right)
 
 
+def _gqa_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with grouped K/V, on a fused kernel where one exists.
+
+    q (B, H, Lq, D), k and v (B, G, Lk, D) with H % G == 0, query head h
+    reading K/V head h // (H // G) (as ``repeat_interleave``); attn_mask as
+    SDPA's or None. Returns (B, H, Lq, D). The one rule for grouped K/V: on
+    CUDA with a mask, K/V are expanded to the H query heads, because torch
+    2.11 has no fused kernel for ``enable_gqa`` together with a mask (flash
+    takes no mask; memory-efficient and cuDNN take no GQA) and would silently
+    run the math kernel with fp32 (B, H, Lq, Lk) scores. Elsewhere SDPA's own
+    ``enable_gqa`` groups them: on CPU, expanding made the blocked backend's
+    calls 1.2-1.8× slower (fwd+bwd, 2 cores), and without a mask CUDA's flash
+    kernel takes GQA natively.
+    """
+    H, G = q.shape[1], k.shape[1]
+    if H != G and attn_mask is not None and q.is_cuda:
+        k = k.repeat_interleave(H // G, dim=1)
+        v = v.repeat_interleave(H // G, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                          enable_gqa=k.shape[1] != H)
+
+
 def _masked_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None
 ) -> torch.Tensor:
     """Dense GQA attention; rows of ``allowed`` with no True output 0.
 
     q (B, Lq, H, D), k and v (B, Lk, G, D), allowed broadcastable to
-    (B, 1, Lq, Lk) (True = may attend) or None. Returns (B, Lq, H, D). GQA via
-    SDPA's ``enable_gqa`` (torch >= 2.5), which groups like repeat_interleave.
+    (B, 1, Lq, Lk) (True = may attend) or None. Returns (B, Lq, H, D). GQA
+    groups like repeat_interleave (see :func:`_gqa_sdpa`).
     """
     row_ok = None
     if allowed is not None:
@@ -101,10 +134,7 @@ def _masked_sdpa(
         # which also stops its gradient.
         row_ok = allowed.any(dim=-1, keepdim=True)
         allowed = allowed | ~row_ok
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
-        enable_gqa=q.shape[2] != k.shape[2],
-    )
+    out = _gqa_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed)
     if row_ok is not None:
         out = out * row_ok.to(out.dtype)
     return out.transpose(1, 2)
@@ -192,8 +222,8 @@ def blocked_local_attention(
     All blocks then go through one batched ``scaled_dot_product_attention``
     call with a (b, b + 2w) mask, so the fused SDPA kernels (and their
     backward) do the work: on 2 CPU cores this was 2-9× faster than the same
-    blocks through einsum + softmax. GQA is SDPA's own (``enable_gqa``), so
-    K/V are not repeated. Shapes and mask semantics as :func:`local_attention`.
+    blocks through einsum + softmax. GQA as :func:`_gqa_sdpa` does it (K/V
+    repeated on CUDA only). Shapes and mask semantics as :func:`local_attention`.
     """
     B, L, H, D = q.shape
     G = k.shape[2]
@@ -259,7 +289,170 @@ def sdpa_local_attention(
     return _zero_padded_queries(_masked_sdpa(q, k, v, allowed), key_padding_mask)
 
 
-_compiled_flex = None
+# ------------------------------------------------------- shared mask plans
+
+
+@functools.cache
+def _compiled(fn):
+    """``torch.compile(fn, dynamic=False)``, made once per function.
+
+    Static shapes: every new input shape, and every new value of an integer
+    a mask_mod closes over (the window), compiles again; past
+    ``torch._dynamo.config.recompile_limit`` dynamo silently runs ``fn``
+    eagerly instead.
+    """
+    return torch.compile(fn, dynamic=False)
+
+
+def _flex_mask_mod(window: int, causal: bool, real: torch.Tensor | None):
+    """flex's ``mask_mod`` for :func:`local_attention`'s mask.
+
+    True where key ``kv_idx`` is in query ``q_idx``'s band and, given ``real``
+    (B, L) bool, both the key and the query of row ``b`` are real tokens.
+    """
+    right = 0 if causal else window
+    if real is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx >= q_idx - window) & (kv_idx <= q_idx + right)
+        return mask_mod
+
+    def padded_mask_mod(b, h, q_idx, kv_idx):
+        in_band = (kv_idx >= q_idx - window) & (kv_idx <= q_idx + right)
+        # Masking padding queries too makes their rows empty (output 0),
+        # and lets flex skip their blocks.
+        return in_band & real[b, kv_idx] & real[b, q_idx]
+    return padded_mask_mod
+
+
+def _flex_block_mask(length: int, window: int, causal: bool, real: torch.Tensor | None,
+                     device: torch.device):
+    """The block mask of :func:`_flex_mask_mod` from compiled ``create_block_mask``.
+
+    One batch entry per row of ``real``, or one broadcast over the batch
+    without it; broadcast over heads. The mask is evaluated in O(B·L²) fused
+    steps and only the O(B·(L/128)²) tile table is stored.
+    """
+    create = _compiled(flex.create_block_mask)
+    return create(
+        mask_mod=_flex_mask_mod(window, causal, real),
+        B=None if real is None else real.shape[0], H=None, Q_LEN=length, KV_LEN=length,
+        device=device,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _band_block_mask(length: int, window: int, causal: bool, device: torch.device):
+    """:func:`_flex_block_mask` without padding, kept per (L, w, causal, device), 16 most recent."""
+    return _flex_block_mask(length, window, causal, None, device)
+
+
+class _VarlenPacking(NamedTuple):
+    """flash-attn's varlen layout of a (B, L) padding mask; see :func:`_varlen_packing`."""
+
+    real: torch.Tensor        # (B·L,) bool, the flattened mask
+    dest: torch.Tensor        # (B·L,) long, the packed row of each flattened position
+    cu_seqlens: torch.Tensor  # (B + 1,) int32, cumulative real lengths
+
+
+def _varlen_packing(real: torch.Tensor) -> _VarlenPacking:
+    """Pack a (B, L) padding mask for ``flash_attn_varlen_func``, without a host sync.
+
+    Real tokens first, in their order, then the padding: flattened position i
+    goes to packed row ``dest[i]`` (a permutation of the B·L rows), so row b's
+    real tokens occupy packed rows ``cu_seqlens[b]`` to ``cu_seqlens[b + 1] - 1``.
+    They keep their distances only if they are one contiguous run in row b.
+    """
+    flat = real.flatten()
+    n_real = flat.cumsum(0)
+    n_pad = (~flat).cumsum(0)
+    dest = torch.where(flat, n_real - 1, n_real[-1] + n_pad - 1)
+    cu_seqlens = F.pad(real.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    return _VarlenPacking(flat, dest, cu_seqlens)
+
+
+def _check_contiguous_rows(real: torch.Tensor) -> None:
+    """Raise ValueError unless each row's real tokens are one contiguous run (one host sync)."""
+    # A run starts wherever a real token follows padding or opens the row.
+    starts = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)
+    if bool((starts > 1).any()):
+        raise ValueError(
+            "attention backend 'flash' with a key_padding_mask needs the real tokens of each "
+            "row to be contiguous (right padding); use backend 'flex' or 'blocked' otherwise"
+        )
+
+
+class AttentionMaskPlan:
+    """The mask structures of one padding mask, built once and shared by every layer.
+
+    flex's block mask and flash-attn's varlen packing depend on the padding
+    mask (and the length, window and causality), never on a layer's
+    activations. The encoder and the decoder each make one plan per forward
+    and pass it to all their layers: a structure is built the first time a
+    layer asks for it and reused by every later layer and by the
+    activation-checkpoint recompute. Without a padding mask the flex block
+    mask is also kept across forwards (per length, window, causality and
+    device; the 16 most recent). The other backends need no plan.
+
+    ``key_padding_mask`` (B, L) bool, True = real token, or None: the mask
+    every call sharing the plan passes (:func:`local_attention` checks, without
+    reading values, that it is this tensor or a ``detach()`` of it).
+    ``validate``: when the flash packing is first built, check flash-attn's
+    precondition (each row's real tokens are one contiguous run) and raise
+    ValueError otherwise. That costs one host sync, so the model's plans
+    validate only in strict mode (``model.check_finite``); the model's own
+    batches are right padded.
+    """
+
+    def __init__(self, key_padding_mask: torch.Tensor | None = None, validate: bool = True):
+        self.key_padding_mask = key_padding_mask
+        self.validate = validate
+        self._block_masks: dict[tuple[int, bool], object] = {}
+        self._packing: _VarlenPacking | None = None
+
+    def flex_block_mask(self, length: int, window: int, causal: bool, device: torch.device):
+        """flex's ``BlockMask`` of :func:`local_attention`'s mask for these arguments.
+
+        With a padding mask, ``length`` and ``device`` must be the mask's.
+        """
+        if self.key_padding_mask is None:
+            return _band_block_mask(length, window, causal, device)
+        key = (window, causal)
+        if key not in self._block_masks:
+            self._block_masks[key] = _flex_block_mask(
+                length, window, causal, self.key_padding_mask, device)
+        return self._block_masks[key]
+
+    def flash_packing(self) -> _VarlenPacking:
+        """flash-attn's varlen layout (:func:`_varlen_packing`) of the plan's padding mask."""
+        if self._packing is None:
+            if self.validate:
+                _check_contiguous_rows(self.key_padding_mask)
+            self._packing = _varlen_packing(self.key_padding_mask)
+        return self._packing
+
+
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether ``a`` and ``b`` are one tensor: the same object, or alike views of the same data.
+
+    The second case covers ``detach()`` copies, as module hooks make of their
+    inputs (DeepSpeed ZeRO-3 does); nothing is read from the device.
+    """
+    if a is b:
+        return True
+    if a is None or b is None:
+        return False
+    return (a.device, a.dtype, a.shape, a.stride(), a.data_ptr()) == (
+        b.device, b.dtype, b.shape, b.stride(), b.data_ptr())
+
+
+def _plan_for(plan: AttentionMaskPlan | None,
+              key_padding_mask: torch.Tensor | None) -> AttentionMaskPlan:
+    """``plan`` after checking it belongs to ``key_padding_mask``; a new plan if None."""
+    if plan is None:
+        return AttentionMaskPlan(key_padding_mask)
+    if not _same_tensor(plan.key_padding_mask, key_padding_mask):
+        raise ValueError("the AttentionMaskPlan was made for another key_padding_mask")
+    return plan
 
 
 def flex_local_attention(
@@ -269,52 +462,39 @@ def flex_local_attention(
     window: int,
     causal: bool,
     key_padding_mask: torch.Tensor | None = None,
+    plan: AttentionMaskPlan | None = None,
 ) -> torch.Tensor:
     """Compiled flex attention with a sliding-window block mask: the ``flex`` backend.
 
     Cost: O(L·w·H·D) time (128×128 tiles outside the band are skipped) and
-    O(L·H) memory, native GQA; plus building the block mask on every call:
-    O(B·L²) cheap mask evaluations, compiled and fused so that only the
-    O(B·(L/128)²) tile table is stored. CUDA only: flex attention has no
-    backward on CPU. Compiles once per (shape, window, causal, padded or not).
-    Shapes and mask semantics as :func:`local_attention`.
+    O(L·H) memory, native GQA. CUDA only: flex attention has no backward on
+    CPU. The block mask comes from ``plan`` (an :class:`AttentionMaskPlan` of
+    ``key_padding_mask``; None makes one for this call), so the layers sharing
+    a plan build it once. ``create_block_mask`` and ``flex_attention`` are
+    compiled with ``dynamic=False``: every new (B, L) with padding (L
+    without), window or causality compiles both again, and past
+    ``torch._dynamo.config.recompile_limit`` (8 by default) dynamo silently
+    runs them eagerly (O(L²)), so keep the set of batch shapes small. Shapes
+    and mask semantics as :func:`local_attention`.
     """
     if not q.is_cuda:
         raise RuntimeError(
             "attention backend 'flex' needs CUDA tensors (flex attention has no backward "
             "on CPU); use backend 'blocked' or 'auto' on CPU"
         )
-    global _compiled_flex
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as exc:
-        raise RuntimeError(
-            f"attention backend 'flex' needs torch >= 2.5 with flex attention ({exc})"
-        ) from exc
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    B, L, H, _ = q.shape
-    right = 0 if causal else window
+    return _flex_attention(q, k, v, window, causal, _plan_for(plan, key_padding_mask))
 
-    if key_padding_mask is None:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (kv_idx >= q_idx - window) & (kv_idx <= q_idx + right)
-        mask_batch = None
-    else:
-        real = key_padding_mask
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            in_band = (kv_idx >= q_idx - window) & (kv_idx <= q_idx + right)
-            # Masking padding queries too makes their rows empty (output 0),
-            # and lets flex skip their blocks.
-            return in_band & real[b, kv_idx] & real[b, q_idx]
-        mask_batch = B
+def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                    causal: bool, plan: AttentionMaskPlan) -> torch.Tensor:
+    """The flex calls of :func:`flex_local_attention` on any device flex runs on.
 
-    block_mask = create_block_mask(mask_mod, mask_batch, None, L, L, device=q.device,
-                                   _compile=True)
-    out = _compiled_flex(
+    The CUDA check is the caller's (on CPU flex runs forward only).
+    """
+    block_mask = plan.flex_block_mask(q.shape[1], window, causal, q.device)
+    out = _compiled(flex.flex_attention)(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        block_mask=block_mask, enable_gqa=H != k.shape[2],
+        block_mask=block_mask, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
 
@@ -345,18 +525,23 @@ def flash_local_attention(
     window: int,
     causal: bool,
     key_padding_mask: torch.Tensor | None = None,
+    plan: AttentionMaskPlan | None = None,
 ) -> torch.Tensor:
     """flash-attn's windowed kernel: the ``flash`` backend.
 
     Cost: O(L·w·H·D) time, O(L·H) memory, native GQA; CUDA, fp16/bf16, head
-    dim <= 256. Without a padding mask this is ``flash_attn_func`` with
-    ``window_size=(w, 0 if causal else w)``. With one, the padding is removed
-    and ``flash_attn_varlen_func`` runs on the packed real tokens, which is
-    exact only if positions keep their distances: every row's real tokens must
-    form one contiguous run (right padding, the project's layout; left padding
-    works too). That is checked (one host sync, shared with reading the
-    longest length the kernel needs) and a ValueError is raised otherwise.
-    Padding positions output 0. Shapes as :func:`local_attention`.
+    dim <= 256; no host sync. Without a padding mask this is
+    ``flash_attn_func`` with ``window_size=(w, 0 if causal else w)``. With
+    one, ``flash_attn_varlen_func`` runs on the tokens packed real-first
+    (:meth:`AttentionMaskPlan.flash_packing`, shared by the layers that share
+    ``plan``; None makes a plan for this call), which is exact only if
+    positions keep their distances. Precondition: every row's real tokens
+    form one contiguous run (right padding, the project's layout; left
+    padding works too). Checking it costs a host sync, so it is checked only
+    by a validating plan (ValueError; a plan made here validates, the model's
+    in strict mode); otherwise a mask with holes gives wrong outputs.
+    Padding positions output 0 and pass back zero gradients. Shapes as
+    :func:`local_attention`.
     """
     if not q.is_cuda or q.dtype not in _FLASH_DTYPES:
         raise RuntimeError(
@@ -368,36 +553,42 @@ def flash_local_attention(
             f"attention backend 'flash' supports head dim <= {_FLASH_MAX_HEAD_DIM}; "
             f"got {q.shape[-1]}"
         )
+    return _flash_attention(q, k, v, window, causal, _plan_for(plan, key_padding_mask))
+
+
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                     causal: bool, plan: AttentionMaskPlan) -> torch.Tensor:
+    """The flash-attn calls of :func:`flash_local_attention` on any tensors ``flash_attn`` takes.
+
+    The device, dtype and head-dim checks are the caller's. The varlen call
+    gets all B·L rows with cu_seqlens computed on the device and max_seqlen =
+    L (an upper bound), so nothing is read back to the host. The kernel
+    neither reads nor writes the rows past ``cu_seqlens[-1]`` (the padding):
+    their outputs and their input gradients are undefined, and both are
+    selected away with ``torch.where`` (multiplying by 0 would keep NaN).
+    """
     flash_attn = _import_flash()
     B, L, H, D = q.shape
     w = min(window, max(L - 1, 0))
     window_size = (w, 0 if causal else w)
-    if key_padding_mask is None:
+    if plan.key_padding_mask is None:
         return flash_attn.flash_attn_func(q, k, v, causal=causal, window_size=window_size)
-
-    real = key_padding_mask
-    lengths = real.sum(dim=1, dtype=torch.int32)
-    # A run of real tokens starts wherever a real token follows padding (or
-    # opens the row); contiguous means at most one start per row.
-    starts = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)
-    max_starts, max_len = torch.stack([starts.max(), lengths.max().long()]).tolist()
-    if max_starts > 1:
-        raise ValueError(
-            "attention backend 'flash' with a key_padding_mask needs the real tokens of each "
-            "row to be contiguous (right padding); use backend 'flex' or 'blocked' otherwise"
-        )
-    if max_len == 0:
+    if B * L == 0:
         return q.new_zeros(q.shape)
-    index = real.flatten().nonzero(as_tuple=True)[0]
-    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    packing = plan.flash_packing()
+    real = packing.real[:, None, None]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        # The where passes back exact zeros for the padding rows, whatever
+        # the kernel's gradient holds there.
+        flat = torch.where(real, t.reshape(B * L, *t.shape[2:]), 0)
+        return flat.new_empty(flat.shape).index_copy(0, packing.dest, flat)
+
     out = flash_attn.flash_attn_varlen_func(
-        q.reshape(B * L, H, D).index_select(0, index),
-        k.reshape(B * L, -1, D).index_select(0, index),
-        v.reshape(B * L, -1, D).index_select(0, index),
-        cu_seqlens, cu_seqlens, max_len, max_len,
+        pack(q), pack(k), pack(v), packing.cu_seqlens, packing.cu_seqlens, L, L,
         causal=causal, window_size=window_size,
     )
-    return q.new_zeros(B * L, H, D).index_copy(0, index, out).view(B, L, H, D)
+    return torch.where(real, out.index_select(0, packing.dest), 0).view(B, L, H, D)
 
 
 def choose_backend(q: torch.Tensor, window: int) -> str:
@@ -436,6 +627,7 @@ def local_attention(
     causal: bool,
     backend: str = "auto",
     key_padding_mask: torch.Tensor | None = None,
+    plan: AttentionMaskPlan | None = None,
 ) -> torch.Tensor:
     """Sliding-window grouped-query attention.
 
@@ -447,13 +639,20 @@ def local_attention(
     1/sqrt(D). Returns (B, L, H, D) in q's dtype. ``backend`` is one of
     ``auto`` (see :func:`choose_backend`), ``flash``, ``flex``, ``blocked``,
     ``sdpa``; an explicit backend that cannot run on these tensors raises
-    RuntimeError rather than falling back silently.
+    RuntimeError rather than falling back silently. ``plan``: an
+    :class:`AttentionMaskPlan` of this ``key_padding_mask`` (ValueError
+    otherwise), shared by the calls of one forward so that flex and flash
+    build their mask structures once; None makes one for this call, which
+    also checks flash's contiguous-rows precondition (one host sync).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     _check_inputs(q, k, v, window, key_padding_mask)
+    plan = _plan_for(plan, key_padding_mask)
     if backend == "auto":
         backend = choose_backend(q, window)
+    if backend in ("flash", "flex"):
+        return _BACKEND_FUNCS[backend](q, k, v, window, causal, key_padding_mask, plan)
     return _BACKEND_FUNCS[backend](q, k, v, window, causal, key_padding_mask)
 
 
@@ -512,17 +711,20 @@ class EnhancedLocalAttentionWithGQA(_GQAProjections):
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (self._queries(x), *self._keys_values(x))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                plan: AttentionMaskPlan | None = None) -> torch.Tensor:
         """x (B, L, d), mask (B, L) bool (True = real) or None → (B, L, d).
 
-        Outputs at real positions do not depend on what padding holds; at
-        padding positions they are the output projection's bias.
+        ``plan``: the :class:`AttentionMaskPlan` of ``mask`` that the layers of
+        one forward share, or None (one for this call). Outputs at real
+        positions do not depend on what padding holds; at padding positions
+        they are the output projection's bias.
         """
         x = zero_padding(x, mask)
         q, k, v = self._project(x)
         o = local_attention(
             q, k, v, window=self.window, causal=self.causal, backend=self.backend,
-            key_padding_mask=mask,
+            key_padding_mask=mask, plan=plan,
         )
         return self._output(o)
 

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import CrossAttention, EnhancedLocalAttentionWithGQA
+from .attention import AttentionMaskPlan, CrossAttention, EnhancedLocalAttentionWithGQA
 from .conv import OptimizedGatedConvolution
 from .moe import MoELayer
-from .utils import check_finite, xavier_linear
+from .utils import replace_nonfinite, xavier_linear
 
 AuxDict = dict[str, torch.Tensor]
 
@@ -38,7 +38,17 @@ class ImprovedTransformerBlock(nn.Module):
 
     local GQA attention → (decoder: cross-attention to the encoder) → gated
     deformable convolution → MoE → feed-forward. ``forward`` returns the new
-    activations (B, L, d) and this block's MoE auxiliary dict.
+    activations (B, L, d) and this block's auxiliary dict: the MoE's terms and
+    ``nonfinite``.
+
+    Non-finite values: the block's input and the residual stream after every
+    sub-block's add have each NaN/±Inf replaced by 0
+    (:func:`~liquid_dist.model.utils.replace_nonfinite`), so every tensor that
+    enters a LayerNorm, and hence every sequence-mixing layer, is finite and a
+    bad value stays at its own position. ``nonfinite`` (int64 scalar, no host
+    sync, not a loss term) counts the values replaced in one forward. In
+    strict mode (``model.check_finite``) the first one raises
+    ``NonFiniteError`` naming ``<block name>.<input|attn|cross_attn|conv|moe|ffn>``.
     """
 
     def __init__(self, cfg: ModelConfig, causal: bool, name: str = "block"):
@@ -59,8 +69,11 @@ class ImprovedTransformerBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(d)
         self.ffn = FeedForward(cfg)
 
-    def _check(self, part: str, x: torch.Tensor) -> torch.Tensor:
-        return check_finite(f"{self.name}.{part}", x, self.strict)
+    def _finite(self, part: str, x: torch.Tensor, counts: list[torch.Tensor]) -> torch.Tensor:
+        """``x`` with non-finite values set to 0; appends how many to ``counts``."""
+        x, count = replace_nonfinite(f"{self.name}.{part}", x, self.strict)
+        counts.append(count)
+        return x
 
     def forward(
         self,
@@ -68,25 +81,30 @@ class ImprovedTransformerBlock(nn.Module):
         mask: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
+        plan: AttentionMaskPlan | None = None,
     ) -> tuple[torch.Tensor, AuxDict]:
         """x (B, L, d); mask (B, L) bool, True = real token, or None (all real).
 
         Decoder blocks also take ``memory`` (B, Le, d) and its ``memory_mask``
         (B, Le). Self-attention, convolution and MoE all take ``mask``: what a
         padding position holds reaches no other position, and padding is not
-        routed to any expert.
+        routed to any expert. ``plan``: the self-attention's
+        :class:`~liquid_dist.model.attention.AttentionMaskPlan` of ``mask``,
+        shared by the stack's blocks (None: one per call).
         """
-        x = x + self._check("attn", self.attn(self.attn_norm(x), mask))
+        counts: list[torch.Tensor] = []
+        x = self._finite("input", x, counts)
+        x = self._finite("attn", x + self.attn(self.attn_norm(x), mask, plan), counts)
         if self.causal:
             if memory is None:
                 raise ValueError(f"{self.name}: a decoder block needs the encoder output")
             cross = self.cross_attn(self.cross_norm(x), memory, memory_mask)
-            x = x + self._check("cross_attn", cross)
-        x = x + self._check("conv", self.conv(self.conv_norm(x), mask))
+            x = self._finite("cross_attn", x + cross, counts)
+        x = self._finite("conv", x + self.conv(self.conv_norm(x), mask), counts)
         moe_out, aux = self.moe(self.moe_norm(x), mask)
-        x = x + self._check("moe", moe_out)
-        x = torch.nan_to_num(x + self._check("ffn", self.ffn(self.ffn_norm(x))))
-        return x, aux
+        x = self._finite("moe", x + moe_out, counts)
+        x = self._finite("ffn", x + self.ffn(self.ffn_norm(x)), counts)
+        return x, {**aux, "nonfinite": torch.stack(counts).sum()}
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
         """Incremental-decoding state (decoder blocks only); tensors are batch-first."""
@@ -103,13 +121,19 @@ class ImprovedTransformerBlock(nn.Module):
         cross_kv: tuple[torch.Tensor, torch.Tensor],
         memory_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, dict]:
-        """One decoder position: x_t (B, 1, d) at absolute position ``pos``."""
+        """One decoder position: x_t (B, 1, d) at absolute position ``pos``.
+
+        Equals ``forward`` at ``pos``, non-finite values replaced alike (not counted).
+        """
+        counts: list[torch.Tensor] = []
+        x_t = self._finite("input", x_t, counts)
         a, attn_state = self.attn.step(self.attn_norm(x_t), state["attn"], pos)
-        x_t = x_t + a
-        x_t = x_t + self.cross_attn.attend(self.cross_norm(x_t), *cross_kv, memory_mask)
+        x_t = self._finite("attn", x_t + a, counts)
+        cross = self.cross_attn.attend(self.cross_norm(x_t), *cross_kv, memory_mask)
+        x_t = self._finite("cross_attn", x_t + cross, counts)
         c, conv_state = self.conv.step(self.conv_norm(x_t), state["conv"], pos)
-        x_t = x_t + c
+        x_t = self._finite("conv", x_t + c, counts)
         moe_out, _ = self.moe(self.moe_norm(x_t))
-        x_t = x_t + moe_out
-        x_t = torch.nan_to_num(x_t + self.ffn(self.ffn_norm(x_t)))
+        x_t = self._finite("moe", x_t + moe_out, counts)
+        x_t = self._finite("ffn", x_t + self.ffn(self.ffn_norm(x_t)), counts)
         return x_t, {"attn": attn_state, "conv": conv_state}

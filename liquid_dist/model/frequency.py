@@ -13,8 +13,10 @@ Two forms share the seed's class name:
   ``FrequencyHyenaAttention`` delegates to.
 
 All Fourier transforms run in float32 with autocast off (``torch.fft.rfft``
-rejects bf16 on CPU, and bf16 spectra lose too much precision); the
-projections and the attention run under the ambient autocast.
+rejects bf16 on CPU, and bf16 spectra lose too much precision), and so does
+the decoder's implicit filter (its MLP upcasts its weights, whatever the
+parameters' dtype); the projections and the attention run in the parameters'
+dtype under the ambient autocast.
 """
 
 from __future__ import annotations
@@ -200,8 +202,10 @@ class FrequencyHyenaAttention(nn.Module):
         return self.hyena.step(x_t, state, pos)
 
 
-# The implicit filter's positional features: t and (cos, sin) of this many
-# frequencies (Hyena's PositionalEmbedding with emb_dim = 2 * 8 + 1).
+# The implicit filter's positional features: t and (cos, sin) of the
+# frequencies 1..this (Hyena's PositionalEmbedding with emb_dim = 2 * 8 + 1,
+# without its frequency 0, whose sine is identically 0: a feature column that
+# is always 0 leaves its column of the first filter weight without gradient).
 _FILTER_FREQUENCIES = 8
 # Hyena's ExponentialModulation: channel c decays to 1 % of its start after a
 # fraction between 0.3 (fastest channel) and 1.5 (slowest) of the filter length.
@@ -211,14 +215,17 @@ _SLOW_DECAY_FRACTION = 1.5
 
 
 class _Sin(nn.Module):
-    """sin(ω ⊙ x) with a learned frequency per unit (Hyena's filter activation)."""
+    """sin(ω ⊙ x) with a learned frequency per unit (Hyena's filter activation).
+
+    Computed in float32 whatever the dtypes of ω and x; returns float32.
+    """
 
     def __init__(self, width: int):
         super().__init__()
         self.freq = nn.Parameter(torch.ones(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sin(self.freq * x)
+        return torch.sin(self.freq.float() * x.float())
 
 
 class HyenaLongConvolution(nn.Module):
@@ -233,8 +240,10 @@ class HyenaLongConvolution(nn.Module):
 
     The filter h (max_decoder_length, d) is implicit: an MLP (width
     ``cfg.hyena_filter_dim``, sine activations) over positional features
-    (t/Lmax and cos/sin of 2π f t/Lmax), times a fixed per-channel
-    exponential-decay window (Hyena's ExponentialModulation). Hyena's short
+    (t/Lmax and cos/sin of 2π f t/Lmax, f = 1..8), times a fixed per-channel
+    exponential-decay window (Hyena's ExponentialModulation). The MLP runs
+    in float32 whatever the parameters' dtype (its Linear layers are
+    :class:`~liquid_dist.model.utils.Float32Linear`). Hyena's short
     depthwise convolution on the projections is left out: the embedding's two
     causal convolutions directly before this operator already mix locally.
 
@@ -253,29 +262,30 @@ class HyenaLongConvolution(nn.Module):
         self.in_proj = xavier_linear(d, 3 * d)
         n_features = 2 * _FILTER_FREQUENCIES + 1
         self.filter_mlp = nn.Sequential(
-            xavier_linear(n_features, width), _Sin(width),
-            xavier_linear(width, width), _Sin(width),
-            xavier_linear(width, d, bias=False),
+            xavier_linear(n_features, width, float32=True), _Sin(width),
+            xavier_linear(width, width, float32=True), _Sin(width),
+            xavier_linear(width, d, bias=False, float32=True),
         )
         self.skip = nn.Parameter(torch.randn(d))
         self.out_proj = xavier_linear(d, d)
         self.out_norm = nn.LayerNorm(d)
-        t = torch.arange(self.max_length, dtype=torch.float32)[:, None] / self.max_length
-        freqs = torch.arange(_FILTER_FREQUENCIES, dtype=torch.float32)[None, :]
-        features = torch.cat([t, torch.cos(2 * math.pi * freqs * t),
-                              torch.sin(2 * math.pi * freqs * t)], dim=1)
-        rates = torch.linspace(math.log(1 / _DECAY_TARGET) / _SLOW_DECAY_FRACTION,
-                               math.log(1 / _DECAY_TARGET) / _FAST_DECAY_FRACTION, d)
-        # Derived from the config, so kept out of the state dict.
-        self.register_buffer("filter_features", features, persistent=False)
-        self.register_buffer("filter_window", torch.exp(-t * rates[None, :]), persistent=False)
 
     def long_filter(self, length: int) -> torch.Tensor:
-        """The first ``length`` taps of the implicit filter, (length, d) float32."""
-        with fp32_region(self.filter_features.device):
-            w_dtype = self.filter_mlp[0].weight.dtype
-            h = self.filter_mlp(self.filter_features[:length].to(w_dtype)).float()
-            return h * self.filter_window[:length]
+        """The first ``length`` taps of the implicit filter, (length, d), computed in float32.
+
+        The positional features and the decay window are built here, in
+        float32, from the config: being no buffers, no cast of the module
+        (``.to(torch.bfloat16)`` casts floating buffers too) can round them.
+        """
+        device = self.skip.device
+        t = torch.arange(length, device=device, dtype=torch.float32)[:, None] / self.max_length
+        freqs = torch.arange(1, _FILTER_FREQUENCIES + 1, device=device, dtype=torch.float32)
+        angles = 2 * math.pi * freqs * t
+        features = torch.cat([t, torch.cos(angles), torch.sin(angles)], dim=1)
+        rates = torch.linspace(math.log(1 / _DECAY_TARGET) / _SLOW_DECAY_FRACTION,
+                               math.log(1 / _DECAY_TARGET) / _FAST_DECAY_FRACTION,
+                               self.d_model, device=device)
+        return self.filter_mlp(features) * torch.exp(-t * rates)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, d) -> (B, L, d), causal; positions where ``mask`` is False are zeroed first."""

@@ -15,6 +15,11 @@ is ``w1 (E, d, F)``, ``w2 (E, F, d)`` (liquid_dist/model/moe.py), so
 
 The adapter keeps the project's parameters (one layout for every backend):
 it views them in MegaBlocks' layout for the GEMMs and adds the biases itself.
+
+Host synchronisation: MegaBlocks' ``gmm`` takes the group sizes as a CPU
+tensor, so this backend reads them on the host once per call (the other
+backends read nothing), and it computes only the assignment rows, which it
+slices off with that host count.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ import torch.nn.functional as F
 
 MEGABLOCKS_ERROR = (
     "megablocks backend requires MegaBlocks on CUDA (pip install megablocks on a GPU "
-    "machine; it pins torch==2.7.0); use moe.backend='grouped_mm' (the default, same "
-    "dropless computation) or 'loop'"
+    "machine; it pins torch==2.7.0); use moe.backend='auto' (the default: grouped_mm "
+    "where it is fast, the same dropless computation), 'grouped_mm' or 'loop'"
 )
 
 
@@ -63,19 +68,25 @@ def megablocks_expert_forward(x_sorted: torch.Tensor, tokens_per_expert: torch.T
                               b2: torch.Tensor | None) -> torch.Tensor:
     """:func:`liquid_dist.model.moe.expert_forward` through MegaBlocks' grouped GEMM.
 
-    Same inputs, outputs and promises (rows grouped by expert, ``tokens_per_expert``
-    the group sizes). RuntimeError with :data:`MEGABLOCKS_ERROR` when MegaBlocks
-    or CUDA is missing.
+    Same inputs, outputs and promises: the first ``tokens_per_expert.sum()``
+    rows of ``x_sorted`` grouped by expert, ``tokens_per_expert`` the group
+    sizes; rows after the groups are computed by no expert and their output
+    rows are exactly 0. Reads the group sizes on the host (one sync).
+    RuntimeError with :data:`MEGABLOCKS_ERROR` when MegaBlocks or CUDA is missing.
     """
     ops = _grouped_gemm_ops()
     batch_sizes = tokens_per_expert.cpu()  # grouped_gemm takes the sizes on the host
+    assigned = int(batch_sizes.sum())
+    x = x_sorted[:assigned].contiguous()
     expert_ids = torch.repeat_interleave(
         torch.arange(w1.shape[0], device=x_sorted.device), tokens_per_expert,
-        output_size=x_sorted.shape[0])
+        output_size=assigned)
     if w2 is None:  # linear experts: one GEMM with w1 (E, d, d) as it is
-        return ops.gmm(x_sorted.contiguous(), w1, batch_sizes) + b1[expert_ids]
-    num_experts, d_model, ffn = w1.shape
-    w1_mb, w2_mb = to_megablocks_layout(w1, w2)
-    h = ops.gmm(x_sorted.contiguous(), w1_mb.view(num_experts, ffn, d_model), batch_sizes,
-                trans_b=True) + b1[expert_ids]
-    return ops.gmm(F.gelu(h), w2_mb.view(num_experts, ffn, d_model), batch_sizes) + b2[expert_ids]
+        y = ops.gmm(x, w1, batch_sizes) + b1[expert_ids]
+    else:
+        num_experts, d_model, ffn = w1.shape
+        w1_mb, w2_mb = to_megablocks_layout(w1, w2)
+        h = ops.gmm(x, w1_mb.view(num_experts, ffn, d_model), batch_sizes,
+                    trans_b=True) + b1[expert_ids]
+        y = ops.gmm(F.gelu(h), w2_mb.view(num_experts, ffn, d_model), batch_sizes) + b2[expert_ids]
+    return F.pad(y, (0, 0, 0, x_sorted.shape[0] - assigned))

@@ -14,6 +14,37 @@ from liquid_dist.config import ModelConfig
 from liquid_dist.model.utils import check_finite, xavier_linear
 
 
+class Float32LSTM(nn.LSTM):
+    """One batch-first, one-direction ``nn.LSTM`` layer whose recurrence runs in float32.
+
+    ``forward(x (B, L, d_in), hx=None or (h0, c0) each (1, B, d))`` returns
+    ``(output (B, L, d), (h, c) each (1, B, d))``, all float32, whatever the
+    parameters' dtype (DeepSpeed's bf16 casts every parameter to bf16, and
+    cuDNN's RNNs take bf16 only from cuDNN 9.13 / torch 2.10) and with any
+    ambient autocast off (oneDNN's CPU LSTM has no kernel for autocast's mixed
+    bf16 call). ``hx=None`` is the zero state. The weights are upcast inside
+    this module's own forward, where ZeRO-3 has gathered them; gradients reach
+    the parameters in their own dtype. Parameter names are ``nn.LSTM``'s.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__(input_size, hidden_size, batch_first=True)
+
+    def forward(
+        self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if hx is None:
+            zeros = x.new_zeros(1, x.shape[0], self.hidden_size, dtype=torch.float32)
+            hx = (zeros, zeros)
+        weights = [w.float() for layer in self.all_weights for w in layer]
+        with torch.autocast(x.device.type, enabled=False):
+            # nn.LSTM's own call: has_biases, num_layers, dropout, train,
+            # bidirectional, batch_first
+            out, h, c = torch.lstm(x.float(), (hx[0].float(), hx[1].float()), weights,
+                                   True, 1, 0.0, self.training, False, True)
+        return out, (h, c)
+
+
 class EnhancedLSTM(nn.Module):
     """``cfg.lstm_layers`` stacked layers, each (seed 3.7.1)
 
@@ -21,10 +52,10 @@ class EnhancedLSTM(nn.Module):
 
     The dropout acts on the residual sum, in the seed's order.
 
-    The recurrence runs outside autocast, in the parameters' dtype: a long
-    recurrence accumulates rounding in bf16, and oneDNN's CPU LSTM has no
-    kernel for autocast's mixed bf16 call (it raises). The MLPs stay under
-    autocast.
+    The recurrence runs in float32 whatever the parameters' dtype
+    (:class:`Float32LSTM`): a long recurrence accumulates rounding in bf16.
+    Its output is cast back to the activation dtype (the input's) before the
+    MLPs, which run in the parameters' dtype under the ambient autocast.
 
     Init: Xavier-normal for the Linear maps (seed §4). LSTM: Xavier-normal
     for each gate's input-to-hidden block, orthogonal for each gate's
@@ -39,9 +70,7 @@ class EnhancedLSTM(nn.Module):
         self.d_model = d
         self.num_layers = cfg.lstm_layers
         self.check = cfg.check_finite
-        self.lstms = nn.ModuleList(
-            nn.LSTM(d, d, batch_first=True) for _ in range(self.num_layers)
-        )
+        self.lstms = nn.ModuleList(Float32LSTM(d, d) for _ in range(self.num_layers))
         self.mlps = nn.ModuleList(
             nn.Sequential(xavier_linear(d, d), nn.GELU(), xavier_linear(d, d))
             for _ in range(self.num_layers)
@@ -58,30 +87,23 @@ class EnhancedLSTM(nn.Module):
             with torch.no_grad():
                 lstm.bias_ih_l0[d:2 * d].fill_(1.0)
 
-    @staticmethod
-    def _recur(
-        lstm: nn.LSTM, x: torch.Tensor, hc: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        dtype = lstm.weight_ih_l0.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            if hc is not None:
-                hc = (hc[0].to(dtype), hc[1].to(dtype))
-            return lstm(x.to(dtype), hc)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, d) -> (B, L, d), starting from a zero state; causal."""
         for lstm, mlp in zip(self.lstms, self.mlps, strict=True):
-            h, _ = self._recur(lstm, x, None)
-            x = self.dropout(mlp(h) + x)
+            h, _ = lstm(x)
+            x = self.dropout(mlp(h.to(x.dtype)) + x)
         return check_finite("EnhancedLSTM", x, self.check)
 
     def init_state(
         self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
-        """Zero state {'h': (B, layers, d), 'c': (B, layers, d)}, batch first."""
+        """Zero state {'h': (B, layers, d), 'c': (B, layers, d)}, batch first.
+
+        Float32 whatever ``dtype`` is, as the recurrence is.
+        """
         shape = (batch_size, self.num_layers, self.d_model)
-        return {"h": torch.zeros(shape, device=device, dtype=dtype),
-                "c": torch.zeros(shape, device=device, dtype=dtype)}
+        return {"h": torch.zeros(shape, device=device, dtype=torch.float32),
+                "c": torch.zeros(shape, device=device, dtype=torch.float32)}
 
     def step(
         self, x_t: torch.Tensor, state: dict[str, torch.Tensor], pos: int
@@ -98,9 +120,9 @@ class EnhancedLSTM(nn.Module):
             # beam search can reorder it with index_select(0, ...).
             h0 = state["h"][:, i].unsqueeze(0).contiguous()
             c0 = state["c"][:, i].unsqueeze(0).contiguous()
-            h, (h1, c1) = self._recur(lstm, x, (h0, c0))
+            h, (h1, c1) = lstm(x, (h0, c0))
             hs.append(h1[0])
             cs.append(c1[0])
-            x = self.dropout(mlp(h) + x)
+            x = self.dropout(mlp(h.to(x.dtype)) + x)
         x = check_finite("EnhancedLSTM", x, self.check)
         return x, {"h": torch.stack(hs, dim=1), "c": torch.stack(cs, dim=1)}

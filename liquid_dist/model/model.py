@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, ModelConfig, validate_model
+from .attention import AttentionMaskPlan
 from .block import AuxDict, ImprovedTransformerBlock
 from .embedding import EnhancedLiquidEmbedding
 from .memory import EnhancedLSTM
@@ -24,7 +25,10 @@ class ModelOutput:
     * ``loss``: the total training loss ``ce + aux_loss`` (None without labels);
     * ``aux``: named unweighted scalar tensors ``ce`` (with labels),
       ``recon_encoder``, ``recon_decoder``, ``moe_entropy``, ``moe_overuse``
-      (the last two summed over layers);
+      (the last two summed over layers), and ``nonfinite_activations``: int64,
+      the number of NaN/±Inf activation values the blocks replaced by 0 in
+      this forward (summed over blocks; 0 in a healthy pass; not a loss term,
+      no host sync) — a step where it is > 0 trained on repaired activations;
     * ``expert_usage``: one (experts,) tensor of hard assignment fractions per
       MoE layer, encoder layers first;
     * ``ce_sum``: fp32 scalar, the sum of the per-token cross-entropy over the
@@ -66,6 +70,9 @@ class BidirectionalEncoder(nn.Module):
 
     ``forward(input_ids (B, L), mask (B, L) bool)`` returns the encoder output
     (B, L, d), its reconstruction loss and the blocks' MoE auxiliary dicts.
+    All blocks of one forward share one self-attention
+    :class:`~liquid_dist.model.attention.AttentionMaskPlan` of ``mask``
+    (validating flash's precondition in strict mode only).
     """
 
     def __init__(self, cfg: ModelConfig, token_embedding: nn.Embedding):
@@ -84,7 +91,9 @@ class BidirectionalEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, list[AuxDict]]:
         x, recon = self.embedding(input_ids, mask)
         x = self.dropout(x)
-        x, auxes = _run_blocks(self.blocks, x, self.cfg.activation_checkpointing, mask=mask)
+        plan = AttentionMaskPlan(mask, validate=self.cfg.check_finite)
+        x, auxes = _run_blocks(self.blocks, x, self.cfg.activation_checkpointing,
+                               mask=mask, plan=plan)
         return self.norm(x), recon, auxes
 
 
@@ -118,13 +127,16 @@ class LiquidDecoder(nn.Module):
 
         Masks are bool, True = real token, or None (all real). Returns the
         hidden states (B, L, d), the reconstruction loss over real positions
-        and the blocks' MoE auxiliary dicts.
+        and the blocks' MoE auxiliary dicts. All blocks share one
+        self-attention :class:`~liquid_dist.model.attention.AttentionMaskPlan`
+        of ``mask`` (validating flash's precondition in strict mode only).
         """
         x, recon = self.embedding(input_ids, mask)
         x = self.dropout(x)
         x, auxes = _run_blocks(
             self.blocks, x, self.cfg.activation_checkpointing,
             mask=mask, memory=memory, memory_mask=memory_mask,
+            plan=AttentionMaskPlan(mask, validate=self.cfg.check_finite),
         )
         x = self.memory(x)
         return self.norm(x), recon, auxes
@@ -223,6 +235,8 @@ class LiquidFoundationModelOptimized(nn.Module):
             "recon_decoder": recon_dec.float(),
             "moe_entropy": sum((a["moe_entropy"].float() for a in auxes), zero),
             "moe_overuse": sum((a["moe_overuse"].float() for a in auxes), zero),
+            "nonfinite_activations": sum((a["nonfinite"] for a in auxes),
+                                         zero.to(torch.int64)),
         }
         m = self.cfg.moe
         aux_loss = (

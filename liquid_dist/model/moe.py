@@ -1,20 +1,40 @@
 """MoELayer (seed 3.4, DESIGN.md §2.4): softmax-gated, dropless mixture of experts.
 
-One forward is four separate steps, so that expert parallelism can later put an
+One forward is four separate steps, so that expert parallelism can put an
 ``all_to_all_single`` between :func:`dispatch` and :func:`expert_forward` (and
 back before :func:`combine`) without touching the router:
 
 1. :func:`route` — gate probabilities, per-token k, top-k_max selection with the
    weights of slots ``>= k`` set to exactly zero (fixed shapes);
-2. :func:`dispatch` — drop the zero-weight slots and sort the remaining
-   (token, expert) assignments by expert;
-3. :func:`expert_forward` — every expert on its contiguous block of tokens, on
-   one of the interchangeable backends ``grouped_mm`` / ``loop`` / ``megablocks``;
+2. :func:`dispatch` — sort the N * k_max routing slots by expert (stable), the
+   slots that are not assignments after every expert's group;
+3. :func:`expert_forward` — every expert on its contiguous block of rows, on
+   one of the interchangeable backends ``grouped_mm`` / ``loop`` / ``megablocks``
+   (``auto``: see :func:`resolve_moe_backend`);
 4. :func:`combine` — weight each expert output by its gate and sum per token.
 
-Dropless: no assignment is ever dropped for capacity; a slot whose weight is
+Dropless: no assignment is ever dropped for capacity. A slot whose weight is
 zero (beyond the token's k, or any slot of a padding token) is not an
-assignment and is never computed nor exchanged.
+assignment: it is sorted after every expert's group, no expert computes it, its
+expert output row is exactly 0, and expert parallelism does not send it.
+
+Fixed shapes, no host synchronisation: every tensor's shape depends only on N
+and k_max, never on the routing, and no device value is read on the host, so a
+layer without expert parallelism is one ``torch.compile(fullgraph=True)`` graph
+and never stalls the GPU queue. Group sizes come from a binary search in the
+sorted expert ids, each row's expert from a search in their running sum, and the
+grouped GEMM is the custom op ``liquid_dist::grouped_mm`` (:func:`grouped_mm`),
+one opaque call for dynamo in every dtype. Two documented exceptions, both
+inherent to an API that takes sizes on the host:
+
+* ``megablocks``: MegaBlocks' ``gmm`` takes the group sizes on the host (one
+  read per layer forward);
+* expert parallelism: ``all_to_all_single`` takes host split sizes. The layer
+  reads its number of assignments to cut the other rows off before the
+  exchange (so they are never sent), and the exchange reads its send and
+  receive splits once, after exchanging the counts
+  (liquid_dist/parallel/expert_parallel.py): two host reads per MoE layer
+  forward, none in backward.
 
 Expert weight layout (fused over experts, shared by every backend):
 
@@ -43,21 +63,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from liquid_dist.config import MoEConfig
+from liquid_dist.config import ConfigError, MoEConfig
 from liquid_dist.model.megablocks import MEGABLOCKS_ERROR, megablocks_expert_forward
 from liquid_dist.model.utils import check_finite, xavier_linear
 
-__all__ = ["MEGABLOCKS_ERROR", "DispatchInfo", "MoELayer", "combine", "dispatch",
-           "expert_forward", "route", "routing_width"]
+__all__ = ["MEGABLOCKS_ERROR", "MOE_BACKENDS", "DispatchInfo", "MoELayer", "combine",
+           "dispatch", "expert_forward", "grouped_mm", "resolve_moe_backend", "route",
+           "routing_width"]
 
+MOE_BACKENDS = ("auto", "grouped_mm", "loop", "megablocks")
+"""The values of ``moe.backend``."""
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Resolved ``train.precision`` -> the dtype the experts compute in."""
 
 
 class DispatchInfo(NamedTuple):
     """What :func:`combine` needs to undo :func:`dispatch` (stays on the local rank).
 
-    ``slot_index`` (M,): for each expert-sorted row, its flat slot ``n * k_max + s``
-    in the (N, k_max) routing tables. ``weight`` (M,): that slot's gate weight
-    (fp32, differentiable). ``expert_index`` (M,): the row's expert.
+    All per-row tensors have M = N * k_max rows, in :func:`dispatch`'s order.
+    ``slot_index`` (M,): each row's flat slot ``n * k_max + s`` in the (N, k_max)
+    routing tables (a permutation of ``range(M)``). ``weight`` (M,): that slot's
+    gate weight (fp32, differentiable; exactly 0 for a non-assignment).
+    ``expert_index`` (M,): the row's expert, ``E`` (= ``num_experts``) for a
+    non-assignment.
     """
 
     slot_index: torch.Tensor
@@ -110,41 +139,58 @@ def route(
 def dispatch(
     x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, DispatchInfo]:
-    """Sort the token assignments by expert, leaving out zero-weight slots.
+    """Sort the N * k_max routing slots by expert, the non-assignments last.
 
-    ``x`` (N, d), ``experts`` / ``weights`` (N, k_max) from :func:`route`.
-    Returns ``(x_sorted, tokens_per_expert, info)``: ``x_sorted`` (M, d) holds one
-    row per assignment with non-zero weight (M = number of such slots), grouped
-    by expert in expert order and, within an expert, in token order (stable, so
-    the result is deterministic); ``tokens_per_expert`` (E,) int64 counts the rows
-    of each group. ``x_sorted`` and ``tokens_per_expert`` are exactly what an
-    expert-parallel all-to-all has to send; ``info`` stays local.
+    ``x`` (N, d), ``experts`` / ``weights`` (N, k_max) from :func:`route`; a slot
+    is an assignment iff its weight is non-zero. Returns ``(x_sorted,
+    tokens_per_expert, info)``:
+
+    * ``x_sorted`` (N * k_max, d): one row per slot, its token's input. The
+      assignments come first, grouped by expert in expert order and, within an
+      expert, in token order (a stable sort, so the result is deterministic);
+      the non-assignments follow, after every expert's group;
+    * ``tokens_per_expert`` (E,) int64: the size of each expert's group (its sum
+      is the number of assignments, the rows an expert computes);
+    * ``info``: what :func:`combine` needs; it stays local.
+
+    Every shape depends only on N and k_max, and nothing is read on the host
+    (no ``nonzero``, no ``bincount``): the group sizes are a binary search of
+    the expert ids ``0..E`` in the sorted ids. The first
+    ``tokens_per_expert.sum()`` rows of ``x_sorted`` and ``tokens_per_expert``
+    are exactly what an expert-parallel all-to-all has to send.
     """
     num_tokens, k_max = experts.shape
-    flat_experts = experts.reshape(-1)
     flat_weights = weights.reshape(-1)
-    kept = torch.nonzero(flat_weights != 0, as_tuple=True)[0]
-    order = torch.argsort(flat_experts[kept], stable=True)
-    slot_index = kept[order]
-    expert_index = flat_experts[slot_index]
+    # Non-assignments get the sentinel expert E: sorted after every real group.
+    keys = torch.where(flat_weights != 0, experts.reshape(-1), num_experts)
+    expert_index, slot_index = torch.sort(keys, stable=True)
     x_sorted = x[torch.div(slot_index, k_max, rounding_mode="floor")]
-    tokens_per_expert = torch.bincount(expert_index, minlength=num_experts)
+    bounds = torch.searchsorted(
+        expert_index, torch.arange(num_experts + 1, device=keys.device, dtype=keys.dtype)
+    )
+    tokens_per_expert = bounds.diff()
     info = DispatchInfo(slot_index, flat_weights[slot_index], expert_index, num_tokens, k_max)
     return x_sorted, tokens_per_expert, info
 
 
 def combine(y_sorted: torch.Tensor, info: DispatchInfo) -> torch.Tensor:
-    """Weighted sum of each token's expert outputs: (M, d) -> (N, d).
+    """Weighted sum of each token's expert outputs: (N * k_max, d) -> (N, d).
 
-    Every row is written to its own routing slot (``index_copy``, no two rows
-    share one) and the k_max slots of a token are summed in slot order, so the
-    result is deterministic on every device (no atomic accumulation). The result
-    dtype is the promotion of ``y_sorted``'s and the fp32 weights' (fp32).
+    ``y_sorted`` in :func:`dispatch`'s row order, finite in every row (what
+    :func:`expert_forward` returns: its non-assignment rows are exactly 0, and
+    their weight is 0, so they add exactly 0). Every row is written to its own
+    routing slot (``index_copy`` of a permutation) and the k_max slots of a
+    token are summed in slot order, so the result is deterministic on every
+    device (no atomic accumulation). The result dtype is the promotion of
+    ``y_sorted``'s and the fp32 weights' (fp32).
     """
     weighted = y_sorted * info.weight.unsqueeze(-1)
     slots = weighted.new_zeros(info.num_tokens * info.k_max, y_sorted.shape[-1])
     slots = slots.index_copy(0, info.slot_index, weighted)
     return slots.view(info.num_tokens, info.k_max, y_sorted.shape[-1]).sum(1)
+
+
+# ------------------------------------------------------------ grouped GEMM op
 
 
 def _grouped_mm_fn():
@@ -157,36 +203,83 @@ def _grouped_mm_fn():
     return fn
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    The grouped GEMM backward rejects gradients with zero strides (e.g. from a
-    ``.sum()``), so every grouped GEMM output passes through this.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-def _grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def _call_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     try:
-        out = _grouped_mm_fn()(a, b, offs=offs)
+        return _grouped_mm_fn()(a, b, offs=offs)
     except RuntimeError as exc:
         raise RuntimeError(
             f"grouped_mm backend failed for {a.dtype} on {a.device.type} "
             f"(a {tuple(a.shape)}, b {tuple(b.shape)}): {exc}; use moe.backend='loop'"
         ) from exc
-    return _ContiguousGrad.apply(out)
+
+
+@torch.library.custom_op("liquid_dist::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Grouped GEMM over row groups: ``a`` (M, K), ``b`` (E, K, N) -> (M, N).
+
+    ``offs`` (E,) int32, the running sum of the group sizes: rows
+    ``[offs[e-1], offs[e])`` of the result are those rows of ``a`` times
+    ``b[e]``; rows ``>= offs[-1]`` are exactly 0 (``torch._grouped_mm`` leaves
+    them uninitialised) and their rows of ``a`` are never read. Differentiable
+    in ``a`` and ``b`` with the same grouped GEMMs as ``torch._grouped_mm``'s
+    own backward (rows ``>= offs[-1]`` of the input gradient are 0 too; an
+    empty group's weight gradient is 0), in every dtype the grouped GEMM takes.
+    A ``torch.library`` custom op, so that ``torch.compile`` traces it as one
+    opaque call: dynamo never sees ``torch._grouped_mm``'s bf16-only meta
+    check (which fails fp32 graphs even on CPU) nor its data-dependent loop.
+    """
+    out = _call_grouped_mm(a, b, offs)
+    computed = torch.arange(a.shape[0], device=a.device) < offs[-1]
+    return torch.where(computed.unsqueeze(-1), out, 0)
+
+
+@grouped_mm.register_fake
+def _grouped_mm_fake(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@torch.library.custom_op("liquid_dist::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor,
+                           offs: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`grouped_mm` w.r.t. ``b``: (E, K, N), group e = ``a_e^T @ grad_e``.
+
+    ``a`` (M, K), ``grad`` (M, N), ``offs`` as in :func:`grouped_mm`; rows
+    ``>= offs[-1]`` are not read. An empty group's block is exactly 0 (forced:
+    Blackwell kernels have been seen to leave it non-zero, pytorch#172439).
+    """
+    out = _call_grouped_mm(a.t(), grad, offs)
+    sizes = offs.diff(prepend=offs.new_zeros(1))
+    return torch.where((sizes > 0).view(-1, 1, 1), out, 0)
+
+
+@grouped_mm_weight_grad.register_fake
+def _grouped_mm_weight_grad_fake(a: torch.Tensor, grad: torch.Tensor,
+                                 offs: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(offs.shape[0], a.shape[1], grad.shape[1])
+
+
+def _grouped_mm_setup_context(ctx, inputs, output) -> None:
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor):
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()  # the grouped GEMM rejects zero strides (e.g. from a .sum())
+    grad_a = grouped_mm(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    grad_b = grouped_mm_weight_grad(a, grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
+
+
+# ------------------------------------------------------------ backends
 
 
 def _check_grouped_mm_alignment(dims: dict[str, int], dtype: torch.dtype) -> None:
     # The kernels need every row stride to be a multiple of 16 bytes.
-    per_16_bytes = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    per_16_bytes = max(1, 16 // dtype.itemsize)
     bad = {name: n for name, n in dims.items() if n % per_16_bytes}
     if bad:
         raise ValueError(
@@ -202,6 +295,109 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _grouped_mm_is_fast(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``grouped_mm`` has a sync-free kernel here: CPU any float dtype; CUDA bf16.
+
+    On CUDA, ``torch._grouped_mm`` takes bf16 only (its kernels are SM90/SM100);
+    fp32 and fp16 go to a fallback that copies the offsets to the host and
+    loops over the groups (PLATFORM_NOTES.md, "GPU facts").
+    """
+    return device_type == "cpu" or (device_type == "cuda" and dtype == torch.bfloat16)
+
+
+def _auto_backend(device_type: str, dtype: torch.dtype) -> str:
+    return "grouped_mm" if _grouped_mm_is_fast(device_type, dtype) else "loop"
+
+
+def resolve_moe_backend(moe_cfg: MoEConfig, device_type: str, precision: str) -> str:
+    """The expert-compute backend a run uses; ConfigError if ``moe.backend`` cannot work there.
+
+    ``device_type`` ``"cpu"`` or ``"cuda"`` (any other is treated as a device
+    without a fast grouped GEMM); ``precision`` the *resolved* ``train.precision``
+    (``fp32`` / ``bf16`` / ``fp16``). Needs no GPU. Decisions:
+
+    * ``auto`` -> ``grouped_mm`` where it has a fast sync-free kernel (CPU in
+      any precision, CUDA in bf16), else ``loop`` (CUDA fp32 / fp16: exact and
+      sync-free, but every expert computes every row, E times the expert FLOPs);
+    * ``grouped_mm`` -> itself where it is fast; on CUDA fp32 / fp16 a
+      ConfigError (its fallback there reads the offsets on the host in every
+      layer);
+    * ``megablocks`` -> itself on CUDA in bf16 (MegaBlocks' grouped GEMM is
+      bf16 CUDA only), else a ConfigError;
+    * ``loop`` -> itself everywhere.
+
+    The same table decides ``auto`` at run time in :func:`expert_forward` from
+    the device and the compute dtype, so a model built with ``auto`` runs
+    anywhere.
+    """
+    if precision not in PRECISION_DTYPES:
+        raise ConfigError("train.precision", precision,
+                          f"a resolved precision, one of {sorted(PRECISION_DTYPES)} "
+                          "(liquid_dist.parallel.resolve_precision)")
+    backend = moe_cfg.backend
+    if backend not in MOE_BACKENDS:
+        raise ConfigError("model.moe.backend", backend, f"one of {list(MOE_BACKENDS)}")
+    dtype = PRECISION_DTYPES[precision]
+    if backend == "auto":
+        return _auto_backend(device_type, dtype)
+    if backend == "grouped_mm" and not _grouped_mm_is_fast(device_type, dtype):
+        raise ConfigError(
+            "model.moe.backend", backend,
+            f"a backend that runs without host syncs on {device_type} in {precision}: "
+            "'auto' or 'loop' (exact; every expert computes every row), or "
+            "train.precision=bf16 for grouped_mm (on CUDA it takes bf16 only; in fp32 / "
+            "fp16 it falls back to a loop that copies the offsets to the host)")
+    if backend == "megablocks" and not (device_type == "cuda" and precision == "bf16"):
+        raise ConfigError(
+            "model.moe.backend", backend,
+            f"'auto', 'grouped_mm' or 'loop' on {device_type} in {precision} "
+            "(MegaBlocks' grouped GEMM runs on CUDA in bf16 only)")
+    return backend
+
+
+def _row_experts(tokens_per_expert: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows,) int64: the expert of each row of a grouped block; E for rows past the groups."""
+    ends = torch.cumsum(tokens_per_expert, 0)
+    index = torch.arange(rows, device=tokens_per_expert.device, dtype=ends.dtype)
+    return torch.searchsorted(ends, index, right=True)
+
+
+def _loop_experts(x: torch.Tensor, row_expert: torch.Tensor, w1: torch.Tensor,
+                  b1: torch.Tensor, w2: torch.Tensor | None,
+                  b2: torch.Tensor | None) -> torch.Tensor:
+    """The reference: for each expert, one matmul over all rows, keeping only its own.
+
+    Sync-free and fixed-shape (compiles with ``fullgraph=True``) at E times the
+    expert FLOPs. Inputs of other rows are replaced by 0 before the matmul and
+    outputs selected after it (``torch.where``, not a multiplication), so a row
+    only ever reaches its own expert, in the forward and in every gradient.
+    """
+    out_dim = (w1 if w2 is None else w2).shape[-1]
+    out = x.new_zeros(x.shape[0], out_dim)
+    for e in range(w1.shape[0]):
+        mine = (row_expert == e).unsqueeze(-1)
+        h = torch.where(mine, x, 0) @ w1[e] + b1[e]
+        if w2 is not None:
+            h = F.gelu(h) @ w2[e] + b2[e]
+        out = torch.where(mine, h, out)
+    return out
+
+
+def _grouped_experts(x: torch.Tensor, tokens_per_expert: torch.Tensor,
+                     row_expert: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                     w2: torch.Tensor | None, b2: torch.Tensor | None) -> torch.Tensor:
+    dims = {"d_model": w1.shape[1]}
+    if w2 is not None:
+        dims["expert_ffn_dim"] = w1.shape[2]
+    _check_grouped_mm_alignment(dims, x.dtype)
+    offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+    # Row E of the padded biases is 0: rows past the groups stay exactly 0.
+    h = grouped_mm(x.contiguous(), w1, offs) + F.pad(b1, (0, 0, 0, 1))[row_expert]
+    if w2 is None:
+        return h
+    return grouped_mm(F.gelu(h), w2, offs) + F.pad(b2, (0, 0, 0, 1))[row_expert]
+
+
 def expert_forward(
     x_sorted: torch.Tensor,
     tokens_per_expert: torch.Tensor,
@@ -213,51 +409,35 @@ def expert_forward(
 ) -> torch.Tensor:
     """Run each expert on its contiguous block of expert-sorted rows.
 
-    ``x_sorted`` (M, d) grouped by expert, ``tokens_per_expert`` (E,) the group
-    sizes (sum M; E = ``w1.shape[0]``, the local experts under expert
-    parallelism). Weights in the module's layout (``w2``/``b2`` None for linear
-    experts). Returns (M, d_out) in the compute dtype (the autocast dtype when
-    autocast is on, else ``x_sorted``'s). Every backend computes the same
-    function; experts with no rows get no computation and zero gradient.
+    ``x_sorted`` (M, d): the first ``tokens_per_expert.sum()`` rows grouped by
+    expert in expert order, ``tokens_per_expert`` (E,) the group sizes (E =
+    ``w1.shape[0]``, the local experts under expert parallelism); rows after
+    the groups (:func:`dispatch`'s non-assignments) are computed by no expert.
+    Weights in the module's layout (``w2``/``b2`` None for linear experts);
+    ``backend`` one of :data:`MOE_BACKENDS` (``auto`` decided here from the
+    device and the compute dtype, as in :func:`resolve_moe_backend`). Returns
+    (M, d_out) in the compute dtype (the autocast dtype when autocast is on,
+    else ``x_sorted``'s), its rows after the groups exactly 0. Every backend
+    computes the same function; experts with no rows get exactly zero
+    gradient, and so do the input rows after the groups. ``grouped_mm`` and
+    ``loop`` are fixed-shape and read nothing on the host; ``megablocks``
+    reads the group sizes on the host.
     """
+    if backend not in MOE_BACKENDS:
+        raise ValueError(f"unknown MoE backend {backend!r}; expected one of {list(MOE_BACKENDS)}")
     dtype = _compute_dtype(x_sorted)
     x_sorted = x_sorted.to(dtype)
     w1, b1 = w1.to(dtype), b1.to(dtype)
     if w2 is not None:
         w2, b2 = w2.to(dtype), b2.to(dtype)
-    if backend == "grouped_mm":
-        dims = {"d_model": w1.shape[1]}
-        if w2 is not None:
-            dims["expert_ffn_dim"] = w1.shape[2]
-        _check_grouped_mm_alignment(dims, dtype)
-        offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
-        expert_ids = torch.repeat_interleave(
-            torch.arange(w1.shape[0], device=x_sorted.device),
-            tokens_per_expert,
-            output_size=x_sorted.shape[0],
-        )
-        h = _grouped_matmul(x_sorted.contiguous(), w1, offs) + b1[expert_ids]
-        if w2 is None:
-            return h
-        return _grouped_matmul(F.gelu(h), w2, offs) + b2[expert_ids]
-    if backend == "loop":
-        outs = []
-        start = 0
-        for e, count in enumerate(tokens_per_expert.tolist()):
-            if count == 0:
-                continue
-            h = x_sorted[start:start + count] @ w1[e] + b1[e]
-            if w2 is not None:
-                h = F.gelu(h) @ w2[e] + b2[e]
-            outs.append(h)
-            start += count
-        if not outs:
-            out_dim = (w1 if w2 is None else w2).shape[-1]
-            return x_sorted.new_zeros(0, out_dim)
-        return torch.cat(outs)
+    if backend == "auto":
+        backend = _auto_backend(x_sorted.device.type, dtype)
     if backend == "megablocks":
         return megablocks_expert_forward(x_sorted, tokens_per_expert, w1, b1, w2, b2)
-    raise ValueError(f"unknown MoE backend {backend!r}; expected grouped_mm, loop or megablocks")
+    row_expert = _row_experts(tokens_per_expert, x_sorted.shape[0])
+    if backend == "loop":
+        return _loop_experts(x_sorted, row_expert, w1, b1, w2, b2)
+    return _grouped_experts(x_sorted, tokens_per_expert, row_expert, w1, b1, w2, b2)
 
 
 class MoELayer(nn.Module):
@@ -266,8 +446,10 @@ class MoELayer(nn.Module):
     ``forward(x, mask)``: x (B, L, d) or (N, d); mask (B, L) / (N,) bool, True =
     real token, or None (all real). Every token is routed, but the routing
     weights of padding tokens are set to exactly zero, so :func:`dispatch`
-    leaves them out: padding is never computed by an expert nor sent to
-    another rank, and its output row is exactly 0. Returns ``(y, aux)`` with y
+    sorts their slots after every expert's group: padding is never computed by
+    an expert nor sent to another rank, and its output row is exactly 0.
+    Without expert parallelism the forward (and backward) is fixed-shape and
+    reads nothing on the host (module docstring). Returns ``(y, aux)`` with y
     shaped and typed like x (output dropout applied) and ``aux`` holding,
     unweighted (the model applies the loss weights), over real tokens only:
 
@@ -307,7 +489,8 @@ class MoELayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # Set from outside by liquid_dist.parallel.expert_parallel: a callable
         # (x_sorted, tokens_per_expert, layer) -> y_sorted that exchanges the
-        # rows with the ranks holding the other experts; None = all experts here.
+        # rows with the ranks holding the other experts; it gets the assignment
+        # rows only (forward cuts the others off); None = all experts here.
         self.expert_parallel = None
         self.reset_expert_parameters()
 
@@ -357,7 +540,11 @@ class MoELayer(nn.Module):
         if self.expert_parallel is None:
             y_sorted = self.local_expert_forward(x_sorted, tokens_per_expert)
         else:
-            y_sorted = self.expert_parallel(x_sorted, tokens_per_expert, self)
+            # The exchange needs host split sizes anyway: read the number of
+            # assignments here, so that the other rows are never sent.
+            assigned = int(tokens_per_expert.sum())
+            y_sent = self.expert_parallel(x_sorted[:assigned], tokens_per_expert, self)
+            y_sorted = F.pad(y_sent, (0, 0, 0, x_sorted.shape[0] - assigned))
         y = self.dropout(combine(y_sorted, info).to(x.dtype)).reshape(shape)
         aux = self.aux_losses(probs, experts, weights, k, real)
         return check_finite("MoELayer", y, self.check_finite), aux

@@ -8,12 +8,33 @@ rectifier-like activation (N(0, 2/n_in)), zero biases.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-def xavier_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
-    """An ``nn.Linear`` with Xavier-normal weight and zero bias."""
-    layer = nn.Linear(in_features, out_features, bias=bias)
+class Float32Linear(nn.Linear):
+    """An ``nn.Linear`` that computes in float32, whatever its parameters' dtype.
+
+    ``forward(x)`` returns ``x @ W.T + b`` in float32 under any ambient
+    autocast, for parameters in any floating dtype (DeepSpeed's bf16 casts
+    every parameter to bf16). The weights are upcast inside this module's own
+    forward, where ZeRO-3 has gathered them; gradients reach the parameters in
+    their own dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+def xavier_linear(in_features: int, out_features: int, bias: bool = True,
+                  float32: bool = False) -> nn.Linear:
+    """An ``nn.Linear`` with Xavier-normal weight and zero bias.
+
+    ``float32``: a :class:`Float32Linear`, which computes in float32.
+    """
+    layer = (Float32Linear if float32 else nn.Linear)(in_features, out_features, bias=bias)
     nn.init.xavier_normal_(layer.weight)
     if bias:
         nn.init.zeros_(layer.bias)
@@ -43,6 +64,25 @@ def check_finite(name: str, tensor: torch.Tensor, enabled: bool) -> torch.Tensor
         bad = (~torch.isfinite(tensor)).sum().item()
         raise NonFiniteError(f"non-finite activation in {name}: {bad} of {tensor.numel()} values")
     return tensor
+
+
+def replace_nonfinite(name: str, x: torch.Tensor,
+                      strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(x with every NaN and ±Inf set to 0, how many were set)``.
+
+    The count is an int64 scalar tensor on ``x``'s device (no host sync).
+    Applied before a tensor reaches a LayerNorm, the 0 changes one value of
+    one position and nothing else: a row holding ±Inf normalises to NaN, and
+    one holding ``torch.nan_to_num``'s ±3.4e38 overflows the variance and
+    normalises to all zeros, and the sequence-mixing layers after the
+    LayerNorm would spread either to the neighbouring positions. In strict
+    mode, raise :class:`NonFiniteError` naming ``name`` instead (see
+    :func:`check_finite`); the count is then 0.
+    """
+    if strict:
+        return check_finite(name, x, True), x.new_zeros((), dtype=torch.int64)
+    bad = ~torch.isfinite(x)
+    return x.masked_fill(bad, 0.0), bad.sum()
 
 
 def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

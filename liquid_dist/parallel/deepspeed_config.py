@@ -29,13 +29,18 @@ def check_supported(cfg: Config) -> None:
     ``parallel.ep_size`` must divide the world size the launcher announces
     (``WORLD_SIZE`` / ``SLURM_NTASKS``; 1 without a launcher) and
     ``model.moe.num_experts``, and expert parallelism needs ZeRO stage 3
-    (docs/parallelism.md).
+    (docs/parallelism.md) and eager blocks (no ``train.compile``).
     """
     from liquid_dist.parallel.distributed import resolve_dist_env
     from liquid_dist.parallel.expert_parallel import check_ep_size
 
     ep = cfg.parallel.ep_size
     if ep != 1:
+        if cfg.train.compile:
+            raise ConfigError("train.compile", cfg.train.compile,
+                              "false with parallel.ep_size > 1: the expert exchange reads "
+                              "its split sizes on the host and runs collectives, which a "
+                              "fullgraph-compiled block cannot hold (docs/training.md)")
         if cfg.parallel.zero_stage != 3:
             raise ConfigError("parallel.ep_size", ep,
                               "1 unless parallel.zero_stage is 3 (expert parallelism is "

@@ -9,7 +9,12 @@ The model stays parallelism-agnostic; this module plugs into it from outside
   the layer's ``expert_parallel`` hook: the project's router, dispatch, combine
   and auxiliary losses run unchanged on every rank, and only the expert
   computation moves to the rank that holds the expert (two ``all_to_all_single``
-  calls in the expert-parallel group, differentiable).
+  calls in the expert-parallel group, differentiable). ``all_to_all_single``
+  takes host split sizes, so expert parallelism is where the MoE layer reads
+  the device on the host: the layer reads its number of assignments (to send
+  only those rows) and the exchange reads both split sizes in one go after
+  exchanging the per-expert counts — two host reads per MoE layer forward,
+  none in backward (the backward reuses the forward's splits).
 * The sliced parameters are marked the way DeepSpeed's AutoEP marks its expert
   parameters (``ds_zero_placement_family = "autoep_expert"``, the EP group
   name, ``allreduce = False``), so ZeRO-3 itself partitions and reduces them
@@ -109,9 +114,8 @@ def _join_graph(y: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
     The backward pass must run the same collectives on every rank: the reverse
     all-to-alls (reached only through ``x_recv``) and ZeRO's gradient reduction
     of every expert tensor (whose hooks fire only for tensors that get a
-    gradient). A rank that received no rows, or an expert without tokens on the
-    ``loop`` backend, would otherwise drop out of the graph and leave the other
-    ranks waiting.
+    gradient). A rank that received no rows would otherwise drop out of the
+    graph and leave the other ranks waiting.
     """
     zero = sum(t.reshape(-1)[:1].sum() for t in tensors) * 0.0
     return y + zero.to(y.dtype)
@@ -122,11 +126,15 @@ class ExpertExchange:
     """The ``MoELayer.expert_parallel`` hook: rows to their experts' ranks and back.
 
     ``__call__(x_sorted, tokens_per_expert, layer) -> y_sorted``: ``x_sorted``
-    (M, d) grouped by global expert, ``tokens_per_expert`` (E,) from
-    :func:`~liquid_dist.model.moe.dispatch`; returns (M, d_out) in the same row
-    order, each row computed by the rank that holds its expert. Every rank of
-    the group joins both exchanges even when it sends or receives no rows, so a
-    rank whose experts get no tokens never leaves the others waiting.
+    (M, d) the assignment rows of :func:`~liquid_dist.model.moe.dispatch`
+    grouped by global expert (``MoELayer.forward`` cuts the non-assignment
+    rows off, so padding is never sent; M = ``tokens_per_expert.sum()``),
+    ``tokens_per_expert`` (E,) the group sizes; returns (M, d_out) in the same
+    row order, each row computed by the rank that holds its expert. Reads the
+    send and receive split sizes on the host once, after the exchange of the
+    counts. Every rank of the group joins both exchanges even when it sends or
+    receives no rows, so a rank whose experts get no tokens never leaves the
+    others waiting.
     """
 
     group: Any
@@ -142,8 +150,9 @@ class ExpertExchange:
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=self.group)
         received = received.view(self.ep_size, local)
-        send_splits = counts.view(self.ep_size, local).sum(1).tolist()
-        recv_splits = received.sum(1).tolist()
+        # the exchange's one host read: both split sizes at once
+        send_splits, recv_splits = torch.stack(
+            [counts.view(self.ep_size, local).sum(1), received.sum(1)]).tolist()
         x_recv = _all_to_all(x_sorted, recv_splits, send_splits, self.group)
         # rows arrive grouped by source rank, then by expert: regroup by expert,
         # sources in rank order (stable), i.e. the global batch's token order

@@ -1,5 +1,8 @@
 """The seed's monitoring hooks: per-block activation RMS, gradient norms, non-finite counts.
 
+``nonfinite_act/<block>``: the non-finite activations the block replaced by 0
+(its aux ``nonfinite``); ``nonfinite_grad/<block>``: non-finite gradient entries.
+
 Every ``train.monitor_every`` steps the trainer arms forward hooks on each
 encoder and decoder block for that step's forward passes, then reads the
 gradients after the last backward and before the optimizer step. Values are
@@ -16,10 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-
-
-def _block_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 class BlockMonitor:
@@ -57,11 +56,11 @@ class BlockMonitor:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if not self._recording:
                 return
-            x = _block_output(out).detach().float()
-            finite = torch.isfinite(x)
-            self._nonfinite[i] += float((~finite).sum())
-            self._sq_sum[i] += float(torch.where(finite, x, 0.0).square().sum())
-            self._count[i] += float(finite.sum())
+            # a block returns (x, aux): x is finite, aux["nonfinite"] counts what it replaced
+            x, aux = out
+            self._nonfinite[i] += float(aux["nonfinite"])
+            self._sq_sum[i] += float(x.detach().float().square().sum())
+            self._count[i] += x.numel()
         return hook
 
     def _grad_sums(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from liquid_dist.config import Config, ConfigError, validate
+from liquid_dist.model.moe import resolve_moe_backend
 from liquid_dist.model.pretrained import check_compatible, is_pretrained_dir
 from liquid_dist.parallel.deepspeed_config import check_supported, resolve_precision
 
@@ -23,12 +24,14 @@ def resolve_config(cfg: Config) -> Config:
     ``auto`` takes the tokenizer's size; an explicit size below it is a
     ConfigError (ids past the embedding would crash mid-run), as are special
     token ids that differ from the tokenizer's and settings this engine does
-    not run yet (``parallel.ep_size > 1``, fp16 without a GPU).
+    not run (an ``ep_size`` that does not divide the world size, fp16 without a
+    GPU, an MoE backend without a kernel for this device and precision).
     """
     from liquid_dist.data import Tokenizer
 
     check_supported(cfg)
-    resolve_precision(cfg.train, "cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    resolve_moe_backend(cfg.model.moe, device_type, resolve_precision(cfg.train, device_type))
     if cfg.train.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("train.wandb.mode", cfg.train.wandb.mode,
                           "'disabled' unless wandb is installed (pip install wandb)")

@@ -7,13 +7,15 @@ target tokens N (one all-reduce of a scalar, left on the device), and each
 micro-batch back-propagates ``ce_sum * (grad_accum * world_size / N) +
 aux_loss``; DeepSpeed's division by ``grad_accum`` and its averaging over the
 ranks then leave exactly ``sum of per-token CE / N`` plus the mean auxiliary
-loss, whatever the number of targets of each micro-batch. After the last
-backward of a step all ranks sum one small vector (the step's loss sums and
-token counts, a non-finite flag and the stop flag) in a single all-reduce, so
-they all take the same decisions:
+loss, whatever the number of targets of each micro-batch. Losses, counts and
+expert usage accumulate on the device. After the last backward of a step all
+ranks sum one small vector (the step's loss sums and token counts, a
+non-finite flag and the stop flag) in a single all-reduce, read once on the
+host, so they all take the same decisions:
 
-* non-finite loss on any rank: the optimizer update is skipped (the step
-  still counts and its batches are consumed), the skip is counted, and more
+* non-finite loss on any rank, or a non-finite activation that a block had to
+  replace (``nonfinite_activations`` > 0): the optimizer update is skipped (the
+  step still counts and its batches are consumed), the skip is counted, and more
   than ``train.max_nan_skips`` skips in a row raise :class:`NonFiniteLossError`;
 * a stop signal on any rank: the step completes, every rank saves a
   checkpoint, and :meth:`Trainer.run` returns :data:`EXIT_PREEMPTED`.
@@ -53,6 +55,7 @@ from liquid_dist.parallel.expert_parallel import (
 from liquid_dist.params import count_parameters
 from liquid_dist.train import testhooks
 from liquid_dist.train.checkpoint import CheckpointManager, find_checkpoint, load_weights
+from liquid_dist.train.compile import compile_blocks
 from liquid_dist.train.flops import ModelFlops, peak_flops_per_device
 from liquid_dist.train.metrics import MetricsLogger, human_line, truncate_metrics
 from liquid_dist.train.monitor import BlockMonitor
@@ -200,6 +203,8 @@ class Trainer:
         if cfg.parallel.ep_size > 1:
             self.expert_layout = apply_expert_parallel(self.model, cfg.parallel.ep_size)
         check_expert_placement(self.model, cfg.parallel.ep_size, self.env.world_size)
+        if t.compile:
+            compile_blocks(self.model)
         module = PretrainingModule(self.model)
         if cfg.parallel.zero_stage == 3:
             # routing decides per batch which experts run: fetch a MoE layer's
@@ -341,7 +346,8 @@ class Trainer:
             counts = torch.tensor([self._counts(b) for b in host], dtype=torch.float64).sum(0)
             targets = self._all_reduce(counts[COUNT_KEYS.index("target_tokens")].clone())
             ce_scale = (t.grad_accum * self.env.world_size) / targets.clamp(min=1.0)
-            sums = torch.zeros(1 + len(MEAN_KEYS), dtype=torch.float64, device=self.device)
+            # [ce_sum, MEAN_KEYS..., non-finite activations replaced], summed on the device
+            sums = torch.zeros(2 + len(MEAN_KEYS), dtype=torch.float64, device=self.device)
             for micro, batch in enumerate(host):
                 if monitoring:
                     self.monitor.resume()
@@ -353,23 +359,26 @@ class Trainer:
                 if self.env.rank == 0 and self.step + 1 in nan_steps:
                     ce_sum = ce_sum * float("nan")
                 sums += torch.stack([ce_sum.detach()] + [out[k].detach() for k in MEAN_KEYS]
-                                    ).double()
+                                    + [out["nonfinite_activations"]]).double()
                 if "expert_usage" in out:
-                    u = out["expert_usage"].detach().double().cpu()
+                    u = out["expert_usage"].detach().double()
                     window.usage = u if window.usage is None else window.usage + u
                 window.micro += 1
                 self.engine.backward(ce_sum * ce_scale + out["aux_loss"])
                 if micro < t.grad_accum - 1:
                     self.engine.step()
-            nonfinite = not bool(torch.isfinite(sums).all())
+            # a non-finite loss term, or an activation the blocks had to replace: skip
+            bad = (~torch.isfinite(sums[:-1])).any() | (sums[-1] > 0)
             raise_stop = stop.requested or (self.env.rank == 0 and stop_at is not None
                                             and self.step + 1 >= stop_at)
-            flags = torch.tensor([float(nonfinite), float(raise_stop)], dtype=torch.float64)
-            total = self._all_reduce(torch.cat([sums.cpu(), flags, counts])).cpu()
+            flags = torch.stack([bad.double(), sums.new_tensor(float(raise_stop))])
+            # the step's one host read: every rank's decision vector, after the last backward
+            total = self._all_reduce(torch.cat([sums, flags, counts.to(self.device)])).cpu()
             n_sums = len(sums)
             ce = total[0] / targets.cpu().clamp(min=1.0)
-            means = total[1:n_sums] / (t.grad_accum * self.env.world_size)
+            means = total[1:n_sums - 1] / (t.grad_accum * self.env.world_size)
             losses = torch.cat([(ce + means[0]).view(1), ce.view(1), means[1:]])
+            replaced = int(total[n_sums - 1])
             skip = bool(total[n_sums] > 0)
             stop_now = bool(total[n_sums + 1] > 0)
             step_counts = total[n_sums + 2:]
@@ -389,7 +398,7 @@ class Trainer:
             grad_norm = float(ds_norm if ds_norm is not None else (own_norm or 0.0))
             # DeepSpeed's ZeRO-3 also skips an update whose gradient norm is not finite
             skip = skip or not math.isfinite(grad_norm)
-            self._count_nan(skip, losses)
+            self._count_nan(skip, losses, replaced)
             if not skip:
                 window.good += 1
                 window.losses += losses
@@ -421,7 +430,7 @@ class Trainer:
         return float(torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
-    def _count_nan(self, skip: bool, losses: torch.Tensor) -> None:
+    def _count_nan(self, skip: bool, losses: torch.Tensor, replaced: int) -> None:
         limit = self.cfg.train.max_nan_skips
         if not skip:
             self.nan_skips_in_row = 0
@@ -429,10 +438,13 @@ class Trainer:
         self.nan_skips_total += 1
         self.nan_skips_in_row += 1
         self.logger.log({"kind": "event", "event": "nan_skip", "step": self.step,
-                         "loss": float(losses[0]), "nan_skips_in_row": self.nan_skips_in_row,
+                         "loss": float(losses[0]), "nonfinite_activations": replaced,
+                         "nan_skips_in_row": self.nan_skips_in_row,
                          "nan_skips_total": self.nan_skips_total},
-                        f"step {self.step}: non-finite loss or gradient, update skipped "
-                        f"({self.nan_skips_in_row} in a row, {self.nan_skips_total} in all)")
+                        f"step {self.step}: non-finite loss or gradient"
+                        + (f", {replaced} non-finite activations replaced" if replaced else "")
+                        + f", update skipped ({self.nan_skips_in_row} in a row, "
+                        f"{self.nan_skips_total} in all)")
         if self.nan_skips_in_row > limit:
             raise NonFiniteLossError(
                 f"non-finite loss or gradients on {self.nan_skips_in_row} consecutive steps "
