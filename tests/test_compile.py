@@ -79,3 +79,19 @@ def test_compile_with_expert_parallelism_is_refused_before_launch():
     cfg = load_config("configs/tiny.yaml", ["train.compile=true", "parallel.ep_size=2"])
     with pytest.raises(ConfigError, match="train.compile"):
         check_supported(cfg)
+
+
+@pytest.mark.slow
+def test_compiled_training_under_zero3_on_two_ranks_equals_eager():
+    """ZeRO-3 gathers a compiled block's parameters around its graph (the block is a
+    ZeRO-3 leaf module then): 2 ranks train exactly like the eager reference run."""
+    import train_fixtures as tf
+
+    run_dir = tf.TMP / "compiled"
+    proc = tf.launch(2, tf.base_overrides(run_dir) + ["train.compile=true"],
+                     launcher="torchrun", timeout=900)
+    assert proc.returncode == 0, tf.tail(proc)
+    compiled, eager = tf.train_losses(run_dir), tf.train_losses(tf.reference_run())
+    assert sorted(compiled) == sorted(eager) == list(range(1, 9))
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, rel=1e-4), step

@@ -187,6 +187,7 @@ class Trainer:
 
         from liquid_dist.data import build_train_loader, build_val_loader
         from liquid_dist.model import LiquidFoundationModelOptimized, MoELayer
+        from liquid_dist.model.block import ImprovedTransformerBlock
 
         cfg, t = self.cfg, self.cfg.train
         # DeepSpeed 0.19 calls torch.distributed functions that torch 2.13 deprecates
@@ -208,8 +209,10 @@ class Trainer:
         module = PretrainingModule(self.model)
         if cfg.parallel.zero_stage == 3:
             # routing decides per batch which experts run: fetch a MoE layer's
-            # parameters as one unit, or ranks disagree on the prefetch order
-            set_z3_leaf_modules(module, [MoELayer])
+            # parameters as one unit, or ranks disagree on the prefetch order; a
+            # compiled block is fetched as one unit too, so that ZeRO-3's hooks run
+            # around its graph, not inside it
+            set_z3_leaf_modules(module, [ImprovedTransformerBlock] if t.compile else [MoELayer])
         param_groups = _param_groups(module, t.weight_decay)
         if self.expert_layout is not None:
             param_groups = split_expert_param_groups(param_groups)
