@@ -13,12 +13,15 @@ set -euo pipefail
 # how long torchrun lets its ranks checkpoint after passing on a SIGTERM
 # before it kills them (recent torch reads it; Slurm's KillWait/GraceTime bound it too)
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}"
+# how long torchrun waits for all NNODES nodes to join the rendezvous before it
+# fails with a RendezvousTimeoutError (torch's default: 600 s)
+RDZV_TIMEOUT="${RDZV_TIMEOUT:-600}"
 
 (
     trap '' USR1
     exec "$TORCHRUN" --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" \
         --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$MASTER_PORT" \
-        --rdzv_id "$SLURM_JOB_ID" --max_restarts 0 \
+        --rdzv_id "$SLURM_JOB_ID" --rdzv_conf "join_timeout=$RDZV_TIMEOUT" --max_restarts 0 \
         launch/pretrain.py --config "$CONFIG" --resume auto \
         --set "train.run_dir=$RUN_DIR" "$@"
 ) &

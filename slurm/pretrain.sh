@@ -13,6 +13,9 @@
 #   MASTER_PORT    rendezvous port                  (29500 + job id mod 1000)
 #   VENV           environment with liquid_dist     (.venv)
 #   TORCHRUN       per-node launcher                ($VENV/bin/torchrun)
+#   RDZV_TIMEOUT   seconds to wait for every node at the rendezvous (600)
+# Without GPUs (a CPU cluster): sbatch --gpus-per-node=0 --cpus-per-task=1 with
+# GPUS_PER_NODE=1 (--gres=none is refused while the #SBATCH GPU line stands).
 #
 # 120 s before the time limit Slurm sends USR1 to the job steps; the ranks
 # finish their step, save a checkpoint, rank 0 writes RUN_DIR/PREEMPTED, and

@@ -24,7 +24,12 @@ from liquid_dist.train.checkpoint import (
     find_checkpoint,
 )
 from liquid_dist.train.flops import forward_flops
-from liquid_dist.train.metrics import MetricsLogger, read_metrics, truncate_metrics
+from liquid_dist.train.metrics import (
+    MetricsLogger,
+    read_metrics,
+    truncate_metrics,
+    wandb_sent_through,
+)
 from liquid_dist.train.prepare import resolve_config
 from liquid_dist.train.schedule import lr_at
 from liquid_dist.train.signals import StopFlag
@@ -208,3 +213,49 @@ def test_vocab_auto_takes_the_tokenizers_size_and_smaller_is_refused(tmp_path: P
 
 
 REPO_TINY = tf.REPO / "configs" / "tiny.yaml"
+
+
+def test_wandb_sent_through_follows_each_attempts_mode_and_a_lost_service() -> None:
+    def ev(name: str, step: int, **kw: object) -> dict:
+        return {"kind": "event", "event": name, "step": step, **kw}
+
+    def train(step: int) -> dict:
+        return {"kind": "train", "step": step}
+
+    assert wandb_sent_through([]) is None
+    assert wandb_sent_through([ev("start", 0, wandb="disabled"), train(1)]) is None
+    on = [ev("start", 0, wandb="offline"), train(1), train(2), ev("checkpoint", 2), train(3)]
+    assert wandb_sent_through(on) == 3  # the dead attempt sent step 3 after its checkpoint
+    second = on[:4] + [ev("resume", 2, wandb="offline"), train(3), train(4)]
+    assert wandb_sent_through(second) == 4
+    # the service died in the second attempt: none of its steps count as sent
+    lost = second + [ev("wandb_lost", 5), train(5), ev("checkpoint", 5)]
+    assert wandb_sent_through(lost) == 2
+    assert wandb_sent_through(lost + [ev("resume", 5, wandb="offline"), train(6)]) == 6
+
+
+class _DyingWandbRun:
+    """A wandb run whose service is gone (what the job's SIGTERM does to it)."""
+
+    def log(self, data: dict, step: int) -> None:
+        raise ConnectionResetError("Connection lost")
+
+    def finish(self) -> None:
+        raise ConnectionResetError("Connection lost")
+
+
+def test_a_failing_wandb_turns_wandb_off_and_keeps_logging(tmp_path: Path) -> None:
+    lines: list[str] = []
+    log = MetricsLogger(tmp_path, rank=0, wandb_cfg=WandbConfig(), config={},
+                        sent_through=2, printer=lines.append)
+    log._wandb = _DyingWandbRun()
+    log.log({"kind": "train", "step": 2, "loss": 1.0})  # sent before: not sent again
+    assert log._wandb is not None
+    log.log({"kind": "train", "step": 3, "loss": 1.0})
+    log.log({"kind": "train", "step": 4, "loss": 1.0})
+    log.close()
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 3, 4]
+    assert [r for r in records if r["kind"] == "event"] == [
+        {"kind": "event", "event": "wandb_lost", "step": 3}]
+    assert lines[0].startswith("wandb failed at step 3 (ConnectionResetError: Connection lost)")

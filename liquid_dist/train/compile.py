@@ -5,8 +5,9 @@ block: each block's ``forward`` becomes ``torch.compile(forward,
 fullgraph=True)``. Parameter names and the module tree stay as they are, so
 checkpoints, conversion and DeepSpeed see the same model; the block's own
 hooks (the block monitor, and ZeRO-3's parameter gathering once the trainer
-makes compiled blocks ZeRO-3 leaf modules) run outside the graph. ``fullgraph=True`` makes a graph break an error at the
-first step instead of a silent slow path.
+makes compiled blocks ZeRO-3 leaf modules) run outside the graph.
+``fullgraph=True`` makes a graph break an error at the first step instead of a
+silent slow path.
 
 Outside the compiled regions stay the embeddings (FrequencyHyenaAttention's
 FFTs and spectral attention over octave bands), the EnhancedLSTM (a cuDNN /

@@ -4,7 +4,28 @@ Only rank 0 writes. Every record is a flat JSON object with ``kind``
 (``train``, ``eval``, ``monitor``, ``event``) and ``step``; the same record
 goes to wandb when ``train.wandb.mode`` is ``online`` or ``offline``
 (wandb is imported only then). The wandb run id is kept in the checkpoint,
-so a resumed or requeued job continues the same wandb run.
+so a resumed or requeued job continues the same wandb run (``resume="allow"``).
+
+Across attempts (a requeue, a resubmission) every step is sent to the wandb
+run once: metrics.jsonl tells which steps earlier attempts sent
+(:func:`wandb_sent_through`). An attempt that died after its last checkpoint
+had sent the steps it computed after it; the resumed attempt computes them
+again, writes them to metrics.jsonl again (truncated to the checkpoint first,
+:func:`truncate_metrics`) but does not send them again (an online wandb
+refuses a step below its last one, an offline run would hold it twice): the
+wandb run keeps the dead attempt's values there. Steps that were written to
+metrics.jsonl but never reached wandb (its service died, or wandb was off) are
+sent by the resumed attempt from metrics.jsonl (``replay``).
+
+A wandb failure never costs the run: the wandb service is a separate process
+that the job's SIGTERM (``scancel``, a requeue, a preemption) reaches
+directly, and it exits at once. The first failing call turns wandb off for the
+rest of the attempt with a warning and a ``wandb_lost`` event, and training,
+the preemption checkpoint included, goes on. A service killed that way may
+lose what it had not written yet (offline: the attempt's whole run file was
+empty), so the steps of such an attempt count as not sent, and the next
+attempt sends them again from metrics.jsonl (online, wandb drops those it had
+already, being below its last step).
 """
 
 from __future__ import annotations
@@ -13,6 +34,7 @@ import json
 import math
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,6 +58,29 @@ def read_metrics(run_dir: str | Path, kind: Optional[str] = None) -> list[dict[s
     return [r for r in records if kind is None or r.get("kind") == kind]
 
 
+def wandb_sent_through(records: list[dict[str, Any]]) -> Optional[int]:
+    """The last step the wandb run got, from the metrics.jsonl ``records`` of its attempts.
+
+    Each attempt begins with a ``start``/``resume`` event naming its wandb mode;
+    while wandb is on, every record was sent. After a ``wandb_lost`` event none
+    of that attempt's records count as sent (the dying service may have lost them)."""
+    through: Optional[int] = None
+    before_attempt: Optional[int] = None
+    sending = False
+    for r in records:
+        step = int(r.get("step", 0))
+        if r.get("kind") == "event" and r.get("event") in ("start", "resume"):
+            sending = r.get("wandb", "disabled") != "disabled"
+            before_attempt = through
+        elif r.get("kind") == "event" and r.get("event") == "wandb_lost":
+            sending = False
+            through = before_attempt
+            continue
+        if sending and (through is None or step > through):
+            through = step
+    return through
+
+
 def truncate_metrics(run_dir: str | Path, step: int) -> int:
     """Drop records after ``step`` (logged by a run that then died before its next
     checkpoint; the resumed run logs those steps again). Returns how many were dropped."""
@@ -55,12 +100,17 @@ class MetricsLogger:
 
     ``run_id`` is the wandb id (given when resuming, else a new one), kept
     whether or not wandb is on so that turning it on later still resumes.
+    ``sent_through``: the last step that earlier attempts sent to this wandb
+    run; records up to it go to metrics.jsonl only. ``replay``: records of
+    earlier attempts that wandb never got, sent right after ``wandb.init``.
     """
 
     def __init__(self, run_dir: str | Path, *, rank: int, wandb_cfg: WandbConfig,
                  config: dict[str, Any], run_id: Optional[str] = None,
-                 printer: Any = None):
+                 sent_through: Optional[int] = None,
+                 replay: Sequence[dict[str, Any]] = (), printer: Any = None):
         self.rank = rank
+        self.sent_through = sent_through
         self.path = Path(run_dir) / METRICS_FILE
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self._print = printer or (lambda line: print(line, file=sys.stdout, flush=True))
@@ -78,6 +128,26 @@ class MetricsLogger:
             self._wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name,
                                      id=self.run_id, resume="allow", mode=wandb_cfg.mode,
                                      config=config, dir=str(self.path.parent))
+            for record in replay:
+                self._send(record)
+            if replay:
+                self.sent_through = max(self.sent_through or 0,
+                                        max(int(r.get("step", 0)) for r in replay))
+
+    def _send(self, record: dict[str, Any]) -> None:
+        step = int(record.get("step", 0))
+        if self._wandb is None or (self.sent_through is not None and step <= self.sent_through):
+            return
+        data = {f"{record.get('kind', 'train')}/{k}": v for k, v in record.items()
+                if k not in ("kind", "step") and isinstance(v, (int, float))}
+        try:
+            self._wandb.log(data, step=step)
+        except Exception as exc:  # any failure of the wandb service
+            self._wandb = None
+            self.log({"kind": "event", "event": "wandb_lost", "step": step},
+                     f"wandb failed at step {step} ({type(exc).__name__}: {exc}): "
+                     "continuing without it; metrics.jsonl has every record")
+            return
 
     def log(self, record: dict[str, Any], line: Optional[str] = None) -> None:
         """Append ``record`` to metrics.jsonl (and wandb); print ``line`` if given."""
@@ -85,10 +155,7 @@ class MetricsLogger:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
-        if self._wandb is not None:
-            data = {f"{record.get('kind', 'train')}/{k}": v for k, v in record.items()
-                    if k not in ("kind", "step") and isinstance(v, (int, float))}
-            self._wandb.log(data, step=int(record.get("step", 0)))
+        self._send(record)
         if line is not None:
             self._print(line)
 
@@ -98,8 +165,11 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+            run, self._wandb = self._wandb, None
+            try:
+                run.finish()
+            except Exception as exc:  # the service may be gone (see the module docstring)
+                self._print(f"wandb finish failed ({type(exc).__name__}: {exc})")
 
 
 def format_duration(seconds: float) -> str:

@@ -57,7 +57,13 @@ from liquid_dist.train import testhooks
 from liquid_dist.train.checkpoint import CheckpointManager, find_checkpoint, load_weights
 from liquid_dist.train.compile import compile_blocks
 from liquid_dist.train.flops import ModelFlops, peak_flops_per_device
-from liquid_dist.train.metrics import MetricsLogger, human_line, truncate_metrics
+from liquid_dist.train.metrics import (
+    MetricsLogger,
+    human_line,
+    read_metrics,
+    truncate_metrics,
+    wandb_sent_through,
+)
 from liquid_dist.train.monitor import BlockMonitor
 from liquid_dist.train.schedule import lr_at
 from liquid_dist.train.signals import EXIT_PREEMPTED, StopFlag
@@ -303,15 +309,23 @@ class Trainer:
         run_id = self._restore()
         t = self.cfg.train
         rank0 = self.env.rank == 0
+        sent_through, replay = None, []
         if rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+            if run_id is not None:  # what this wandb run got from earlier attempts
+                sent_through = wandb_sent_through(read_metrics(self.run_dir))
             truncate_metrics(self.run_dir, self.step)
+            if run_id is not None:  # up to the checkpoint: what it never got
+                replay = [r for r in read_metrics(self.run_dir)
+                          if sent_through is None or r.get("step", 0) > sent_through]
         bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (rank0 and sys.stderr.isatty()))
         printer = bar.write if not bar.disable else None
         self.logger = MetricsLogger(self.run_dir, rank=self.env.rank, wandb_cfg=t.wandb,
-                                    config=self.cfg.to_dict(), run_id=run_id, printer=printer)
+                                    config=self.cfg.to_dict(), run_id=run_id,
+                                    sent_through=sent_through, replay=replay,
+                                    printer=printer)
         stop = StopFlag().install()
         try:
             self._log_start()
@@ -326,7 +340,8 @@ class Trainer:
         counts = self.parameter_counts
         event = "resume" if self.resumed_from else "start"
         self.logger.log({"kind": "event", "event": event, "step": self.step,
-                         "world_size": self.env.world_size, "precision": self.precision,
+                         "wandb": self.cfg.train.wandb.mode, "world_size": self.env.world_size,
+                         "precision": self.precision,
                          "zero_stage": self.cfg.parallel.zero_stage,
                          "parameters": counts["total"], "device": str(self.device),
                          "checkpoint": self.resumed_from},
@@ -419,6 +434,7 @@ class Trainer:
                 return self._preempt(stop)
             if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
                 self._save()
+            testhooks.maybe_hold(self.step, stop, self.run_dir, self.env.rank)
         if self._last_saved_step != self.step:
             self._save()
         self.logger.log({"kind": "event", "event": "done", "step": self.step,

@@ -1,0 +1,424 @@
+"""``sbatch slurm/pretrain.sh`` on a real Slurm cluster: completion, preemption, requeue, faults.
+
+The module brings up a throw-away cluster of 2 nodes on this machine
+(scripts/local_slurm.sh up, its own directory, ports and node names) and
+takes it down at the end; every test submits the real slurm/pretrain.sh
+with the real sbatch and drives it with the real scancel / scontrol, on 2
+nodes x 1 CPU rank (gloo) with the micro model of tests/train_fixtures.py.
+The #SBATCH GPU and CPU requests are overridden on the command line
+(``--gpus-per-node=0 --cpus-per-task=1``, ``GPUS_PER_NODE=1``). A missing
+Slurm is an error, not a skip (.ci/run installs it).
+
+A test signals a job at a known step through ``LIQUID_TEST_HOLD_AT_STEP``
+(liquid_dist/train/testhooks.py): the ranks wait after that step until a
+stop signal arrives, so the preemption checkpoint is the next step's.
+
+Requeue delay: Slurm lets a requeued job start again only after the
+credential lifetime (``AuthInfo=cred_expire``, 120 s by default: the
+"~2 minutes" seen by hand). local_slurm.sh sets ``cred_expire=5`` and
+``SchedulerParameters=sched_interval=2``, so a requeued job restarts within
+about 10 s with no action from the test.
+
+Every wait has a timeout, and every job a test submitted is scancelled when
+the test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import train_fixtures as tf
+
+from liquid_dist.parallel import free_port
+from liquid_dist.train.checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE, find_checkpoint
+from liquid_dist.train.metrics import read_metrics
+
+REPO = tf.REPO
+LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
+SLURM_COMMANDS = ("sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo", "slurmctld",
+                  "slurmd", "munged", "mungekey")
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Cluster:
+    conf: Path
+    nodes: list[str]
+    jobs: list[int] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return tf.env(SLURM_CONF=str(self.conf), **extra)
+
+    def cmd(self, *args: str, timeout: float = 30) -> str:
+        proc = subprocess.run(list(args), env=self.env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{' '.join(args)}: {proc.stdout}"
+        return proc.stdout
+
+
+def _free_port_run(n: int) -> int:
+    """A port p with p..p+n-1 all free (slurmctld, then one per slurmd)."""
+    for _ in range(50):
+        p = free_port()
+        if p + n < 65536 and all(_port_free(p + i) for i in range(n)):
+            return p
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
+    if missing:
+        pytest.fail(f"the real-Slurm tests need {', '.join(missing)}: as root, apt-get install "
+                    "-y slurm-wlm munge (.ci/run does)", pytrace=False)
+    directory = tmp_path_factory.mktemp("local_slurm") / "cluster"
+    prefix = f"lq{os.getpid()}n"
+    env = dict(os.environ, LOCAL_SLURM_DIR=str(directory), NODES="2", NODE_PREFIX=prefix,
+               LOCAL_SLURM_PORT=str(_free_port_run(3)))
+    up = subprocess.run(["bash", str(LOCAL_SLURM), "up"], env=env, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, timeout=120)
+    try:
+        assert up.returncode == 0, up.stdout
+        yield Cluster(conf=directory / "slurm.conf", nodes=[f"{prefix}1", f"{prefix}2"])
+    finally:
+        down = subprocess.run(["bash", str(LOCAL_SLURM), "down"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=120)
+        assert down.returncode == 0, down.stdout
+        assert prefix not in Path("/etc/hosts").read_text()
+
+
+@pytest.fixture
+def slurm(cluster: Cluster) -> Iterator[Cluster]:
+    """The cluster; the jobs a test submitted are scancelled (and gone) when it ends."""
+    yield cluster
+    jobs = [str(j) for j in cluster.jobs]
+    cluster.jobs.clear()
+    if jobs:
+        subprocess.run(["scancel", "--full", "--signal=KILL", *jobs], env=cluster.env(),
+                       timeout=30)
+        deadline = time.monotonic() + 60
+        while any(_state(cluster, int(j)) in ("RUNNING", "PENDING", "COMPLETING",
+                                             "REQUEUED") for j in jobs):
+            assert time.monotonic() < deadline, f"jobs {jobs} still there 60 s after scancel"
+            time.sleep(0.5)
+
+
+def submit(cluster: Cluster, run_dir: Path, *, overrides: Sequence[str] = (),
+           sbatch_args: Sequence[str] = (), extra_env: dict[str, str] | None = None) -> int:
+    """``sbatch slurm/pretrain.sh`` of the micro model into ``run_dir``; output to run_dir.out."""
+    args = []
+    for o in [*tf.base_overrides(run_dir), *overrides]:
+        args += ["--set", o]
+    env = cluster.env(CONFIG="configs/tiny.yaml", RUN_DIR=str(run_dir), GPUS_PER_NODE="1",
+                      MASTER_PORT=str(free_port()), **(extra_env or {}))
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
+         "--time=5", f"--output={output(run_dir)}", *sbatch_args, "slurm/pretrain.sh", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=30)
+    assert proc.returncode == 0, proc.stdout
+    job = int(proc.stdout.strip().split(";")[0])
+    cluster.jobs.append(job)
+    return job
+
+
+def output(run_dir: Path) -> Path:
+    return run_dir.with_suffix(".out")
+
+
+def job_info(cluster: Cluster, job: int) -> dict[str, str]:
+    text = cluster.cmd("scontrol", "show", "job", "-o", str(job))
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def _state(cluster: Cluster, job: int) -> str:
+    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job)], env=cluster.env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=30)
+    found = re.search(r"JobState=(\S+)", proc.stdout)
+    return found.group(1) if found else "GONE"
+
+
+def wait_for(what: str, ready, timeout: float, log: Path | None = None):
+    """Poll ``ready()`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = ready()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = log.read_text()[-4000:] if log is not None and log.exists() else ""
+            pytest.fail(f"not {what} after {timeout:.0f} s\n{tail}")
+        time.sleep(0.2)
+
+
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def wait_final(cluster: Cluster, job: int, run_dir: Path, timeout: float) -> dict[str, str]:
+    """The job's record once it has ended (after every requeue)."""
+    wait_for(f"job {job} ended", lambda: _state(cluster, job) in FINAL, timeout,
+             output(run_dir))
+    return job_info(cluster, job)
+
+
+def wait_held(cluster: Cluster, job: int, run_dir: Path, timeout: float = 120) -> None:
+    """Both ranks wait at LIQUID_TEST_HOLD_AT_STEP (the job still running)."""
+    def held() -> bool:
+        assert _state(cluster, job) in ("PENDING", "RUNNING"), output(run_dir).read_text()
+        return all((run_dir / f"held.rank{r}").exists() for r in (0, 1))
+    wait_for("held at the test step", held, timeout, output(run_dir))
+
+
+def assert_losses_equal(run_dir: Path, ref: dict[int, float], steps: Sequence[int]) -> None:
+    got = tf.train_losses(run_dir)
+    assert sorted(got) == list(range(1, 9)), sorted(got)
+    for step in steps:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), step
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    return [r for r in read_metrics(run_dir, "event") if r["event"] == name]
+
+
+def latest_step(run_dir: Path) -> int:
+    """The step of ``latest``, which must name a complete checkpoint."""
+    ref = find_checkpoint("auto", run_dir)
+    assert ref is not None, "no latest checkpoint"
+    assert (ref.path / TRAINER_STATE).exists()
+    assert (run_dir / CHECKPOINTS / LATEST).read_text().strip() == ref.tag
+    return int(ref.tag.split("_")[1])
+
+
+# ---------------------------------------------------------------------- wandb
+
+
+def wandb_history(run_dir: Path) -> list[tuple[str, dict[int, float]]]:
+    """Per offline wandb run of ``run_dir`` (one per attempt, oldest first): its id and
+    ``{step: train/loss}``, read back from its ``run-*.wandb`` file by wandb's own reader
+    (``wandb leet inspect --json``). A step logged twice in one file fails."""
+    runs = []
+    for d in sorted((run_dir / "wandb").glob("offline-run-*")):
+        files = list(d.glob("run-*.wandb"))
+        assert len(files) == 1, files
+        proc = subprocess.run([str(tf.BIN / "wandb"), "leet", "inspect", "--json",
+                               str(files[0])], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        losses: dict[int, float] = {}
+        run_id = None
+        for line in proc.stdout.splitlines():
+            rec = json.loads(line)
+            if rec["type"] == "run":
+                run_id = rec["run"]["run_id"]
+            if rec["type"] == "history" and "train/loss" in rec["history"]["item"]:
+                step = int(rec["history"]["step"]["num"])
+                assert step not in losses, f"step {step} logged twice in {files[0]}"
+                losses[step] = float(rec["history"]["item"]["train/loss"])
+        runs.append((run_id, losses))
+    return runs
+
+
+def assert_wandb_continues(run_dir: Path, attempts: int, resumed_at: int,
+                           first_lost: bool = False) -> None:
+    """One offline wandb run per attempt (rank 0 only), all with one id; together
+    they hold steps 1..8 once each, with metrics.jsonl's losses for the steps the
+    last attempt computed, which starts after ``resumed_at``. ``first_lost``: the
+    first attempt's wandb service was killed by SIGTERM (its run file holds what the
+    service wrote before it died: seen empty, but not guaranteed), its steps are
+    voided, and the second attempt sends every step from metrics.jsonl."""
+    runs = wandb_history(run_dir)
+    assert len(runs) == attempts, f"{len(runs)} wandb runs for {attempts} attempts"
+    if first_lost:
+        assert set(runs[0][1]) <= set(range(1, resumed_at + 1)), runs[0]
+        runs = runs[1:]
+        resumed_at = 0
+    assert len({run_id for run_id, _ in runs}) == 1, [r for r, _ in runs]
+    assert min(runs[-1][1]) == resumed_at + 1, sorted(runs[-1][1])
+    merged: dict[int, float] = {}
+    for _, losses in runs:
+        assert not set(losses) & set(merged), "a step logged by two attempts"
+        merged.update(losses)
+    assert sorted(merged) == list(range(1, 9))
+    metrics = tf.train_losses(run_dir)
+    for step in runs[-1][1]:
+        assert runs[-1][1][step] == metrics[step], step
+
+
+WANDB = ["train.wandb.mode=offline", "train.wandb.project=liquid-slurm-test"]
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_sbatch_trains_to_the_end_with_the_losses_of_torchrun(slurm: Cluster,
+                                                              tmp_path: Path) -> None:
+    ref = tf.train_losses(tf.reference_run())
+    run = tmp_path / "run"
+    job = submit(slurm, run)
+    info = wait_final(slurm, job, run, timeout=180)
+    log = output(run).read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    assert info["Restarts"] == "0"
+    assert f"job {job} (restart 0): 2 node(s) x 1 rank(s), rendezvous {slurm.nodes[0]}:" in log
+    assert events(run, "start")[0]["world_size"] == 2
+    assert_losses_equal(run, ref, range(1, 9))
+
+
+def test_usr1_preempts_requeues_and_resumes_the_same_wandb_run(slurm: Cluster,
+                                                               tmp_path: Path) -> None:
+    ref = tf.train_losses(tf.reference_run())
+    run = tmp_path / "run"
+    job = submit(slurm, run, overrides=WANDB, extra_env={"LIQUID_TEST_HOLD_AT_STEP": "3"})
+    wait_held(slurm, job, run)
+    # to the job steps (srun -> node_launch.sh -> torchrun -> ranks), not the batch shell
+    slurm.cmd("scancel", "--signal=USR1", str(job))
+    info = wait_final(slurm, job, run, timeout=240)
+    log = output(run).read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    assert info["Restarts"] == "1", log
+    # both attempts append to the one output file
+    assert f"job {job} (restart 0)" in log and f"job {job} (restart 1)" in log, log
+    assert f"preempted at step 4: requeueing job {job}" in log, log
+    assert [e["reason"] for e in events(run, "preempted")] == ["SIGUSR1"]
+    assert [e["step"] for e in events(run, "resume")] == [4]
+    assert not (run / "PREEMPTED").exists()
+    assert_losses_equal(run, ref, range(1, 9))
+    assert_wandb_continues(run, attempts=2, resumed_at=4)
+
+
+def test_time_limit_signal_preempts_and_the_requeued_job_finishes(slurm: Cluster,
+                                                                  tmp_path: Path) -> None:
+    ref = tf.train_losses(tf.reference_run())
+    run = tmp_path / "run"
+    # Slurm sends USR1 up to a minute before the limit (its timer ticks every ~30 s):
+    # with a 1-minute limit, USR1@50 comes 10-40 s into the job, while the ranks wait
+    job = submit(slurm, run, sbatch_args=["--time=1", "--signal=USR1@50"],
+                 extra_env={"LIQUID_TEST_HOLD_AT_STEP": "1"})
+    wait_held(slurm, job, run, timeout=60)
+
+    def requeued() -> bool:
+        info = job_info(slurm, job)
+        assert info["JobState"] in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED"), info
+        return info["JobState"] == "PENDING" and info["Restarts"] == "1"
+    wait_for("requeued", requeued, 90, output(run))
+    # the restarted attempt would get the same 1-minute limit and signal again
+    slurm.cmd("scontrol", "update", f"JobId={job}", "TimeLimit=5")
+    info = wait_final(slurm, job, run, timeout=180)
+    log = output(run).read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert [e["reason"] for e in events(run, "preempted")] == ["SIGUSR1"]
+    assert [e["step"] for e in events(run, "resume")] == [2]
+    assert_losses_equal(run, ref, range(1, 9))
+
+
+def test_scancel_sigterm_leaves_a_complete_latest_and_no_requeue(slurm: Cluster,
+                                                                 tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    job = submit(slurm, run, overrides=["train.ckpt_every=2"],
+                 extra_env={"LIQUID_TEST_HOLD_AT_STEP": "3"})
+    wait_held(slurm, job, run)
+    slurm.cmd("scancel", str(job))
+    info = wait_final(slurm, job, run, timeout=90)
+    log = output(run).read_text()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log
+    # the ranks checkpoint step 4 on SIGTERM, unless Slurm's KillWait cut them short
+    # first: then latest stays on step 2; never a latest naming a partial checkpoint
+    step = latest_step(run)
+    assert step in (2, 4), step
+    if step == 4:
+        assert [e["reason"] for e in events(run, "preempted")] == ["SIGTERM"]
+
+
+def test_scontrol_requeue_from_outside_checkpoints_and_resumes(slurm: Cluster,
+                                                               tmp_path: Path) -> None:
+    ref = tf.train_losses(tf.reference_run())
+    run = tmp_path / "run"
+    job = submit(slurm, run, overrides=["train.ckpt_every=2", *WANDB],
+                 extra_env={"LIQUID_TEST_HOLD_AT_STEP": "3"})
+    wait_held(slurm, job, run)
+    slurm.cmd("scontrol", "requeue", str(job))  # SIGTERM to the job, then pending again
+    info = wait_final(slurm, job, run, timeout=240)
+    log = output(run).read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    resumed = [e["step"] for e in events(run, "resume")]
+    assert resumed in ([4], [2]), resumed
+    assert_losses_equal(run, ref, range(1, 9))
+    # wandb's service got the SIGTERM too and died (rank 0 carried on without it)
+    assert [e["step"] for e in events(run, "wandb_lost")] == [resumed[0]]
+    assert_wandb_continues(run, attempts=2, resumed_at=resumed[0], first_lost=True)
+
+
+def test_sigkill_of_one_rank_fails_the_job_and_a_resubmission_resumes(slurm: Cluster,
+                                                                      tmp_path: Path) -> None:
+    ref = tf.train_losses(tf.reference_run())
+    run = tmp_path / "run"
+    overrides = ["train.ckpt_every=3", *WANDB]
+    job = submit(slurm, run, overrides=overrides, extra_env={"LIQUID_TEST_HOLD_AT_STEP": "4"})
+    wait_held(slurm, job, run)
+    killed = time.monotonic()
+    os.kill(int((run / "held.rank1").read_text()), signal.SIGKILL)
+    info = wait_final(slurm, job, run, timeout=90)
+    log = output(run).read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log
+    assert time.monotonic() - killed < 60, "the other node's rank outlived the kill"
+    assert "requeueing" not in log
+    assert latest_step(run) == 3
+
+    again = submit(slurm, run, overrides=overrides)
+    info = wait_final(slurm, again, run, timeout=180)
+    assert info["JobState"] == "COMPLETED", output(run).read_text()
+    assert [e["step"] for e in events(run, "resume")] == [3]
+    assert_losses_equal(run, ref, range(1, 9))
+    # the dead attempt had sent step 4 to wandb (after its checkpoint at 3): the
+    # resubmission does not send it again. What the SIGKILLed attempt's wandb
+    # service had written of steps 1-4 varies (from nothing to all of them):
+    # offline, a killed attempt's unwritten steps are lost (docs/training.md)
+    (first_id, first), (second_id, second) = wandb_history(run)
+    assert set(first) <= {1, 2, 3, 4}, sorted(first)
+    assert first_id in (None, second_id)
+    assert sorted(second) == [5, 6, 7, 8]
+    metrics = tf.train_losses(run)
+    assert all(second[step] == metrics[step] for step in second)
+
+
+def test_a_node_that_never_joins_fails_the_job_naming_the_rendezvous(slurm: Cluster,
+                                                                     tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    real = tf.BIN / "torchrun"
+    stuck = tmp_path / "torchrun"
+    # the second node's launcher hangs before the rendezvous (a node that never comes up)
+    stuck.write_text(f'#!/usr/bin/env bash\nif [ "$SLURM_NODEID" = 1 ]; then exec sleep 600; fi\n'
+                     f'exec "{real}" "$@"\n')
+    stuck.chmod(0o755)
+    start = time.monotonic()
+    job = submit(slurm, run, extra_env={"TORCHRUN": str(stuck), "RDZV_TIMEOUT": "15"})
+    info = wait_final(slurm, job, run, timeout=120)
+    log = output(run).read_text()
+    assert info["JobState"] == "FAILED", log
+    assert time.monotonic() - start < 100
+    assert "RendezvousTimeoutError" in log, log
+    assert not tf.train_losses(run)
+
