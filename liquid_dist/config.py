@@ -114,11 +114,13 @@ class DataConfig:
     decoder_length: int = 128
     num_workers: int = 0
     shuffle_buffer: int = 1000
-    """Documents held by each loader worker's seeded shuffle buffer (0: none)."""
+    """Documents in each virtual stream's seeded shuffle buffer (0: none); a rank holds
+    micro_batch_size x grad_accum streams (docs/data.md)."""
     bad_sample_policy: Literal["fail", "skip"] = "skip"
     """``skip``: count and report bad samples/shards; ``fail``: raise naming the shard."""
     batches_per_epoch: int = 0
-    """Batches every rank yields per epoch; 0 derives it from the shard manifests."""
+    """Global steps per epoch (the same for every world size); 0 derives it from the
+    shard manifests."""
     worker_timeout_s: float = 300.0
     """A loader worker that delivers no batch for this long raises instead of hanging."""
 

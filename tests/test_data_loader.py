@@ -93,20 +93,22 @@ def test_batches_have_the_model_format():
 def test_examples_are_packed_documents_separated_by_eos():
     cfg = data_config(objective="prefix_lm", shuffle_buffer=0)
     loader = build_val_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0)
-    stream: list[int] = []
+    streams: list[list[int]] = [[] for _ in range(4)]
     for batch in loader:
-        for i in range(4):
+        for i in range(4):  # row i of every batch is virtual stream i
             enc = batch["encoder_input_ids"][i][batch["encoder_attention_mask"][i]]
             lab = batch["labels"][i][batch["labels"][i] != -100]
-            stream += enc[:-1].tolist() + lab.tolist()  # drop the encoder's appended EOS
+            streams[i] += enc[:-1].tolist() + lab.tolist()  # drop the encoder's appended EOS
     val_keys = {int(k) for k in _val_keys()}
     val_docs = [d for k, d in sorted(_shard_documents().items()) if k in val_keys]
-    expected: list[int] = []
-    while len(expected) < len(stream):
-        for d in val_docs:
-            expected += d + [1]
-    # validation reads its shard in order, wrapping around: the exact packed stream
-    assert stream == expected[: len(stream)]
+    for i, stream in enumerate(streams):
+        # 4 streams, 1 val shard: stream i reads slice i (samples i, i+4, ...) in order,
+        # wrapping around: the exact packed stream
+        expected: list[int] = []
+        while len(expected) < len(stream):
+            for d in val_docs[i::4]:
+                expected += d + [1]
+        assert len(stream) > 0 and stream == expected[: len(stream)], i
 
 
 def _val_keys() -> list[str]:
@@ -127,7 +129,7 @@ def test_equal_batches_on_two_ranks_with_two_workers_over_three_uneven_shards():
     first = [next(iter(build_train_loader(cfg, rank=r, world_size=2, batch_size=4, seed=3)))
              for r in range(2)]
     assert not torch.equal(first[0]["encoder_input_ids"], first[1]["encoder_input_ids"])
-    # fewer shards than ranks x workers x 2: every worker still gets data, no rank hangs
+    # fewer shards than streams (global batch 8): every stream still gets data, no rank hangs
     wide = [build_train_loader(cfg, rank=r, world_size=4, batch_size=2, seed=3)
             for r in range(4)]
     assert len({len(ld) for ld in wide}) == 1
@@ -156,12 +158,25 @@ def test_resume_refuses_a_state_from_another_setup():
     a = build_train_loader(cfg, rank=1, world_size=2, batch_size=3, seed=11)
     _batches(a, 2)
     other_rank = build_train_loader(cfg, rank=0, world_size=2, batch_size=3, seed=11)
-    with pytest.raises(ValueError, match="rank"):
+    with pytest.raises(ValueError, match="lacks streams"):
         other_rank.load_state_dict(a.state_dict())
+    other_seed = build_train_loader(cfg, rank=1, world_size=2, batch_size=3, seed=12)
+    with pytest.raises(ValueError, match="seed"):
+        other_seed.load_state_dict(a.state_dict())
+    other_batch = build_train_loader(cfg, rank=1, world_size=2, batch_size=2, seed=11)
+    with pytest.raises(ValueError, match="global_batch"):
+        other_batch.load_state_dict(a.state_dict())
+    other_length = build_train_loader(data_config(num_workers=2, batches_per_epoch=5,
+                                                  encoder_length=48),
+                                      rank=1, world_size=2, batch_size=3, seed=11)
+    with pytest.raises(ValueError, match="encoder_length"):
+        other_length.load_state_dict(a.state_dict())
+    # the worker count is no part of the data order: another one resumes exactly
     fewer_workers = build_train_loader(data_config(num_workers=1, batches_per_epoch=5), rank=1,
                                        world_size=2, batch_size=3, seed=11)
-    with pytest.raises(ValueError, match="workers"):
-        fewer_workers.load_state_dict(a.state_dict())
+    fewer_workers.load_state_dict(a.state_dict())
+    reference = build_train_loader(cfg, rank=1, world_size=2, batch_size=3, seed=11)
+    assert _same(_batches(fewer_workers, 4), _batches(reference, 6)[2:])
 
 
 def test_brace_patterns_and_pipe_commands_read_the_same_batches():

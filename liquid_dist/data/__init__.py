@@ -5,14 +5,21 @@ See docs/data.md. Public API:
 * :class:`Tokenizer`, :func:`train_tokenizer` — sentencepiece with fixed ids
   (pad=0, eos=1, unk=2, bos=3) and ``<extra_id_i>`` sentinels.
 * :func:`make_shards` — text -> WebDataset shards + manifest (parallel, resumable).
-* :func:`build_train_loader`, :func:`build_val_loader` -> :class:`PretrainingLoader`.
+* :func:`build_train_loader`, :func:`build_val_loader` -> :class:`PretrainingLoader`;
+  :func:`merge_loader_states` — every rank's loader state as one, to resume on
+  another world size.
 * :func:`span_corruption`, :func:`prefix_lm`, :func:`collate`, :func:`example_shape` —
   the objectives and their fixed batch shapes.
 * :class:`DataError` — bad input, naming the file or shard.
 """
 
 from liquid_dist.data.errors import BadSample, DataError
-from liquid_dist.data.loader import PretrainingLoader, build_train_loader, build_val_loader
+from liquid_dist.data.loader import (
+    PretrainingLoader,
+    build_train_loader,
+    build_val_loader,
+    merge_loader_states,
+)
 from liquid_dist.data.objectives import (
     IGNORE_INDEX,
     ExampleShape,
@@ -31,7 +38,7 @@ from liquid_dist.data.tokenizer import Tokenizer, train_tokenizer
 __all__ = [
     "IGNORE_INDEX", "BadSample", "DataError", "ExampleShape", "InputReport",
     "PretrainingLoader", "Tokenizer", "build_train_loader", "build_val_loader", "collate",
-    "example_shape", "expand_inputs", "iter_documents", "make_shards", "prefix_lm",
-    "prefix_lm_raw_length", "read_manifest", "resolve_shards", "span_corruption",
+    "example_shape", "expand_inputs", "iter_documents", "make_shards", "merge_loader_states",
+    "prefix_lm", "prefix_lm_raw_length", "read_manifest", "resolve_shards", "span_corruption",
     "span_corruption_raw_length", "train_tokenizer", "verify_shards",
 ]

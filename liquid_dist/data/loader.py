@@ -1,20 +1,25 @@
-"""Train/validation loaders: equal batches on every rank, exact resume, statistics.
+"""Train/validation loaders: a world-size-free data order, equal batches, elastic resume.
 
-``build_train_loader(cfg.data, rank=, world_size=, batch_size=, seed=)`` returns a
-:class:`PretrainingLoader`. Iterating it yields the rest of the current
-epoch (``len(loader)`` batches per epoch, the same number on every rank);
-the next iteration starts the next epoch. Each batch holds examples of one
-objective at that objective's fixed shape (Le, Ld) (``objectives.example_shape``:
-no padding), as a dict of tensors:
+``build_train_loader(cfg.data, rank=, world_size=, batch_size=, seed=, grad_accum=)``
+returns a :class:`PretrainingLoader`. Iterating it yields the rest of the
+current epoch (``len(loader)`` = steps per epoch x grad_accum micro-batches,
+the same number on every rank); the next iteration starts the next epoch.
+The sequence of global batches is a function of the seed, the global batch
+size in examples (micro-batch x grad_accum x world size) and the data alone;
+each rank takes its slice of every step (liquid_dist/data/stream.py). Each
+batch holds examples of the step's objective at that objective's fixed shape
+(Le, Ld) (``objectives.example_shape``: no padding), as a dict of tensors:
 
 * ``encoder_input_ids`` (B, Le) int64
 * ``encoder_attention_mask`` (B, Le) bool, True = real token
 * ``decoder_input_ids`` (B, Ld) int64, starting with the decoder start token (pad = 0)
 * ``labels`` (B, Ld) int64, -100 at ignored positions
 
-``state_dict()`` after n batches, given to ``load_state_dict()`` of a fresh
-loader built with the same settings, continues with exactly batch n of the
-uninterrupted stream (see docs/data.md for the mechanism).
+``state_dict()`` holds the position and the cursors of the streams this rank
+owns. Given to ``load_state_dict()`` of a fresh loader built with the same
+settings it continues bitwise. On another world size (same global batch),
+:func:`merge_loader_states` of every old rank's state, loaded on every new
+rank, continues with exactly the examples of every later step (see docs/data.md).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -32,30 +37,37 @@ from liquid_dist.config import ConfigError, DataConfig
 from liquid_dist.data.errors import DataError
 from liquid_dist.data.objectives import OBJECTIVES, example_shape
 from liquid_dist.data.shards import SUFFIX_OF_DTYPE, resolve_shards
-from liquid_dist.data.stream import SourceSpec, StreamSpec, WorkerStream, unpack_batch
+from liquid_dist.data.stream import (
+    BATCH_KEYS,
+    SourceSpec,
+    StreamSpec,
+    WorkerStream,
+    unpack_batch,
+)
 from liquid_dist.data.tokenizer import Tokenizer
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 class _EpochDataset(IterableDataset):
-    """The batches of one epoch from batch ``start`` on, for one rank.
+    """One rank's micro-batch pieces of one epoch from (step, micro) on.
 
-    Torch worker t plays logical worker (t + start) % W: the DataLoader always
-    asks worker 0 first, and batch ``start`` belongs to logical worker
-    ``start % W``; round-robin order then matches the uninterrupted stream.
+    Torch worker t is loader worker t of ``workers``; every worker yields one
+    piece per micro-batch, and the DataLoader asks its workers in turn from
+    worker 0, so pieces arrive micro-batch by micro-batch, worker by worker.
     """
 
-    def __init__(self, spec: StreamSpec, epoch: int, start: int,
+    def __init__(self, spec: StreamSpec, epoch: int, step: int, micro: int, workers: int,
                  cursors: dict[int, dict[str, Any]]):
         super().__init__()
-        self.spec, self.epoch, self.start, self.cursors = spec, epoch, start, cursors
+        self.spec, self.epoch, self.step, self.micro = spec, epoch, step, micro
+        self.workers, self.cursors = workers, cursors
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         info = get_worker_info()
         t = info.id if info is not None else 0
-        worker = (t + self.start) % self.spec.workers
-        return iter(WorkerStream(self.spec, self.epoch, worker, self.cursors.get(worker)))
+        return iter(WorkerStream(self.spec, self.epoch, t, self.workers, step=self.step,
+                                 micro=self.micro, cursors=self.cursors))
 
 
 def _as_is(item: Any) -> Any:
@@ -68,8 +80,71 @@ def _merge_counts(into: dict[str, int], names: tuple[str, ...], values: list[int
         into[name] = into.get(name, 0) + v
 
 
+def _add_stats(a: Any, b: Any) -> Any:
+    """Counters added key by key (nested dicts of numbers; a missing key counts 0)."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        a, b = a or {}, b or {}
+        return {k: _add_stats(a.get(k), b.get(k)) for k in sorted(set(a) | set(b))}
+    return (a or 0) + (b or 0)
+
+
+def _check_signature(saved: dict[str, Any], mine: dict[str, Any]) -> None:
+    differs = sorted(k for k in set(mine) | set(saved) if saved.get(k) != mine.get(k))
+    if differs:
+        detail = ", ".join(f"{k}: saved {saved.get(k)!r} now {mine.get(k)!r}" for k in differs)
+        raise ValueError(f"loader state is from a different data setup ({detail}); "
+                         "a resume needs the same seed, data settings and global batch")
+
+
+def _check_version(state: dict[str, Any]) -> None:
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"loader state version {state.get('version')!r}, "
+                         f"expected {STATE_VERSION}")
+
+
+def merge_loader_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One state from the ``state_dict()`` of every rank of a run, saved at the same step
+    boundary: the cursors of all S streams, the counters summed. Pure function.
+
+    Every new rank, on any world size with the same global batch, loads the result
+    with ``load_state_dict`` and takes the streams it now owns. ValueError when the
+    states disagree (setup, position), miss streams or stop mid-step.
+    """
+    if not states:
+        raise ValueError("merge_loader_states: no states")
+    for st in states:
+        _check_version(st)
+        _check_signature(st["signature"], states[0]["signature"])
+    positions = {(st["epoch"], st["step"], st["micro"]) for st in states}
+    if len(positions) != 1:
+        raise ValueError(f"loader states are at different positions {sorted(positions)}: "
+                         "merge the states of one checkpoint")
+    if states[0]["micro"] != 0:
+        raise ValueError(f"loader states stop inside step {states[0]['step']} (after "
+                         f"{states[0]['micro']} micro-batches): a resume on another layout "
+                         "needs a state saved at a step boundary")
+    streams: list[int] = []
+    cursors: dict[str, Any] = {}
+    stats = states[0]["stats"]
+    for i, st in enumerate(states):
+        streams += st["streams"]
+        cursors.update(st["cursors"])
+        if i:
+            stats = _add_stats(stats, st["stats"])
+    total = states[0]["signature"]["global_batch"]
+    if sorted(streams) != list(range(total)):
+        missing = sorted(set(range(total)) - set(streams))
+        raise ValueError(f"loader states cover {len(set(streams))} of {total} streams "
+                         f"(missing {missing[:8]}...; duplicated: "
+                         f"{len(streams) != len(set(streams))}): pass every rank's state once")
+    return json.loads(json.dumps({
+        "version": STATE_VERSION, "epoch": states[0]["epoch"], "step": states[0]["step"],
+        "micro": 0, "layout": None, "streams": list(range(total)), "cursors": cursors,
+        "stats": stats, "signature": states[0]["signature"]}))
+
+
 class PretrainingLoader:
-    """Batches for one rank; see the module docstring for the batch format.
+    """Micro-batches for one rank; see the module docstring for the batch format.
 
     ``restart_each_iter`` (validation): every iteration yields the same
     ``len(loader)`` batches from the start of epoch 0.
@@ -79,6 +154,8 @@ class PretrainingLoader:
                  restart_each_iter: bool = False):
         self.spec = spec
         self.num_workers = num_workers
+        # a stream lives in one worker: at most one worker per position of a micro-batch
+        self.workers = max(1, min(num_workers, spec.batch_size))
         self.timeout_s = timeout_s
         self.restart_each_iter = restart_each_iter
         self._epoch = 0
@@ -92,8 +169,8 @@ class PretrainingLoader:
                 "decoder_tokens": 0, "decoder_slots": 0, "bad_samples": {}}
 
     def __len__(self) -> int:
-        """Batches per epoch (the same on every rank)."""
-        return self.spec.batches_per_epoch
+        """Micro-batches per epoch (the same on every rank): steps x grad_accum."""
+        return self.spec.steps_per_epoch * self.spec.grad_accum
 
     @property
     def epoch(self) -> int:
@@ -105,43 +182,76 @@ class PretrainingLoader:
             self._epoch, self._pos, self._cursors = 0, 0, {}
         elif self._pos >= len(self):
             self._epoch, self._pos, self._cursors = self._epoch + 1, 0, {}
-        dataset = _EpochDataset(self.spec, self._epoch, self._pos, dict(self._cursors))
+        spec, w = self.spec, self.workers
+        step, micro = divmod(self._pos, spec.grad_accum)
+        dataset = _EpochDataset(spec, self._epoch, step, micro, w, dict(self._cursors))
         loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is,
-                            num_workers=self.num_workers,
+                            num_workers=self.num_workers and w,
                             timeout=self.timeout_s if self.num_workers > 0 else 0)
-        batches = iter(loader)
+        pieces = iter(loader)
         try:
-            for packed, meta in batches:
-                shape = self.spec.shapes[meta["objective"]]
-                batch = unpack_batch(packed, self.spec.batch_size, shape.encoder, shape.decoder)
-                self._cursors[meta["worker"]] = meta["cursor"]
+            for first in pieces:
+                parts = [first] + [next(pieces) for _ in range(w - 1)]
+                batch = self._assemble(parts, step, micro)
+                for _, meta in parts:
+                    self._cursors.update({int(k): v for k, v in meta["cursors"].items()})
+                    self._account_delta(meta["stats"])
                 self._pos += 1
-                self._account(batch, meta["stats"])
+                self._account_batch(batch)
+                step, micro = divmod(self._pos, spec.grad_accum)
                 yield batch
         finally:
             # Stop the workers now, not at garbage collection: after a worker error
             # torch's deferred shutdown can wait MP_STATUS_CHECK_INTERVAL per worker.
-            shutdown = getattr(batches, "_shutdown_workers", None)
+            shutdown = getattr(pieces, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
 
-    def _account(self, batch: dict[str, torch.Tensor], delta: dict[str, Any]) -> None:
+    def _assemble(self, parts: list[tuple[torch.Tensor, dict[str, Any]]], step: int,
+                  micro: int) -> dict[str, torch.Tensor]:
+        """The micro-batch from its workers' pieces: row q = position q (stream j*m + q)."""
+        spec, w = self.spec, self.workers
+        objective = parts[0][1]["objective"]
+        for _, meta in parts:
+            if (meta["step"], meta["micro"], meta["objective"]) != (step, micro, objective):
+                raise RuntimeError(f"loader workers out of step: expected step {step} "
+                                   f"micro-batch {micro}, got {meta['step']}/{meta['micro']}")
+        shape = spec.shapes[objective]
+        m = spec.batch_size
+        rows = [len(range(t, m, w)) for t in range(w)]
+        pieces = [unpack_batch(packed, n, shape.encoder, shape.decoder)
+                  for (packed, _), n in zip(parts, rows, strict=True)]
+        if w == 1:
+            return pieces[0]
+        batch = {}
+        for key in BATCH_KEYS:
+            first = pieces[0][key]
+            out = torch.empty((m, first.shape[1]), dtype=first.dtype)
+            for t, piece in enumerate(pieces):
+                out[t::w] = piece[key]
+            batch[key] = out
+        return batch
+
+    def _account_delta(self, delta: dict[str, Any]) -> None:
         st = self._stats
-        st["batches"] += 1
         names = tuple(s.name for s in self.spec.sources)
         _merge_counts(st["tokens_per_source"], names, delta["tokens"])
         _merge_counts(st["examples_per_source"], names, delta["examples"])
         _merge_counts(st["examples_per_objective"], self.spec.objectives, delta["objectives"])
+        for url, reasons in delta["bad"].items():
+            per = st["bad_samples"].setdefault(url, {})
+            for reason, n in reasons.items():
+                per[reason] = per.get(reason, 0) + n
+
+    def _account_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        st = self._stats
+        st["batches"] += 1
         mask = batch["encoder_attention_mask"]
         st["encoder_tokens"] += int(mask.sum())
         st["encoder_slots"] += mask.numel()
         labels = batch["labels"]
         st["decoder_tokens"] += int((labels != -100).sum())
         st["decoder_slots"] += labels.numel()
-        for url, reasons in delta["bad"].items():
-            per = st["bad_samples"].setdefault(url, {})
-            for reason, n in reasons.items():
-                per[reason] = per.get(reason, 0) + n
 
     def stats(self) -> dict[str, Any]:
         """Counters since the start of training (they survive state_dict round trips).
@@ -149,7 +259,9 @@ class PretrainingLoader:
         ``tokens_per_source``: raw tokens (EOS separators included) drawn from each
         source; ``examples_per_source`` / ``examples_per_objective``; encoder and
         decoder real tokens vs slots (``*_fill`` = fraction not padding);
-        ``bad_samples``: {shard: {reason: count}}.
+        ``bad_samples``: {shard: {reason: count}}. After a resume from merged
+        states rank 0 carries the old ranks' summed counters and the other ranks
+        start from zero, so the sum over ranks stays the run's total.
         """
         st = json.loads(json.dumps(self._stats))
         st["epoch"] = self.epoch
@@ -158,47 +270,61 @@ class PretrainingLoader:
         return st
 
     def _signature(self) -> dict[str, Any]:
+        """What the data order depends on; not the world size, workers or micro-batch."""
         s = self.spec
         # the shard list and the manifests' document counts: regenerated shards do not match
         urls = json.dumps([[list(src.urls), list(src.shard_documents)]
                            for src in s.sources]).encode()
-        return {"seed": s.seed, "rank": s.rank, "world_size": s.world_size,
-                "workers": s.workers, "batch_size": s.batch_size,
-                "batches_per_epoch": s.batches_per_epoch, "encoder_length": s.encoder_length,
+        return {"seed": s.seed, "global_batch": s.streams,
+                "steps_per_epoch": s.steps_per_epoch, "encoder_length": s.encoder_length,
                 "decoder_length": s.decoder_length, "objectives": list(s.objectives),
                 "shapes": [list(sh) for sh in s.shapes],
-                "objective_probs": list(s.objective_probs), "shuffle_buffer": s.shuffle_buffer,
+                "objective_probs": list(s.objective_probs), "shuffle": s.shuffle,
+                "shuffle_buffer": s.shuffle_buffer,
                 "sources": [[src.name, src.weight] for src in s.sources],
                 "shards_sha256": hashlib.sha256(urls).hexdigest(),
                 "noise": [s.noise_density, s.mean_noise_span_length]}
 
+    def _layout(self) -> list[int]:
+        s = self.spec
+        return [s.rank, s.world_size, s.grad_accum, s.batch_size]
+
     def state_dict(self) -> dict[str, Any]:
-        """The exact data position (JSON-able): epoch, batches into it, worker cursors."""
+        """The exact data position (JSON-able): epoch, global step and micro-batches into
+        it, the cursors of this rank's streams (by global stream index)."""
+        step, micro = divmod(self._pos, self.spec.grad_accum)
         return json.loads(json.dumps({
-            "version": STATE_VERSION, "epoch": self._epoch, "batch_in_epoch": self._pos,
-            "cursors": {str(k): v for k, v in self._cursors.items()},
+            "version": STATE_VERSION, "epoch": self._epoch, "step": step, "micro": micro,
+            "layout": self._layout(), "streams": self.spec.owned_streams(),
+            "cursors": {str(k): v for k, v in sorted(self._cursors.items())},
             "stats": self._stats, "signature": self._signature()}))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; ValueError if it came from a different data setup.
-
-        Exact resume needs the same seed, rank, world size, worker count, batch
-        size, lengths, objectives and shards: the stream is a function of them.
+        """Continue from ``state``: this rank's own state, or :func:`merge_loader_states`
+        of every rank's state (for any world size, grad_accum and micro-batch with the
+        same global batch). ValueError if it came from a different data setup, lacks
+        streams this rank owns, or stops mid-step on another layout.
         """
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r}, "
-                             f"expected {STATE_VERSION}")
-        mine = self._signature()
-        differs = sorted(k for k in mine if state["signature"].get(k) != mine[k])
-        if differs:
-            detail = ", ".join(f"{k}: saved {state['signature'].get(k)!r} now {mine[k]!r}"
-                               for k in differs)
-            raise ValueError(f"loader state is from a different data setup ({detail}); "
-                             "an exact resume needs the same settings")
+        _check_version(state)
+        _check_signature(state["signature"], self._signature())
+        mine = self.spec.owned_streams()
+        missing = sorted(set(mine) - set(state["streams"]))
+        if missing:
+            raise ValueError(f"loader state lacks streams {missing[:8]}... of rank "
+                             f"{self.spec.rank}: a resume on another rank or world size loads "
+                             "merge_loader_states() of every rank's state")
+        if state["micro"] != 0 and state["layout"] != self._layout():
+            raise ValueError(f"loader state stops inside step {state['step']} on layout "
+                             f"[rank, world, grad_accum, batch] {state['layout']}, this "
+                             f"loader is {self._layout()}: resume at a step boundary")
         self._epoch = state["epoch"]
-        self._pos = state["batch_in_epoch"]
-        self._cursors = {int(k): v for k, v in state["cursors"].items()}
-        self._stats = json.loads(json.dumps(state["stats"]))
+        self._pos = state["step"] * self.spec.grad_accum + state["micro"]
+        owned = set(mine)
+        self._cursors = {int(k): v for k, v in state["cursors"].items() if int(k) in owned}
+        if state["layout"] == self._layout() or self.spec.rank == 0:
+            self._stats = json.loads(json.dumps(state["stats"]))
+        else:
+            self._stats = self._empty_stats()
 
 
 # ------------------------------------------------------------ building
@@ -248,11 +374,13 @@ def _sources(cfg: DataConfig, split: str, tok: Tokenizer) -> tuple[list[SourceSp
 
 
 def _build(cfg: DataConfig, split: str, *, rank: int, world_size: int, batch_size: int,
-           seed: int, num_batches: Optional[int]) -> PretrainingLoader:
+           seed: int, num_steps: Optional[int], grad_accum: int = 1) -> PretrainingLoader:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size} must be >= 1")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum {grad_accum} must be >= 1")
     tok = Tokenizer(cfg.tokenizer)
     objectives, probs = _objectives(cfg)
     shapes = []
@@ -268,10 +396,9 @@ def _build(cfg: DataConfig, split: str, *, rank: int, world_size: int, batch_siz
                               "sentinels")
         shapes.append(shape)
     sources, sets = _sources(cfg, split, tok)
-    workers = max(1, cfg.num_workers)
-    if num_batches is None and split == "train" and cfg.batches_per_epoch > 0:
-        num_batches = cfg.batches_per_epoch
-    if num_batches is None:
+    if num_steps is None and split == "train" and cfg.batches_per_epoch > 0:
+        num_steps = cfg.batches_per_epoch
+    if num_steps is None:
         unknown = [s.name for s, ss in zip(sources, sets, strict=True) if ss.tokens is None]
         if unknown:
             raise ConfigError("data.batches_per_epoch", cfg.batches_per_epoch,
@@ -279,30 +406,35 @@ def _build(cfg: DataConfig, split: str, *, rank: int, world_size: int, batch_siz
                               "an epoch from")
         stream_tokens = sum(ss.tokens + ss.documents for ss in sets)
         mean_raw = sum(p * sh.raw for p, sh in zip(probs, shapes, strict=True))
-        num_batches = max(1, math.floor(stream_tokens / mean_raw / (world_size * batch_size)))
+        global_batch = batch_size * grad_accum * world_size
+        num_steps = max(1, math.floor(stream_tokens / mean_raw / global_batch))
     spec = StreamSpec(
         sources=tuple(sources), objectives=objectives, objective_probs=probs,
         shapes=tuple(shapes), noise_density=cfg.noise_density,
         mean_noise_span_length=cfg.mean_noise_span_length, encoder_length=cfg.encoder_length,
         decoder_length=cfg.decoder_length, pad_id=tok.pad_id, eos_id=tok.eos_id,
         decoder_start_id=tok.pad_id, sentinel_ids=tok.sentinel_ids, vocab_size=tok.vocab_size,
-        batch_size=batch_size, batches_per_epoch=num_batches, shuffle=split == "train",
+        batch_size=batch_size, steps_per_epoch=num_steps, shuffle=split == "train",
         shuffle_buffer=cfg.shuffle_buffer if split == "train" else 0,
         policy=cfg.bad_sample_policy, seed=seed, rank=rank, world_size=world_size,
-        workers=workers)
+        grad_accum=grad_accum)
     return PretrainingLoader(spec, num_workers=cfg.num_workers, timeout_s=cfg.worker_timeout_s,
                              restart_each_iter=split == "val")
 
 
 def build_train_loader(data_cfg: DataConfig, *, rank: int, world_size: int, batch_size: int,
-                       seed: int) -> PretrainingLoader:
+                       seed: int, grad_accum: int = 1) -> PretrainingLoader:
     """The training loader of one rank: shuffled shards and documents, resumable.
 
-    Epoch length: ``data.batches_per_epoch``, or (when 0) one pass over the
-    manifests' tokens divided among ``world_size`` ranks.
+    ``batch_size`` is the micro-batch; each global step is ``grad_accum``
+    micro-batches on each of ``world_size`` ranks, S = batch_size x grad_accum x
+    world_size examples whose sequence depends on the seed, S and the data
+    only. Epoch length: ``data.batches_per_epoch`` global steps, or (when 0)
+    one pass over the manifests' tokens, ``floor(tokens / mean chunk / S)``
+    steps; ``len(loader)`` = steps x grad_accum.
     """
     return _build(data_cfg, "train", rank=rank, world_size=world_size, batch_size=batch_size,
-                  seed=seed, num_batches=None)
+                  seed=seed, num_steps=None, grad_accum=grad_accum)
 
 
 def build_val_loader(data_cfg: DataConfig, *, rank: int, world_size: int, batch_size: int,
@@ -313,4 +445,4 @@ def build_val_loader(data_cfg: DataConfig, *, rank: int, world_size: int, batch_
     over the validation manifest's tokens.
     """
     return _build(data_cfg, "val", rank=rank, world_size=world_size, batch_size=batch_size,
-                  seed=seed, num_batches=num_batches)
+                  seed=seed, num_steps=num_batches)

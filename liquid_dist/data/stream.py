@@ -1,23 +1,30 @@
-"""One loader worker's batches: shard plan, reading, shuffle buffer, packing, objectives.
+"""Virtual streams: shard plan, reading, shuffle buffer, packing, objectives.
 
-Every rank runs ``W`` logical workers (W = max(1, num_workers)); logical worker
-``l`` of rank ``r`` is global worker ``g = r * W + l`` of ``G = world_size * W``.
-In epoch ``e`` it yields the epoch's batches ``i`` with ``i % W == l``. Its
-stream is a pure function of (seed, e, r, l) and the shards, and its whole
-position is a small JSON-able cursor, attached to every batch it yields:
+The data order does not depend on the world size. ``S`` = the global batch in
+examples (micro-batch x grad_accum x world size). Virtual stream ``s`` (0 <= s
+< S) is a pure function of (seed, epoch, s) and the shards; global step ``i``
+of an epoch takes exactly one example from every stream, all of the objective
+drawn from (seed, epoch, i). The step's S examples form W * GA micro-batches
+of m = micro_batch_size consecutive streams: micro-batch ``j = k * W + r`` (the
+k-th micro-batch of rank r) holds streams ``[j * m, (j + 1) * m)``. A stream's
+whole position is a small JSON-able cursor:
 
 * the shard plan: each source's shards are cut into ``units`` (a shard, or a
-  ``1/k`` slice of one when the source has fewer shards than G: k =
-  ceil(G / shards), slice j holds the samples whose index is j mod k). Visit
-  v of worker g reads unit ``P[g + v * G]`` of the endless sequence P =
+  ``1/k`` slice of one when the source has fewer shards than S: k =
+  ceil(S / shards), slice j holds the samples whose index is j mod k). Visit
+  v of stream s reads unit ``P[s + v * S]`` of the endless sequence P =
   perm_0 + perm_1 + ..., perm_c a seeded permutation of the units (identity
-  without shuffling). Streams never run dry, so every worker yields its
-  batch quota: equal batch counts on every rank by construction;
+  without shuffling). Streams never run dry, so every step is full: equal
+  batch counts on every rank by construction;
 * the reading position: visit index and raw sample index in that shard;
 * the shuffle buffer as references (shard, sample index), the document being
   packed as (shard, sample index, token offset), and the numpy generator
   state. Restoring re-reads just those documents and skips the raw samples
   already read in the current shard (no decoding, packing or tokenising).
+
+A rank's loader workers split its streams: worker t of w takes positions t,
+t + w, ... of each of the rank's micro-batches (a stream stays in one worker
+for the epoch) and yields one partial micro-batch per micro-batch.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from liquid_dist.data.shards import decode_sample
 
 log = logging.getLogger(__name__)
 _TAG_PLAN = 0x504C414E
-_TAG_WORKER = 0x574B4552
+_TAG_STREAM = 0x5354524D
+_TAG_OBJECTIVE = 0x4F424A45
 
 
 @dataclass(frozen=True)
@@ -70,19 +78,37 @@ class StreamSpec:
     sentinel_ids: tuple[int, ...]
     vocab_size: int
     batch_size: int
-    batches_per_epoch: int
+    """Examples per micro-batch (m)."""
+    steps_per_epoch: int
+    """Global steps per epoch: the same for every world size."""
     shuffle: bool
     shuffle_buffer: int
     policy: str
     seed: int
     rank: int
     world_size: int
-    workers: int
-    """Logical workers per rank: max(1, num_workers)."""
+    grad_accum: int
 
-    def quota(self, worker: int) -> int:
-        """Batches logical worker ``worker`` yields per epoch (i % workers == worker)."""
-        return max(0, -(-(self.batches_per_epoch - worker) // self.workers))
+    @property
+    def streams(self) -> int:
+        """S: the global batch in examples, one virtual stream per example of a step."""
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def micro_streams(self, k: int) -> range:
+        """The streams of this rank's k-th micro-batch of a step (micro-batch k*W + rank)."""
+        j = k * self.world_size + self.rank
+        return range(j * self.batch_size, (j + 1) * self.batch_size)
+
+    def owned_streams(self) -> list[int]:
+        """Every stream this rank reads, in micro-batch order."""
+        return [s for k in range(self.grad_accum) for s in self.micro_streams(k)]
+
+    def objective(self, epoch: int, step: int) -> int:
+        """The objective of global step ``step`` of ``epoch``: every example of the step."""
+        if len(self.objectives) == 1:
+            return 0
+        return int(_rng(self.seed, epoch, step, _TAG_OBJECTIVE).choice(
+            len(self.objectives), p=np.array(self.objective_probs, dtype=np.float64)))
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -91,21 +117,21 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 class UnitPlan:
-    """Which (shard, slice) global worker g reads on its v-th visit of a source."""
+    """Which (shard, slice) virtual stream g reads on its v-th visit of a source."""
 
-    def __init__(self, num_shards: int, global_workers: int, shuffle: bool, seed: int,
+    def __init__(self, num_shards: int, streams: int, shuffle: bool, seed: int,
                  epoch: int, source: int):
-        self.slices = max(1, -(-global_workers // num_shards))
+        self.slices = max(1, -(-streams // num_shards))
         self.units = num_shards * self.slices
-        self.global_workers = global_workers
+        self.streams = streams
         self.shuffle = shuffle
         self._key = (seed, epoch, source, _TAG_PLAN)
         self._cycle = -1
         self._perm: Optional[np.ndarray] = None
 
     def unit(self, g: int, visit: int) -> tuple[int, int]:
-        """(shard index, slice index) of visit ``visit`` of global worker ``g``."""
-        cycle, r = divmod(g + visit * self.global_workers, self.units)
+        """(shard index, slice index) of visit ``visit`` of stream ``g``."""
+        cycle, r = divmod(g + visit * self.streams, self.units)
         u = r
         if self.shuffle:
             if cycle != self._cycle:
@@ -150,7 +176,7 @@ class Stats:
 
 
 class SourceStream:
-    """Endless stream of documents of one source for one worker, then of tokens.
+    """Endless stream of documents of one source for one virtual stream, then of tokens.
 
     ``take(n)`` returns the next n tokens of the concatenation doc + [EOS] +
     doc + [EOS] + ... where documents come out of the shuffle buffer.
@@ -159,8 +185,8 @@ class SourceStream:
     def __init__(self, spec: StreamSpec, index: int, g: int, epoch: int,
                  rng: np.random.Generator, stats: Stats):
         self.spec, self.src, self.g = spec, spec.sources[index], g
-        self.plan = UnitPlan(len(self.src.urls), spec.world_size * spec.workers, spec.shuffle,
-                             spec.seed, epoch, index)
+        self.plan = UnitPlan(len(self.src.urls), spec.streams, spec.shuffle, spec.seed, epoch,
+                             index)
         self.rng, self.stats = rng, stats
         self.visit = 0
         self.pos = 0
@@ -230,7 +256,7 @@ class SourceStream:
         if self.dry_visits >= self.plan.units:
             raise DataError(
                 f"source '{self.src.name}': {self.dry_visits} shard visits in a row gave no "
-                f"valid sample (worker {self.g}); shards: {self.src.urls[:4]}...")
+                f"valid sample (stream {self.g}); shards: {self.src.urls[:4]}...")
         self._shard, self._slice = self.plan.unit(self.g, self.visit)
         url = self.src.urls[self._shard]
         self._samples = shard_samples(url)
@@ -249,7 +275,7 @@ class SourceStream:
         self._samples = None
 
     def _read(self) -> tuple[tuple[int, int], np.ndarray]:
-        """The next valid document of this worker's plan, as ((shard, index), ids)."""
+        """The next valid document of this stream's plan, as ((shard, index), ids)."""
         while True:
             if self._samples is None:
                 self._open_visit()
@@ -313,33 +339,29 @@ class SourceStream:
         return out
 
 
-class WorkerStream:
-    """The batches of logical worker ``worker`` of ``spec.rank`` in ``epoch``."""
+class VirtualStream:
+    """The examples of virtual stream ``stream`` in ``epoch``: one per global step."""
 
-    def __init__(self, spec: StreamSpec, epoch: int, worker: int,
+    def __init__(self, spec: StreamSpec, epoch: int, stream: int, stats: Stats,
                  cursor: Optional[dict[str, Any]] = None):
-        self.spec, self.epoch, self.worker = spec, epoch, worker
-        self.rng = _rng(spec.seed, epoch, spec.rank, worker, _TAG_WORKER)
-        self.stats = Stats(len(spec.sources), len(spec.objectives))
-        g = spec.rank * spec.workers + worker
-        self.sources = [SourceStream(spec, i, g, epoch, self.rng, self.stats)
+        self.spec, self.epoch, self.stream = spec, epoch, stream
+        self.rng = _rng(spec.seed, epoch, stream, _TAG_STREAM)
+        self.stats = stats
+        self.sources = [SourceStream(spec, i, stream, epoch, self.rng, stats)
                         for i in range(len(spec.sources))]
         weights = np.array([s.weight for s in spec.sources], dtype=np.float64)
         self._source_p = weights / weights.sum()
-        self._objective_p = np.array(spec.objective_probs, dtype=np.float64)
-        self.batches = 0
         if cursor is not None:
             self.rng.bit_generator.state = cursor["rng"]
-            self.batches = cursor["batches"]
             for s, c in zip(self.sources, cursor["sources"], strict=True):
                 s.restore(c)
 
     def cursor(self) -> dict[str, Any]:
-        return {"batches": self.batches, "rng": self.rng.bit_generator.state,
+        return {"rng": self.rng.bit_generator.state,
                 "sources": [s.cursor() for s in self.sources]}
 
-    def _example(self, o: int) -> tuple[np.ndarray, np.ndarray]:
-        """One example of objective ``o``."""
+    def example(self, o: int) -> tuple[np.ndarray, np.ndarray]:
+        """The stream's next example, of objective ``o``."""
         spec = self.spec
         s = int(self.rng.choice(len(self.sources), p=self._source_p)) if len(self.sources) > 1 \
             else 0
@@ -354,25 +376,50 @@ class WorkerStream:
                                    sentinel_ids=spec.sentinel_ids, eos_id=spec.eos_id)
         return prefix_lm(tokens, encoder_length=spec.encoder_length, eos_id=spec.eos_id)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
-        """(packed batch, meta) pairs; meta = {worker, objective, cursor after this batch,
-        stats delta}.
 
-        Every batch holds examples of one objective, drawn per batch with the
-        objective weights, at that objective's fixed shape: no padding. The batch
-        is :func:`pack_batch`'s single tensor; :func:`unpack_batch` restores it.
+class WorkerStream:
+    """Worker ``worker`` of ``workers`` of ``spec.rank``: its pieces of the rank's
+    micro-batches in ``epoch``, from global step ``step``, micro-batch ``micro`` on.
+
+    The piece of micro-batch k holds positions worker, worker + workers, ... of
+    it (streams ``micro_streams(k)[worker::workers]``). ``cursors`` (by stream)
+    restores the streams that had already yielded examples in this epoch.
+    """
+
+    def __init__(self, spec: StreamSpec, epoch: int, worker: int, workers: int, *,
+                 step: int = 0, micro: int = 0,
+                 cursors: Optional[dict[int, dict[str, Any]]] = None):
+        self.spec, self.epoch, self.worker, self.workers = spec, epoch, worker, workers
+        self.step, self.micro = step, micro
+        self.stats = Stats(len(spec.sources), len(spec.objectives))
+        cursors = cursors or {}
+        self.streams = {s: VirtualStream(spec, epoch, s, self.stats, cursors.get(s))
+                        for k in range(spec.grad_accum)
+                        for s in spec.micro_streams(k)[worker::workers]}
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        """(packed piece, meta) pairs; meta = {step, micro, objective, cursors of the
+        piece's streams after it, stats delta}.
+
+        Every example of a step has the step's objective, at that objective's fixed
+        shape: no padding. The piece is :func:`pack_batch`'s single tensor;
+        :func:`unpack_batch` restores it.
         """
         spec = self.spec
-        while self.batches < spec.quota(self.worker):
-            o = int(self.rng.choice(len(spec.objectives), p=self._objective_p)) \
-                if len(spec.objectives) > 1 else 0
+        while self.step < spec.steps_per_epoch:
+            o = spec.objective(self.epoch, self.step)
             shape = spec.shapes[o]
-            arrays = collate([self._example(o) for _ in range(spec.batch_size)],
-                             encoder_length=shape.encoder, decoder_length=shape.decoder,
-                             pad_id=spec.pad_id, decoder_start_id=spec.decoder_start_id)
-            self.batches += 1
-            yield pack_batch(arrays), {"worker": self.worker, "objective": o,
-                                       "cursor": self.cursor(), "stats": self.stats.take()}
+            while self.micro < spec.grad_accum:
+                mine = spec.micro_streams(self.micro)[self.worker::self.workers]
+                arrays = collate([self.streams[s].example(o) for s in mine],
+                                 encoder_length=shape.encoder, decoder_length=shape.decoder,
+                                 pad_id=spec.pad_id, decoder_start_id=spec.decoder_start_id)
+                meta = {"step": self.step, "micro": self.micro, "objective": o,
+                        "cursors": {s: self.streams[s].cursor() for s in mine},
+                        "stats": self.stats.take()}
+                self.micro += 1
+                yield pack_batch(arrays), meta
+            self.step, self.micro = self.step + 1, 0
 
 
 BATCH_KEYS = ("encoder_input_ids", "encoder_attention_mask", "decoder_input_ids", "labels")

@@ -232,7 +232,7 @@ class Trainer:
         if self._train_loader is None:
             self._train_loader = build_train_loader(
                 cfg.data, rank=self.env.rank, world_size=self.env.world_size,
-                batch_size=t.micro_batch_size, seed=t.seed)
+                batch_size=t.micro_batch_size, seed=t.seed, grad_accum=t.grad_accum)
         self.val_loader = None
         if cfg.data.val_shards is not None:
             self.val_loader = build_val_loader(
