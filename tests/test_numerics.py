@@ -14,30 +14,20 @@ import copy
 
 import pytest
 import torch
+from test_model import VOCAB, small_cfg
 
-from liquid_dist.config import ModelConfig, MoEConfig
+from liquid_dist.config import ModelConfig
 from liquid_dist.model import LiquidFoundationModelOptimized, NonFiniteError
 from liquid_dist.model.frequency import HyenaLongConvolution
 from liquid_dist.model.memory import EnhancedLSTM
 
-VOCAB = 50
 POS, CHANNEL = 3, 5  # where the bad value is written: sequence 0, position 3, channel 5
-
-
-def small_cfg(**kw) -> ModelConfig:
-    base = dict(
-        vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, n_encoder_layers=2,
-        n_decoder_layers=2, ffn_dim=64, max_encoder_length=16, max_decoder_length=16,
-        window=4, freq_heads=2, band_block=4, hyena_filter_dim=8, dropout=0.0,
-        moe=MoEConfig(num_experts=4, top_k=1, k_max=2, expert_ffn_dim=32),
-    )
-    base.update(kw)
-    return ModelConfig(**base)
 
 
 def make_model(**kw) -> LiquidFoundationModelOptimized:
     torch.manual_seed(0)
-    return LiquidFoundationModelOptimized(small_cfg(**kw)).eval()
+    return LiquidFoundationModelOptimized(
+        small_cfg(max_encoder_length=16, max_decoder_length=16, **kw)).eval()
 
 
 def batch(b: int = 2, le: int = 8, ld: int = 8):
