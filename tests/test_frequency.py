@@ -57,11 +57,9 @@ def test_encoder_output_shape_and_dtype():
     assert torch.isfinite(y).all()
 
 
-def test_encoder_bf16_autocast_runs_ffts_in_fp32(monkeypatch):
-    mod = encoder_module()
-    x = torch.randn(2, 40, D)
-    reference = mod(x)
-    seen = []
+def record_fft_input_dtypes(monkeypatch) -> list[torch.dtype]:
+    """The input dtype of every torch.fft.rfft / irfft call from now on (a list that grows)."""
+    seen: list[torch.dtype] = []
     for name in ("rfft", "irfft"):
         original = getattr(torch.fft, name)
 
@@ -70,6 +68,14 @@ def test_encoder_bf16_autocast_runs_ffts_in_fp32(monkeypatch):
             return _original(inp, *args, **kwargs)
 
         monkeypatch.setattr(torch.fft, name, recording)
+    return seen
+
+
+def test_encoder_bf16_autocast_runs_ffts_in_fp32(monkeypatch):
+    mod = encoder_module()
+    x = torch.randn(2, 40, D)
+    reference = mod(x)
+    seen = record_fft_input_dtypes(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = mod(x.bfloat16())
     assert y.dtype == torch.bfloat16

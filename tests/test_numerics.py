@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from test_frequency import record_fft_input_dtypes
 from test_model import VOCAB, small_cfg
 
 from liquid_dist.config import ModelConfig
@@ -173,15 +174,7 @@ def test_hyena_filter_and_ffts_run_in_fp32_under_bf16_parameters(monkeypatch):
     torch.testing.assert_close(taps, ref.long_filter(64), atol=1e-6, rtol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(hyena.long_filter(64), taps, atol=0, rtol=0)
-    seen = []
-    for name in ("rfft", "irfft"):
-        original = getattr(torch.fft, name)
-
-        def recording(inp, *args, _original=original, **kwargs):
-            seen.append(inp.dtype)
-            return _original(inp, *args, **kwargs)
-
-        monkeypatch.setattr(torch.fft, name, recording)
+    seen = record_fft_input_dtypes(monkeypatch)
     y = hyena(torch.randn(2, 64, 16).bfloat16())
     assert y.dtype == torch.bfloat16
     assert seen and set(seen) <= {torch.float32, torch.complex64}
