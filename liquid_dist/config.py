@@ -53,6 +53,12 @@ class MoEConfig:
     overuse_loss_weight: float = 0.01
 
 
+ABLATIONS = ("frequency", "compression", "embedding_conv", "deformable_conv", "moe", "lstm")
+"""The seed components ``model.ablate`` may remove, in canonical order; each is replaced by
+its plain counterpart (docs/model.md, "Ablations"). All of them: a plain pre-LN
+encoder-decoder transformer with the same local and cross attention."""
+
+
 @dataclass
 class ModelConfig:
     """LiquidFoundationModelOptimized (DESIGN.md §2)."""
@@ -91,7 +97,22 @@ class ModelConfig:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
+    ablate: list = field(default_factory=list)
+    """Names from :data:`ABLATIONS` of the seed components to remove (an architecture key);
+    kept in canonical order, so the order written does not matter."""
     moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        # one spelling per architecture; a bad list is left as written for validate_model
+        if (isinstance(self.ablate, list) and all(isinstance(n, str) for n in self.ablate)
+                and set(self.ablate) <= set(ABLATIONS)):
+            self.ablate = sorted(self.ablate, key=ABLATIONS.index)
+
+    def keeps(self, component: str) -> bool:
+        """False when ``model.ablate`` removes ``component`` (a name from :data:`ABLATIONS`)."""
+        if component not in ABLATIONS:
+            raise ValueError(f"unknown component {component!r}; expected one of {ABLATIONS}")
+        return component not in self.ablate
 
 
 @dataclass
@@ -338,6 +359,14 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         if v < 0 or (isinstance(m.vocab_size, int) and v >= m.vocab_size):
             raise ConfigError(f"{prefix}.{name}", v,
                               f"a token id in [0, vocab_size={m.vocab_size})")
+    valid = f"a list of distinct names from {list(ABLATIONS)}"
+    if not isinstance(m.ablate, list):
+        raise ConfigError(f"{prefix}.ablate", m.ablate, valid)
+    for name in m.ablate:
+        if not isinstance(name, str) or name not in ABLATIONS:
+            raise ConfigError(f"{prefix}.ablate", m.ablate, f"{valid}; {name!r} is not one")
+        if m.ablate.count(name) > 1:
+            raise ConfigError(f"{prefix}.ablate", m.ablate, f"{valid}; {name!r} is repeated")
 
 
 def validate(cfg: Config) -> None:
@@ -412,6 +441,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.zero_stage", par.zero_stage, "one of 0, 1, 2, 3")
     if par.ep_size < 1:
         raise ConfigError("parallel.ep_size", par.ep_size, "an integer >= 1")
+    if par.ep_size > 1 and not m.keeps("moe"):
+        raise ConfigError("parallel.ep_size", par.ep_size,
+                          "1: model.ablate removes the MoE layers, there are no experts to place")
     if m.moe.num_experts % par.ep_size:
         raise ConfigError("parallel.ep_size", par.ep_size,
                           f"a divisor of model.moe.num_experts ({m.moe.num_experts})")
@@ -492,6 +524,45 @@ def flatten_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+RUN_SETTINGS = frozenset({
+    "dropout", "activation_checkpointing", "check_finite", "recon_loss_weight",
+    "attention_backend", "moe.backend", "moe.entropy_loss_weight", "moe.overuse_loss_weight",
+    "moe.overuse_threshold",
+})
+"""Keys of ``model`` that say how the model runs, not what it is: regularisation, loss
+weights, kernels, memory and checks. They may change on resume and ``train.init_from``;
+every other ``model`` key is the architecture (docs/training.md)."""
+
+
+def architecture(model: Union[ModelConfig, dict]) -> dict[str, Any]:
+    """The architecture keys of a model config (flat, dotted) and their values.
+
+    A dict (a saved config) is completed with the defaults and validated first.
+    """
+    if isinstance(model, dict):
+        model = model_config_from_dict(model)
+    flat = flatten_keys(dataclasses.asdict(model))
+    return {k: v for k, v in flat.items() if k not in RUN_SETTINGS}
+
+
+def check_same_architecture(saved: Union[ModelConfig, dict], mine: Union[ModelConfig, dict],
+                            source: str) -> None:
+    """ConfigError naming the first architecture key of ``mine`` that differs from ``saved``.
+
+    ``source`` says where ``saved`` comes from (a checkpoint, a converted model).
+    The one compatibility rule of resume and ``train.init_from``: run settings
+    (:data:`RUN_SETTINGS`) may differ, nothing else.
+    """
+    old, new = architecture(saved), architecture(mine)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        detail = ", ".join(f"model.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ConfigError(f"model.{changed[0]}", new.get(changed[0]),
+                          f"{old.get(changed[0])!r}, the architecture of {source} ({detail}); "
+                          "only run settings may change ("
+                          + ", ".join(f"model.{k}" for k in sorted(RUN_SETTINGS)) + ")")
 
 
 def next_power_of_two(n: int) -> int:

@@ -11,6 +11,10 @@ tokens); the decoder continues it. One prompt: the continuation is streamed
 to stdout token by token (beam search prints it at the end). A prompts file
 (one prompt per line, blank lines skipped) is decoded in batches and printed
 as JSON lines ``{"prompt": ..., "generated": ...}``.
+
+Every decoding option left out takes its value from the model's
+``generation_config.json`` (``model.generation_config``): ``--max-new-tokens``,
+``--sample`` / ``--no-sample``, ``--temperature``, ``--top-k``, ``--top-p``, ``--beams``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import IO, Any, Optional
 
 import torch
 
-from liquid_dist.model.pretrained import GENERATION_CONFIG_NAME, TOKENIZER_NAME
+from liquid_dist.model.pretrained import TOKENIZER_NAME
 
 
 def encode_prompts(tok: Any, prompts: Sequence[str], max_len: int) -> tuple[torch.Tensor,
@@ -65,7 +69,8 @@ def stream(model: Any, tok: Any, prompt: str, out: IO[str], *, max_new_tokens: i
     ids, mask = encode_prompts(tok, [prompt], cfg.max_encoder_length)
     dec = IncrementalDecoder(model)
     dec.start(ids.to(device), mask.to(device))
-    token = torch.full((1,), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+    token = torch.full((1,), model.generation_config.decoder_start_token_id, dtype=torch.long,
+                       device=device)
     generated: list[int] = []
     shown = ""
     for pos in range(max_new_tokens):
@@ -110,19 +115,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     src.add_argument("--prompts-file", type=Path, help="one prompt per line; JSON lines out")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: generation_config.json (the decoder length)")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample instead of greedy decoding (default: generation_config.json)")
+    p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--beams", type=int, default=1, help="beam search width (greedy scoring)")
+    p.add_argument("--beams", type=int, default=None, help="beam search width (greedy scoring)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (file mode)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16", "stored"), default=None,
                    help="default: stored precision on GPU, fp32 on CPU")
     args = p.parse_args(argv)
-    if args.beams > 1 and args.sample:
-        p.error("--beams and --sample cannot be combined")
 
     from liquid_dist.data import Tokenizer
     from liquid_dist.model import LiquidFoundationModelOptimized
@@ -132,26 +136,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     model = LiquidFoundationModelOptimized.from_pretrained(args.model, device=args.device,
                                                            dtype=dtype)
     tok = Tokenizer(Path(args.model) / TOKENIZER_NAME)
-    gen_cfg_path = Path(args.model) / GENERATION_CONFIG_NAME
-    gen_cfg = json.loads(gen_cfg_path.read_text()) if gen_cfg_path.is_file() else {}
-    limit = model.cfg.max_decoder_length
-    steps = min(args.max_new_tokens or gen_cfg.get("max_new_tokens", limit), limit)
+    gen = model.generation_config
+    given = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
+             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+             "num_beams": args.beams}
+    gen = gen.updated(**{k: v for k, v in given.items() if v is not None})
+    if gen.num_beams > 1 and gen.do_sample:
+        p.error("beam search (--beams) and sampling (--sample) cannot be combined")
+    steps = min(gen.max_new_tokens, model.cfg.max_decoder_length)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    options = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p)
+    options = dict(do_sample=gen.do_sample, temperature=gen.temperature, top_k=gen.top_k,
+                   top_p=gen.top_p)
     if args.prompts_file is not None:
         prompts = [line for line in args.prompts_file.read_text(encoding="utf-8").splitlines()
                    if line.strip()]
         texts = generate_batch(model, tok, prompts, max_new_tokens=steps,
-                               batch_size=args.batch_size, num_beams=args.beams,
+                               batch_size=args.batch_size, num_beams=gen.num_beams,
                                generator=generator, **options)
         for prompt, text in zip(prompts, texts, strict=True):
             print(json.dumps({"prompt": prompt, "generated": text}, ensure_ascii=False))
         return 0
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if args.beams > 1:
+    if gen.num_beams > 1:
         print(generate_batch(model, tok, [prompt], max_new_tokens=steps,
-                             num_beams=args.beams)[0])
+                             num_beams=gen.num_beams)[0])
     else:
         stream(model, tok, prompt, sys.stdout, max_new_tokens=steps, generator=generator,
                **options)

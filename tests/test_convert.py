@@ -19,8 +19,9 @@ import train_fixtures as tf
 import yaml
 from safetensors.torch import load_file
 
+from liquid_dist.checkpoint_format import CheckpointError
 from liquid_dist.config import ModelConfig
-from liquid_dist.convert import CheckpointError, assemble_experts, convert, parse_size
+from liquid_dist.convert import convert, parse_size
 from liquid_dist.model import LiquidFoundationModelOptimized
 from liquid_dist.model.pretrained import INDEX_NAME, load_weights_into, read_model_config
 
@@ -58,6 +59,24 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def deepspeed_consolidation(run: Path) -> dict[str, torch.Tensor]:
+    """The reference: DeepSpeed's own merge of a run's latest ZeRO checkpoint (no experts),
+    or its one full state dict (ZeRO stage 0)."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = run / "checkpoints"
+    full = ckpt / (ckpt / "latest").read_text().strip() / "mp_rank_00_model_states.pt"
+    if full.is_file():
+        sd = torch.load(full, map_location="cpu", weights_only=False)["module"]
+    else:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    return {k.removeprefix("model."): v.float() for k, v in sd.items()}
+
+
 def random_inputs(cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     enc = torch.randint(2, cfg.vocab_size, (2, cfg.max_encoder_length), generator=g)
@@ -68,17 +87,6 @@ def random_inputs(cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
 
 
 # ---------------------------------------------------------------- fast units
-
-
-def test_assemble_experts_orders_pieces_by_global_index() -> None:
-    pieces = {2: torch.full((3,), 2.0), 0: torch.zeros(3), 1: torch.ones(3)}
-    out = assemble_experts("enc.moe.w1", pieces, 3)
-    assert torch.equal(out, torch.tensor([[0.0] * 3, [1.0] * 3, [2.0] * 3]))
-
-
-def test_assemble_experts_refuses_a_missing_expert() -> None:
-    with pytest.raises(CheckpointError, match=r"wrong expert count.*missing \[1\]"):
-        assemble_experts("enc.moe.w1", {0: torch.zeros(3), 2: torch.zeros(3)}, 3)
 
 
 def test_parse_size_units() -> None:
@@ -113,10 +121,7 @@ def test_from_pretrained_refuses_mismatched_weights(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_dense_tensors_equal_deepspeed_consolidation_bitwise() -> None:
-    from liquid_dist.train.checkpoint import consolidated_state_dict, find_checkpoint
-
-    ref = find_checkpoint(str(tf.reference_run()), tf.reference_run())
-    deepspeed_sd = consolidated_state_dict(ref)
+    deepspeed_sd = deepspeed_consolidation(tf.reference_run())
     ours = weights(converted())
     # every stored tensor once; the aliases are the tied embedding / lm_head
     assert set(ours) <= set(deepspeed_sd)
@@ -271,74 +276,50 @@ def test_never_overwrites_output_without_overwrite(tmp_path: Path) -> None:
     assert "100%" in proc.stderr  # the progress bar
 
 
-@pytest.mark.slow
-def test_expert_shards_by_global_index_replace_the_deepspeed_copies(tmp_path: Path) -> None:
-    """An expert-parallel checkpoint's experts/ (docs/parallelism.md) is what the converter
-    reads for expert tensors; a missing ep_rank file is refused by name."""
-    run = copy_run(tmp_path)
-    experts = run / "checkpoints" / STEP / "experts"
-    experts.mkdir()
-    full = weights(converted())
-    names = [k for k in full if k.endswith((".moe.w1", ".moe.b1", ".moe.w2", ".moe.b2"))]
-    assert len(names) == 8
-    marked = {k: full[k] + 1.0 for k in names}  # differ from the DeepSpeed copies
-    layers = sorted({k.rsplit(".", 1)[0] for k in names})
-    (experts / "meta.json").write_text(json.dumps(
-        {"ep_size": 2, "world_size": 2, "num_experts": 2, "layers": layers,
-         "experts_per_ep_rank": {"0": [0], "1": [1]}}))
-    for ep_rank in (1, 0):
-        torch.save({"global_experts": [ep_rank],
-                    "tensors": {k: v[ep_rank: ep_rank + 1].clone() for k, v in marked.items()}},
-                   experts / f"ep_rank{ep_rank}.pt")
-    out = weights(convert(run, tmp_path / "out", progress=False))
-    for k in full:
-        assert torch.equal(out[k], marked.get(k, full[k])), k
-    (experts / "ep_rank1.pt").unlink()
-    with pytest.raises(CheckpointError, match=r"missing expert shard file\(s\) "
-                                              r"\['experts/ep_rank1\.pt'\]"):
-        convert(run, tmp_path / "out2", progress=False)
-
-
 @functools.cache
 def ep_run() -> Path:
-    """2 ranks, ZeRO-3, ep_size 2 (4 experts, 2 per rank), 2 steps."""
+    """2 ranks, ZeRO-3, ep_size 2 (4 experts, 2 per rank), 2 steps, and the live model's
+    logits at the end (tests/live_logits_harness.py)."""
     run_dir = tf.TMP / "convert_ep2"
     proc = tf.launch(2, tf.base_overrides(run_dir, steps=2)
-                     + ["model.moe.num_experts=4", "parallel.ep_size=2"], launcher="torchrun")
+                     + ["model.moe.num_experts=4", "parallel.ep_size=2"], launcher="torchrun",
+                     script="tests/live_logits_harness.py",
+                     script_args=["--logits", str(run_dir / "live_logits.pt")])
     assert proc.returncode == 0, tf.tail(proc)
     return run_dir
 
 
 @pytest.mark.slow
-def test_expert_parallel_checkpoint_converts_to_the_trained_model() -> None:
-    from liquid_dist.parallel.expert_parallel import load_expert_shards
+def test_expert_parallel_checkpoint_converts_to_the_live_model() -> None:
+    from live_logits_harness import probe_inputs
+
     from liquid_dist.train.sample import load_trained_model
 
     run = ep_run()
-    ckpt = run / "checkpoints" / "step_00000002"
     out = convert(run, tf.TMP / "converted_ep2", progress=False)
     ours = weights(out)
-    experts = load_expert_shards(ckpt)
-    assert len(experts) == 8 and all(t.shape[0] == 4 for t in experts.values())
-    for name, t in experts.items():
-        assert torch.equal(ours[name], t), name
-    live, _ = load_trained_model(run)  # the project's own consolidation of the same files
-    model = LiquidFoundationModelOptimized.from_pretrained(out)
+    experts = [k for k in ours if k.endswith((".moe.w1", ".moe.b1", ".moe.w2", ".moe.b2"))]
+    assert len(experts) == 8 and all(ours[k].shape[0] == 4 for k in experts)
+    model = LiquidFoundationModelOptimized.from_pretrained(out).eval()
+    m = model.cfg
+    enc, dec, mask = probe_inputs(m.vocab_size, m.max_encoder_length, m.max_decoder_length)
+    with torch.no_grad():
+        logits = model(enc, dec, encoder_attention_mask=mask).logits
+    live = torch.load(run / "live_logits.pt", weights_only=True)
+    torch.testing.assert_close(logits, live, rtol=0, atol=1e-5)
+    sampler_model, _ = load_trained_model(run)  # the sampler reads the same files
     for name, t in ours.items():
-        assert torch.equal(live.state_dict()[name], t), name
-    assert_same_logits(model, live)
+        assert torch.equal(sampler_model.state_dict()[name], t), name
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2])
 def test_zero_stage_0_and_2_checkpoints_convert_like_deepspeed_consolidates(stage: int) -> None:
-    from liquid_dist.train.checkpoint import consolidated_state_dict, find_checkpoint
-
     run = tf.TMP / f"convert_zero{stage}"
     proc = tf.launch(2, tf.base_overrides(run, steps=1) + [f"parallel.zero_stage={stage}"],
                      launcher="torchrun")
     assert proc.returncode == 0, tf.tail(proc)
-    deepspeed_sd = consolidated_state_dict(find_checkpoint(str(run), run))
+    deepspeed_sd = deepspeed_consolidation(run)
     ours = weights(convert(run, tf.TMP / f"converted_zero{stage}", progress=False))
     assert len(ours) == 154
     for name, t in ours.items():

@@ -15,11 +15,7 @@ from liquid_dist.model.megablocks import from_megablocks_layout, to_megablocks_l
 from liquid_dist.model.moe import expert_forward
 from liquid_dist.parallel import free_port
 from liquid_dist.parallel.expert_parallel import (
-    EXPERTS_DIR,
-    EXPERTS_META,
-    ExpertLayout,
     check_ep_size,
-    check_expert_checkpoint,
     check_expert_placement,
     expert_range,
     split_expert_param_groups,
@@ -121,17 +117,3 @@ def test_megablocks_weight_layout_round_trip_is_lossless_and_computes_the_same()
                                expert_forward(x, counts, w1, b1, w2, b2, "loop"))
 
 
-def test_checkpoint_of_another_expert_layout_is_refused(tmp_path) -> None:
-    layout = ExpertLayout(ep_size=2, ep_rank=0, num_experts=4, group_name="ep_size_2",
-                          layers=("encoder.blocks.0.moe",))
-    check_expert_checkpoint(tmp_path, None, world_size=2)  # no experts/: plain run
-    with pytest.raises(ValueError, match="ep_size=1 .*this run has ep_size=2"):
-        check_expert_checkpoint(tmp_path, layout, world_size=2)
-    (tmp_path / EXPERTS_DIR).mkdir()
-    (tmp_path / EXPERTS_DIR / EXPERTS_META).write_text(json.dumps(
-        {"ep_size": 2, "world_size": 4, "num_experts": 4}))
-    with pytest.raises(ValueError, match="world size 4\\), this run has ep_size=2 \\(world size 2"):
-        check_expert_checkpoint(tmp_path, layout, world_size=2)
-    with pytest.raises(ValueError, match="ep_size=2 .*this run has ep_size=1"):
-        check_expert_checkpoint(tmp_path, None, world_size=4)
-    check_expert_checkpoint(tmp_path, layout, world_size=4)

@@ -39,8 +39,8 @@ from pathlib import Path
 import pytest
 import train_fixtures as tf
 
+from liquid_dist.checkpoint_format import CHECKPOINTS, LATEST, TRAINER_STATE, find_checkpoint
 from liquid_dist.parallel import free_port
-from liquid_dist.train.checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE, find_checkpoint
 from liquid_dist.train.metrics import read_metrics
 
 REPO = tf.REPO

@@ -13,8 +13,8 @@ import pytest
 import torch
 import train_fixtures as tf
 
+from liquid_dist.checkpoint_format import CHECKPOINTS, LATEST, open_checkpoint, tag_for
 from liquid_dist.parallel import free_port
-from liquid_dist.train.checkpoint import CHECKPOINTS, LATEST, CheckpointRef, consolidated_state_dict
 from liquid_dist.train.entry import EXIT_CONFIG, EXIT_NONFINITE
 from liquid_dist.train.metrics import read_metrics
 from liquid_dist.train.signals import EXIT_PREEMPTED
@@ -74,7 +74,7 @@ def test_nan_loss_is_skipped_and_counted_and_repeated_nans_stop_the_run() -> Non
     assert all(isinstance(train[s]["loss"], float) for s in (1, 3))
 
     def weights(step: int) -> dict[str, torch.Tensor]:
-        return consolidated_state_dict(CheckpointRef(run / CHECKPOINTS, f"step_{step:08d}"))
+        return open_checkpoint(run / CHECKPOINTS / tag_for(step)).state_dict()
 
     w1, w2, w3 = weights(1), weights(2), weights(3)
     assert all(torch.equal(w1[k], w2[k]) for k in w1), "the NaN step must not update weights"

@@ -9,7 +9,7 @@ import time
 import pytest
 import train_fixtures as tf
 
-from liquid_dist.train.checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE
+from liquid_dist.checkpoint_format import CHECKPOINTS, LATEST, TRAINER_STATE
 from liquid_dist.train.signals import EXIT_PREEMPTED
 from liquid_dist.train.trainer import PREEMPTED_MARKER
 

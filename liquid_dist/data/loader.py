@@ -438,11 +438,15 @@ def build_train_loader(data_cfg: DataConfig, *, rank: int, world_size: int, batc
 
 
 def build_val_loader(data_cfg: DataConfig, *, rank: int, world_size: int, batch_size: int,
-                     seed: int, num_batches: Optional[int] = None) -> PretrainingLoader:
+                     seed: int, num_batches: Optional[int] = None,
+                     grad_accum: int = 1) -> PretrainingLoader:
     """The validation loader of one rank: no shuffling, the same batches on every pass.
 
-    ``num_batches`` (e.g. ``train.eval_steps``) caps a pass; by default one pass
-    over the validation manifest's tokens.
+    A pass is ``num_batches`` (e.g. ``train.eval_steps``; by default one pass
+    over the validation manifest's tokens) global batches of batch_size x
+    grad_accum x world_size examples, split like the training steps: the same
+    examples for any layout of the same global batch; ``len(loader)`` =
+    num_batches x grad_accum.
     """
     return _build(data_cfg, "val", rank=rank, world_size=world_size, batch_size=batch_size,
-                  seed=seed, num_steps=num_batches)
+                  seed=seed, num_steps=num_batches, grad_accum=grad_accum)

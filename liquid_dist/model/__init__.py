@@ -9,6 +9,7 @@ from .block import ImprovedTransformerBlock
 from .conv import DeformableConv1d, OptimizedGatedConvolution
 from .embedding import EnhancedLiquidEmbedding
 from .frequency import FrequencyHyenaAttention
+from .generation import GenerationConfig
 from .memory import EnhancedLSTM
 from .model import (
     BidirectionalEncoder,
@@ -27,6 +28,7 @@ __all__ = [
     "EnhancedLiquidEmbedding",
     "EnhancedLocalAttentionWithGQA",
     "FrequencyHyenaAttention",
+    "GenerationConfig",
     "ImprovedTransformerBlock",
     "LiquidDecoder",
     "LiquidFoundationModelOptimized",

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, MoEConfig
 from .attention import AttentionMaskPlan, CrossAttention, EnhancedLocalAttentionWithGQA
 from .conv import OptimizedGatedConvolution
 from .moe import MoELayer
@@ -33,13 +33,47 @@ class FeedForward(nn.Module):
         return self.dropout(self.fc2(h)).clamp(-100.0, 100.0)
 
 
+class DenseFFN(nn.Module):
+    """The plain counterpart of the MoE sub-block (``model.ablate: [moe]``), at the MoE's
+    active width.
+
+    ``expert_type: mlp``: Linear(d -> top_k * expert_ffn_dim) -> GELU -> Linear(-> d) ->
+    Dropout, i.e. the ``top_k`` experts a token nominally uses, fused into one MLP (the
+    same matmul FLOPs per token as the MoE's nominal k, which the FLOP counter uses).
+    ``expert_type: linear``: one Linear(d -> d), the dense form of a sum of linear
+    experts. Position-wise, so padding reaches no other position; no router, no
+    auxiliary losses.
+    """
+
+    def __init__(self, moe_cfg: MoEConfig, d_model: int, dropout: float = 0.0):
+        super().__init__()
+        if moe_cfg.expert_type == "mlp":
+            width = moe_cfg.top_k * moe_cfg.expert_ffn_dim
+            self.fc1 = xavier_linear(d_model, width)
+            self.fc2 = xavier_linear(width, d_model)
+        else:
+            self.fc1 = xavier_linear(d_model, d_model)
+            self.fc2 = None
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.fc2 is not None:
+            h = self.fc2(F.gelu(h))
+        return self.dropout(h)
+
+
 class ImprovedTransformerBlock(nn.Module):
     """Pre-LN residual sub-blocks in the seed's order.
 
     local GQA attention → (decoder: cross-attention to the encoder) → gated
     deformable convolution → MoE → feed-forward. ``forward`` returns the new
-    activations (B, L, d) and this block's auxiliary dict: the MoE's terms and
-    ``nonfinite``.
+    activations (B, L, d) and this block's auxiliary dict: the MoE's terms (none
+    when ``model.ablate`` removes the MoE) and ``nonfinite``.
+
+    ``model.ablate``: ``deformable_conv`` drops the convolution sub-block (identity);
+    ``moe`` replaces the MoE by a :class:`DenseFFN` sub-block (``dense_ffn_norm``,
+    ``dense_ffn``) of the same active width.
 
     Non-finite values: the block's input and the residual stream after every
     sub-block's add have each NaN/±Inf replaced by 0
@@ -48,7 +82,7 @@ class ImprovedTransformerBlock(nn.Module):
     bad value stays at its own position. ``nonfinite`` (int64 scalar, no host
     sync, not a loss term) counts the values replaced in one forward. In
     strict mode (``model.check_finite``) the first one raises
-    ``NonFiniteError`` naming ``<block name>.<input|attn|cross_attn|conv|moe|ffn>``.
+    ``NonFiniteError`` naming ``<block name>.<input|attn|cross_attn|conv|moe|dense_ffn|ffn>``.
     """
 
     def __init__(self, cfg: ModelConfig, causal: bool, name: str = "block"):
@@ -62,10 +96,17 @@ class ImprovedTransformerBlock(nn.Module):
         if causal:
             self.cross_norm = nn.LayerNorm(d)
             self.cross_attn = CrossAttention(cfg)
-        self.conv_norm = nn.LayerNorm(d)
-        self.conv = OptimizedGatedConvolution(cfg, causal=causal)
-        self.moe_norm = nn.LayerNorm(d)
-        self.moe = MoELayer(cfg.moe, d, dropout=cfg.dropout, check_finite=cfg.check_finite)
+        self.has_conv = cfg.keeps("deformable_conv")
+        if self.has_conv:
+            self.conv_norm = nn.LayerNorm(d)
+            self.conv = OptimizedGatedConvolution(cfg, causal=causal)
+        self.has_moe = cfg.keeps("moe")
+        if self.has_moe:
+            self.moe_norm = nn.LayerNorm(d)
+            self.moe = MoELayer(cfg.moe, d, dropout=cfg.dropout, check_finite=cfg.check_finite)
+        else:
+            self.dense_ffn_norm = nn.LayerNorm(d)
+            self.dense_ffn = DenseFFN(cfg.moe, d, dropout=cfg.dropout)
         self.ffn_norm = nn.LayerNorm(d)
         self.ffn = FeedForward(cfg)
 
@@ -100,18 +141,23 @@ class ImprovedTransformerBlock(nn.Module):
                 raise ValueError(f"{self.name}: a decoder block needs the encoder output")
             cross = self.cross_attn(self.cross_norm(x), memory, memory_mask)
             x = self._finite("cross_attn", x + cross, counts)
-        x = self._finite("conv", x + self.conv(self.conv_norm(x), mask), counts)
-        moe_out, aux = self.moe(self.moe_norm(x), mask)
-        x = self._finite("moe", x + moe_out, counts)
+        if self.has_conv:
+            x = self._finite("conv", x + self.conv(self.conv_norm(x), mask), counts)
+        aux: AuxDict = {}
+        if self.has_moe:
+            moe_out, aux = self.moe(self.moe_norm(x), mask)
+            x = self._finite("moe", x + moe_out, counts)
+        else:
+            x = self._finite("dense_ffn", x + self.dense_ffn(self.dense_ffn_norm(x)), counts)
         x = self._finite("ffn", x + self.ffn(self.ffn_norm(x)), counts)
         return x, {**aux, "nonfinite": torch.stack(counts).sum()}
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict:
         """Incremental-decoding state (decoder blocks only); tensors are batch-first."""
-        return {
-            "attn": self.attn.init_state(batch_size, device, dtype),
-            "conv": self.conv.init_state(batch_size, device, dtype),
-        }
+        state = {"attn": self.attn.init_state(batch_size, device, dtype)}
+        if self.has_conv:
+            state["conv"] = self.conv.init_state(batch_size, device, dtype)
+        return state
 
     def step(
         self,
@@ -131,9 +177,15 @@ class ImprovedTransformerBlock(nn.Module):
         x_t = self._finite("attn", x_t + a, counts)
         cross = self.cross_attn.attend(self.cross_norm(x_t), *cross_kv, memory_mask)
         x_t = self._finite("cross_attn", x_t + cross, counts)
-        c, conv_state = self.conv.step(self.conv_norm(x_t), state["conv"], pos)
-        x_t = self._finite("conv", x_t + c, counts)
-        moe_out, _ = self.moe(self.moe_norm(x_t))
-        x_t = self._finite("moe", x_t + moe_out, counts)
+        new_state = {"attn": attn_state}
+        if self.has_conv:
+            c, new_state["conv"] = self.conv.step(self.conv_norm(x_t), state["conv"], pos)
+            x_t = self._finite("conv", x_t + c, counts)
+        if self.has_moe:
+            moe_out, _ = self.moe(self.moe_norm(x_t))
+            x_t = self._finite("moe", x_t + moe_out, counts)
+        else:
+            x_t = self._finite("dense_ffn", x_t + self.dense_ffn(self.dense_ffn_norm(x_t)),
+                               counts)
         x_t = self._finite("ffn", x_t + self.ffn(self.ffn_norm(x_t)), counts)
-        return x_t, {"attn": attn_state, "conv": conv_state}
+        return x_t, new_state

@@ -49,6 +49,12 @@ class EnhancedLiquidEmbedding(nn.Module):
     ``mask`` is None). X_3 is the target and is detached (``sg``): otherwise
     the loss could also be lowered by moving the target, e.g. shrinking both
     LayerNorms' gains, instead of by reconstructing it.
+
+    ``model.ablate`` (docs/model.md, "Ablations"): ``embedding_conv`` removes the
+    convolutional stem (X_3 = X, its padding zeroed as the stem's first convolution
+    would); ``frequency`` the frequency module (Y = X_3); ``compression`` the
+    compression, the reconstruction projection and L_recon (the output is Y' = Y,
+    L_recon is 0). All three: the output is ``E_token(ids) + E_pos``.
     """
 
     def __init__(self, cfg: ModelConfig, token_embedding: nn.Embedding, causal: bool):
@@ -65,13 +71,19 @@ class EnhancedLiquidEmbedding(nn.Module):
         self.token_embedding = token_embedding
         self.position_embedding = nn.Embedding(self.max_length, d)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
-        padding = 0 if causal else self.kernel_size // 2
-        self.conv1 = kaiming_conv1d(d, d, self.kernel_size, padding=padding)
-        self.conv2 = kaiming_conv1d(d, d, self.kernel_size, padding=padding)
-        self.norm = nn.LayerNorm(d)
-        self.frequency = FrequencyHyenaAttention(cfg, causal=causal)
-        self.proj = xavier_linear(d, d)
-        self.proj_norm = nn.LayerNorm(d)
+        self.has_conv = cfg.keeps("embedding_conv")
+        if self.has_conv:
+            padding = 0 if causal else self.kernel_size // 2
+            self.conv1 = kaiming_conv1d(d, d, self.kernel_size, padding=padding)
+            self.conv2 = kaiming_conv1d(d, d, self.kernel_size, padding=padding)
+            self.norm = nn.LayerNorm(d)
+        self.has_frequency = cfg.keeps("frequency")
+        if self.has_frequency:
+            self.frequency = FrequencyHyenaAttention(cfg, causal=causal)
+        self.has_compression = cfg.keeps("compression")
+        if self.has_compression:
+            self.proj = xavier_linear(d, d)
+            self.proj_norm = nn.LayerNorm(d)
         self.n_fft = next_power_of_two(cfg.max_encoder_length)
         self.min_ratio = cfg.min_compression_ratio
         self.base_ratio = cfg.base_compression_ratio
@@ -87,7 +99,7 @@ class EnhancedLiquidEmbedding(nn.Module):
         """input_ids (B, L) long, mask (B, L) bool (True = real) or None.
 
         Returns X_proj (B, L, d) and L_recon (float32 scalar, >= 0, depends
-        only on real positions).
+        only on real positions; 0 when ``compression`` is ablated).
         """
         length = input_ids.shape[1]
         if length > self.max_length:
@@ -96,10 +108,16 @@ class EnhancedLiquidEmbedding(nn.Module):
                              f"({self.max_length})")
         positions = torch.arange(length, device=input_ids.device)
         x = self.token_embedding(input_ids) + self.position_embedding(positions)
-        x = F.gelu(self._conv(self.conv1, x, mask))
-        x = F.gelu(self._conv(self.conv2, x, mask))
-        x3 = self.norm(x)
-        y = self.frequency(x3, mask)
+        if self.has_conv:
+            x = F.gelu(self._conv(self.conv1, x, mask))
+            x = F.gelu(self._conv(self.conv2, x, mask))
+            x3 = self.norm(x)
+        else:
+            x3 = zero_padding(x, mask)
+        y = self.frequency(x3, mask) if self.has_frequency else x3
+        if not self.has_compression:
+            y = check_finite("EnhancedLiquidEmbedding", y, self.check)
+            return y, y.new_zeros((), dtype=torch.float32)
         if not self.causal:
             y = self._compress(y, mask)
         x_proj = self.proj_norm(self.proj(y.to(self.proj.weight.dtype)))
@@ -165,15 +183,18 @@ class EnhancedLiquidEmbedding(nn.Module):
                    dtype: torch.dtype) -> dict:
         """Decoder decoding state: the last kernel-1 inputs of each convolution
         (``conv1``, ``conv2``: (B, kernel-1, d), zeros = the causal left padding)
-        and the frequency module's state (``frequency``, a dict)."""
+        and the frequency module's state (``frequency``, a dict); only the parts
+        that ``model.ablate`` keeps."""
         if not self.causal:
             raise RuntimeError("the encoder EnhancedLiquidEmbedding is not incremental")
-        width = self.kernel_size - 1
-        return {
-            "conv1": torch.zeros(batch_size, width, self.d_model, device=device, dtype=dtype),
-            "conv2": torch.zeros(batch_size, width, self.d_model, device=device, dtype=dtype),
-            "frequency": self.frequency.init_state(batch_size, device, dtype),
-        }
+        state = {}
+        if self.has_conv:
+            shape = (batch_size, self.kernel_size - 1, self.d_model)
+            state["conv1"] = torch.zeros(shape, device=device, dtype=dtype)
+            state["conv2"] = torch.zeros(shape, device=device, dtype=dtype)
+        if self.has_frequency:
+            state["frequency"] = self.frequency.init_state(batch_size, device, dtype)
+        return state
 
     @staticmethod
     def _conv_window(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
@@ -193,12 +214,15 @@ class EnhancedLiquidEmbedding(nn.Module):
                              f"{self.max_length})")
         position = torch.full_like(input_ids_t, pos)
         x = self.token_embedding(input_ids_t) + self.position_embedding(position)
-        window1 = torch.cat([state["conv1"], x.to(state["conv1"].dtype)], dim=1)
-        x = F.gelu(self._conv_window(self.conv1, window1))
-        window2 = torch.cat([state["conv2"], x.to(state["conv2"].dtype)], dim=1)
-        x = F.gelu(self._conv_window(self.conv2, window2))
-        y, freq_state = self.frequency.step(self.norm(x), state["frequency"], pos)
-        x_proj = self.proj_norm(self.proj(y.to(self.proj.weight.dtype)))
-        x_proj = check_finite("EnhancedLiquidEmbedding", x_proj, self.check)
-        new_state = {"conv1": window1[:, 1:], "conv2": window2[:, 1:], "frequency": freq_state}
-        return x_proj, new_state
+        new_state = {}
+        if self.has_conv:
+            window1 = torch.cat([state["conv1"], x.to(state["conv1"].dtype)], dim=1)
+            x = F.gelu(self._conv_window(self.conv1, window1))
+            window2 = torch.cat([state["conv2"], x.to(state["conv2"].dtype)], dim=1)
+            x = self.norm(F.gelu(self._conv_window(self.conv2, window2)))
+            new_state.update(conv1=window1[:, 1:], conv2=window2[:, 1:])
+        if self.has_frequency:
+            x, new_state["frequency"] = self.frequency.step(x, state["frequency"], pos)
+        if self.has_compression:
+            x = self.proj_norm(self.proj(x.to(self.proj.weight.dtype)))
+        return check_finite("EnhancedLiquidEmbedding", x, self.check), new_state

@@ -10,11 +10,71 @@ them with one ``index_select``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding defaults of a model: ``model.generation_config``, ``generation_config.json``.
+
+    :meth:`LiquidFoundationModelOptimized.generate` uses these fields for every
+    setting the call does not pass (a passed value, ``None`` included, wins:
+    ``eos_token_id=None`` decodes to ``max_new_tokens`` whatever EOS comes).
+    :meth:`from_model_config` derives them from the model config — the defaults a
+    fresh model has and that ``python -m liquid_dist.convert`` writes; a model
+    loaded with ``from_pretrained`` takes them from its ``generation_config.json``.
+    """
+
+    decoder_start_token_id: int
+    pad_token_id: int
+    eos_token_id: Optional[int]
+    """Decoding of a sequence stops at this token (None: never stops early)."""
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    num_beams: int = 1
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig) -> GenerationConfig:
+        """Greedy decoding up to ``max_decoder_length`` tokens with the config's token ids."""
+        return cls(decoder_start_token_id=cfg.decoder_start_token_id,
+                   pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
+                   max_new_tokens=cfg.max_decoder_length)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], cfg: ModelConfig,
+                  source: str = "generation config") -> GenerationConfig:
+        """``values`` over :meth:`from_model_config` (a key it lacks keeps that default);
+        ValueError naming an unknown key and the known ones."""
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; expected keys from "
+                             f"{list(cls.field_names())}")
+        return dataclasses.replace(cls.from_model_config(cfg), **values)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def updated(self, **settings: Any) -> GenerationConfig:
+        """A copy with ``settings`` replaced; TypeError naming an unknown setting."""
+        unknown = sorted(set(settings) - set(self.field_names()))
+        if unknown:
+            raise TypeError(f"generate() got unexpected keyword argument(s) {unknown}; the "
+                            f"generation settings are {list(self.field_names())}")
+        return dataclasses.replace(self, **settings)
 
 
 def reorder_state(state: Any, index: torch.Tensor) -> Any:
@@ -64,8 +124,9 @@ class IncrementalDecoder:
         state = {
             "embedding": dec.embedding.init_state(b, memory.device, memory.dtype),
             "blocks": [blk.init_state(b, memory.device, memory.dtype) for blk in dec.blocks],
-            "memory": dec.memory.init_state(b, memory.device, memory.dtype),
         }
+        if dec.memory is not None:
+            state["memory"] = dec.memory.init_state(b, memory.device, memory.dtype)
         cross_kv = [blk.cross_attn.compute_kv(memory) for blk in dec.blocks]
         self.cache = DecoderCache(memory_mask=mask, cross_kv=cross_kv, state=state)
 
@@ -88,8 +149,10 @@ class IncrementalDecoder:
         for blk, st, kv in zip(dec.blocks, cache.state["blocks"], cache.cross_kv, strict=True):
             x, st = blk.step(x, st, pos, kv, cache.memory_mask)
             block_states.append(st)
-        x, mem_state = dec.memory.step(x, cache.state["memory"], pos)
-        cache.state = {"embedding": emb_state, "blocks": block_states, "memory": mem_state}
+        state = {"embedding": emb_state, "blocks": block_states}
+        if dec.memory is not None:
+            x, state["memory"] = dec.memory.step(x, cache.state["memory"], pos)
+        cache.state = state
         return self.model.lm_head(dec.norm(x))[:, -1].float()
 
 
@@ -124,12 +187,11 @@ def choose_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 @torch.no_grad()
 def generate(model, encoder_input_ids: torch.Tensor,
-             encoder_attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, num_beams: int = 1, eos_token_id: int | None = None,
+             encoder_attention_mask: torch.Tensor | None, gen: GenerationConfig,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """See :meth:`LiquidFoundationModelOptimized.generate`."""
+    """See :meth:`LiquidFoundationModelOptimized.generate`; ``gen`` holds every setting."""
     cfg = model.cfg
+    max_new_tokens, num_beams, do_sample = gen.max_new_tokens, gen.num_beams, gen.do_sample
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if max_new_tokens > cfg.max_decoder_length:
@@ -145,26 +207,24 @@ def generate(model, encoder_input_ids: torch.Tensor,
         dec = IncrementalDecoder(model)
         dec.start(encoder_input_ids, encoder_attention_mask)
         if num_beams > 1:
-            return _beam_search(model, dec, encoder_input_ids.shape[0], max_new_tokens,
-                                num_beams, eos_token_id)
-        return _sample(model, dec, encoder_input_ids.shape[0], max_new_tokens, do_sample,
-                       temperature, top_k, top_p, eos_token_id, generator)
+            return _beam_search(model, dec, encoder_input_ids.shape[0], gen)
+        return _sample(model, dec, encoder_input_ids.shape[0], gen, generator)
     finally:
         model.train(was_training)
 
 
-def _sample(model, dec: IncrementalDecoder, batch: int, max_new_tokens: int, do_sample: bool,
-            temperature: float, top_k: int | None, top_p: float | None,
-            eos_token_id: int | None, generator: torch.Generator | None) -> torch.Tensor:
-    cfg = model.cfg
+def _sample(model, dec: IncrementalDecoder, batch: int, gen: GenerationConfig,
+            generator: torch.Generator | None) -> torch.Tensor:
     device = model.lm_head.weight.device
-    tokens = torch.full((batch,), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+    tokens = torch.full((batch,), gen.decoder_start_token_id, dtype=torch.long, device=device)
     out = [tokens]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for pos in range(max_new_tokens):
+    eos_token_id = gen.eos_token_id
+    for pos in range(gen.max_new_tokens):
         logits = dec.step(tokens, pos)
-        nxt = choose_next(logits, do_sample, temperature, top_k, top_p, generator)
-        nxt = torch.where(finished, torch.full_like(nxt, cfg.pad_token_id), nxt)
+        nxt = choose_next(logits, gen.do_sample, gen.temperature, gen.top_k, gen.top_p,
+                          generator)
+        nxt = torch.where(finished, torch.full_like(nxt, gen.pad_token_id), nxt)
         out.append(nxt)
         if eos_token_id is not None:
             finished |= nxt == eos_token_id
@@ -174,26 +234,26 @@ def _sample(model, dec: IncrementalDecoder, batch: int, max_new_tokens: int, do_
     return torch.stack(out, dim=1)
 
 
-def _beam_search(model, dec: IncrementalDecoder, batch: int, max_new_tokens: int,
-                 num_beams: int, eos_token_id: int | None) -> torch.Tensor:
+def _beam_search(model, dec: IncrementalDecoder, batch: int,
+                 gen: GenerationConfig) -> torch.Tensor:
     """Beam search with finished beams carried at constant score; picks the best
     hypothesis by mean log-probability per generated token."""
-    cfg = model.cfg
     device = model.lm_head.weight.device
-    nb = num_beams
+    nb, eos_token_id = gen.num_beams, gen.eos_token_id
     dec.expand(nb)
     scores = torch.full((batch, nb), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand from the first only
-    tokens = torch.full((batch * nb,), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+    tokens = torch.full((batch * nb,), gen.decoder_start_token_id, dtype=torch.long,
+                        device=device)
     history = tokens.view(-1, 1)
     finished = torch.zeros(batch * nb, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch * nb, device=device)
-    for pos in range(max_new_tokens):
+    for pos in range(gen.max_new_tokens):
         logp = F.log_softmax(dec.step(tokens, pos), dim=-1)
         vocab = logp.shape[-1]
         # a finished beam can only continue with pad, at no cost
         pad_row = torch.full_like(logp[0], float("-inf"))
-        pad_row[cfg.pad_token_id] = 0.0
+        pad_row[gen.pad_token_id] = 0.0
         logp = torch.where(finished[:, None], pad_row, logp)
         cand = (scores.view(-1, 1) + logp).view(batch, nb * vocab)
         scores, flat = torch.topk(cand, nb, dim=-1)

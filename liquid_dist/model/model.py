@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from ..config import ConfigError, ModelConfig, validate_model
 from .attention import AttentionMaskPlan
 from .block import AuxDict, ImprovedTransformerBlock
 from .embedding import EnhancedLiquidEmbedding
+from .generation import GenerationConfig
 from .memory import EnhancedLSTM
 from .utils import check_finite
 
@@ -25,12 +27,13 @@ class ModelOutput:
     * ``loss``: the total training loss ``ce + aux_loss`` (None without labels);
     * ``aux``: named unweighted scalar tensors ``ce`` (with labels),
       ``recon_encoder``, ``recon_decoder``, ``moe_entropy``, ``moe_overuse``
-      (the last two summed over layers), and ``nonfinite_activations``: int64,
+      (the last two summed over layers; a term whose component ``model.ablate``
+      removes is 0), and ``nonfinite_activations``: int64,
       the number of NaN/±Inf activation values the blocks replaced by 0 in
       this forward (summed over blocks; 0 in a healthy pass; not a loss term,
       no host sync) — a step where it is > 0 trained on repaired activations;
     * ``expert_usage``: one (experts,) tensor of hard assignment fractions per
-      MoE layer, encoder layers first;
+      MoE layer, encoder layers first (empty without MoE layers);
     * ``ce_sum``: fp32 scalar, the sum of the per-token cross-entropy over the
       real targets (labels != -100), differentiable; None without labels;
     * ``num_targets``: int64 scalar tensor, the number of labels != -100; None
@@ -50,6 +53,16 @@ class ModelOutput:
     ce_sum: torch.Tensor | None = None
     num_targets: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+
+
+def _one_of(fn: str, own: str, own_value, alias: str, alias_value, required: bool = False):
+    """The value of an argument that may also be passed under its Hugging Face name."""
+    if own_value is not None and alias_value is not None:
+        raise TypeError(f"{fn}() got both {own} and {alias}, its Hugging Face alias: pass one")
+    value = own_value if own_value is not None else alias_value
+    if value is None and required:
+        raise TypeError(f"{fn}() missing {own} (or its Hugging Face alias {alias})")
+    return value
 
 
 def _run_blocks(
@@ -101,7 +114,8 @@ class LiquidDecoder(nn.Module):
     """Causal embedding → dropout → cross-attending causal blocks → EnhancedLSTM → LayerNorm.
 
     The seed writes y_t = Decoder(y_<t, H_e) without naming the module; the
-    LSTM is the decoder's external memory and runs once after the stack.
+    LSTM is the decoder's external memory and runs once after the stack
+    (``memory`` is None when ``model.ablate`` removes it: identity).
     """
 
     def __init__(self, cfg: ModelConfig, token_embedding: nn.Embedding):
@@ -113,7 +127,7 @@ class LiquidDecoder(nn.Module):
             ImprovedTransformerBlock(cfg, causal=True, name=f"decoder.blocks.{i}")
             for i in range(cfg.n_decoder_layers)
         )
-        self.memory = EnhancedLSTM(cfg)
+        self.memory = EnhancedLSTM(cfg) if cfg.keeps("lstm") else None
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def forward(
@@ -138,7 +152,8 @@ class LiquidDecoder(nn.Module):
             mask=mask, memory=memory, memory_mask=memory_mask,
             plan=AttentionMaskPlan(mask, validate=self.cfg.check_finite),
         )
-        x = self.memory(x)
+        if self.memory is not None:
+            x = self.memory(x)
         return self.norm(x), recon, auxes
 
 
@@ -146,9 +161,11 @@ class LiquidFoundationModelOptimized(nn.Module):
     """The encoder-decoder language model of the seed.
 
     ``forward(encoder_input_ids, decoder_input_ids, encoder_attention_mask=None,
-    labels=None, decoder_attention_mask=None)`` returns a :class:`ModelOutput`.
-    Labels equal to -100 are ignored. ``generate`` decodes incrementally (see
-    generation.py).
+    labels=None, decoder_attention_mask=None)`` returns a :class:`ModelOutput`
+    (Hugging Face names: ``input_ids`` and ``attention_mask`` are aliases of the
+    encoder's). Labels equal to -100 are ignored. ``generate`` decodes
+    incrementally (see generation.py) with the defaults of ``generation_config``;
+    ``save_pretrained`` / ``from_pretrained`` write and read a model directory.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -168,8 +185,16 @@ class LiquidFoundationModelOptimized(nn.Module):
             self.lm_head.weight = self.token_embedding.weight
         else:
             nn.init.xavier_normal_(self.lm_head.weight)
+        self.generation_config = GenerationConfig.from_model_config(cfg)
 
     def _check_ids(self, name: str, ids: torch.Tensor, max_len: int) -> None:
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            hint = (": a bool tensor is an attention mask (forward's positional order is "
+                    "encoder_input_ids, decoder_input_ids, encoder_attention_mask, labels, "
+                    "decoder_attention_mask; pass masks by keyword)"
+                    if ids.dtype == torch.bool else "")
+            raise TypeError(f"{name} must be an integer tensor of token ids, got {ids.dtype}"
+                            + hint)
         if ids.dim() != 2:
             raise ValueError(f"{name} must be (batch, length), got shape {tuple(ids.shape)}")
         if ids.shape[1] > max_len:
@@ -186,6 +211,30 @@ class LiquidFoundationModelOptimized(nn.Module):
                              f"shape {tuple(ids.shape)}")
         return mask.bool()
 
+    def _refuse_mask_as_decoder_ids(self, decoder_input_ids: torch.Tensor,
+                                    encoder_input_ids: torch.Tensor,
+                                    encoder_attention_mask: torch.Tensor | None) -> None:
+        """ValueError when ``decoder_input_ids`` is an integer attention mask passed in its
+        place: no encoder mask is given, the tensor is shaped like the encoder ids, and it
+        holds only 0 and 1 with at least one 1 — as ``model(input_ids, attention_mask)``
+        (the Hugging Face positional habit) gives. A real decoder input with those
+        properties would consist of pad / start and EOS tokens only. The value check
+        reads one boolean on the host, only when the cheap conditions hold (never in
+        training, whose batches carry an encoder mask).
+        """
+        if encoder_attention_mask is not None or decoder_input_ids.shape != encoder_input_ids.shape:
+            return
+        ones = decoder_input_ids == 1
+        if bool(((decoder_input_ids == 0) | ones).all() & ones.any()):
+            raise ValueError(
+                "decoder_input_ids looks like an attention mask: only 0/1 values, shaped like "
+                f"encoder_input_ids {tuple(encoder_input_ids.shape)}, and no "
+                "encoder_attention_mask given. forward's positional order is "
+                "(encoder_input_ids, decoder_input_ids, encoder_attention_mask, labels, "
+                "decoder_attention_mask): pass the mask as attention_mask= (or "
+                "encoder_attention_mask=); if these are decoder token ids, pass "
+                "encoder_attention_mask explicitly")
+
     def encode(
         self, encoder_input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[AuxDict]]:
@@ -198,13 +247,22 @@ class LiquidFoundationModelOptimized(nn.Module):
 
     def forward(
         self,
-        encoder_input_ids: torch.Tensor,
-        decoder_input_ids: torch.Tensor,
+        encoder_input_ids: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Teacher-forced forward pass; see :class:`ModelOutput`.
+
+        ``input_ids`` / ``attention_mask`` (keyword only) are the Hugging Face names
+        of ``encoder_input_ids`` / ``encoder_attention_mask``; giving both spellings
+        of one is a TypeError. Token ids must be integer tensors (a bool tensor is a
+        TypeError), and an integer 0/1 mask passed as ``decoder_input_ids`` is a
+        ValueError (see :meth:`_refuse_mask_as_decoder_ids`).
 
         Masks are (B, L) bool or int, True / 1 = real token. Without
         ``decoder_attention_mask``, decoder position i is real iff
@@ -215,7 +273,16 @@ class LiquidFoundationModelOptimized(nn.Module):
         depends on what padding holds, and the loss terms count real
         positions only.
         """
+        encoder_input_ids = _one_of("forward", "encoder_input_ids", encoder_input_ids,
+                                    "input_ids", input_ids, required=True)
+        encoder_attention_mask = _one_of("forward", "encoder_attention_mask",
+                                         encoder_attention_mask, "attention_mask", attention_mask)
+        if decoder_input_ids is None:
+            raise TypeError("forward() missing decoder_input_ids (the teacher-forced decoder "
+                            "input: decoder_start_token_id followed by the targets but the last)")
         self._check_ids("decoder_input_ids", decoder_input_ids, self.cfg.max_decoder_length)
+        self._refuse_mask_as_decoder_ids(decoder_input_ids, encoder_input_ids,
+                                         encoder_attention_mask)
         if labels is not None and labels.shape != decoder_input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != decoder_input_ids "
                              f"shape {tuple(decoder_input_ids.shape)}")
@@ -229,12 +296,13 @@ class LiquidFoundationModelOptimized(nn.Module):
         logits = check_finite("lm_head", self.lm_head(hidden), self.cfg.check_finite)
 
         auxes = enc_aux + dec_aux
+        moe_auxes = [a for a in auxes if "expert_usage" in a]  # blocks that have a MoE
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = {
             "recon_encoder": recon_enc.float(),
             "recon_decoder": recon_dec.float(),
-            "moe_entropy": sum((a["moe_entropy"].float() for a in auxes), zero),
-            "moe_overuse": sum((a["moe_overuse"].float() for a in auxes), zero),
+            "moe_entropy": sum((a["moe_entropy"].float() for a in moe_auxes), zero),
+            "moe_overuse": sum((a["moe_overuse"].float() for a in moe_auxes), zero),
             "nonfinite_activations": sum((a["nonfinite"] for a in auxes),
                                          zero.to(torch.int64)),
         }
@@ -245,7 +313,7 @@ class LiquidFoundationModelOptimized(nn.Module):
             + m.overuse_loss_weight * aux["moe_overuse"]
         )
         out = ModelOutput(logits=logits, aux=aux, aux_loss=aux_loss,
-                          expert_usage=[a["expert_usage"] for a in auxes])
+                          expert_usage=[a["expert_usage"] for a in moe_auxes])
         if labels is not None:
             out.ce_sum = F.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -259,18 +327,25 @@ class LiquidFoundationModelOptimized(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        encoder_input_ids: torch.Tensor,
+        encoder_input_ids: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        num_beams: int = 1,
-        eos_token_id: int | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
         generator: torch.Generator | None = None,
+        **settings,
     ) -> torch.Tensor:
         """Decode up to ``max_new_tokens`` tokens; returns (B, 1 + generated) ids.
+
+        ``settings``: any field of :class:`~liquid_dist.model.generation.GenerationConfig`
+        (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``num_beams``, ``eos_token_id``, ``decoder_start_token_id``, ``pad_token_id``);
+        those not passed come from ``generation_config`` (default:
+        ``self.generation_config``, i.e. the model config's token ids or the model
+        directory's ``generation_config.json``). A passed None counts:
+        ``eos_token_id=None`` never stops early. ``input_ids`` / ``attention_mask``
+        are the Hugging Face names of the encoder arguments.
 
         The first column is the decoder start token. Sequences that reached
         ``eos_token_id`` are filled with the pad id afterwards; decoding stops
@@ -278,11 +353,22 @@ class LiquidFoundationModelOptimized(nn.Module):
         """
         from .generation import generate
 
-        return generate(
-            self, encoder_input_ids, encoder_attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            num_beams=num_beams, eos_token_id=eos_token_id, generator=generator,
-        )
+        encoder_input_ids = _one_of("generate", "encoder_input_ids", encoder_input_ids,
+                                    "input_ids", input_ids, required=True)
+        encoder_attention_mask = _one_of("generate", "encoder_attention_mask",
+                                         encoder_attention_mask, "attention_mask", attention_mask)
+        gen = (generation_config or self.generation_config).updated(**settings)
+        return generate(self, encoder_input_ids, encoder_attention_mask, gen, generator)
+
+    def save_pretrained(self, path: str | Path, tokenizer: str | Path | None = None) -> Path:
+        """Write the model directory that :meth:`from_pretrained` reads: ``config.json``,
+        ``model.safetensors`` (each tensor once, in its current dtype) and
+        ``generation_config.json`` (``self.generation_config``); ``tokenizer``, a
+        sentencepiece model file, is copied in as ``tokenizer.model`` (for
+        ``python -m liquid_dist.generate``). Returns ``path``."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, path, tokenizer=tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -291,7 +377,8 @@ class LiquidFoundationModelOptimized(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
     ) -> LiquidFoundationModelOptimized:
-        """Load a converted model directory (``python -m liquid_dist.convert``), in eval mode.
+        """Load a model directory (``python -m liquid_dist.convert``, :meth:`save_pretrained`),
+        in eval mode, with its ``generation_config.json`` as ``generation_config``.
 
         Safetensors only (no pickle, no DeepSpeed); tied weights are re-tied
         from the config. ``dtype`` None keeps the stored precision.

@@ -13,20 +13,23 @@ Tied weights are stored once under their canonical name (the first name
 ``named_parameters()`` gives, e.g. ``token_embedding.weight``); the model
 re-ties them itself when built from ``config.json`` (``tie_embeddings``), so
 loading needs nothing but this directory: safetensors only, no pickle, no
-DeepSpeed.
+DeepSpeed. :func:`save_pretrained` writes the same layout (one weights file,
+no model card) from a model in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, flatten_keys, model_config_from_dict
+from ..config import ModelConfig, check_same_architecture, model_config_from_dict
+from .generation import GenerationConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -37,13 +40,6 @@ MODEL_CARD_NAME = "README.md"
 
 # settings that change how the model trains or runs, not what its weights mean:
 # a converted model may be fine-tuned or served with other values
-RUNTIME_FIELDS = frozenset({
-    "dropout", "activation_checkpointing", "check_finite", "recon_loss_weight",
-    "attention_backend", "moe.backend", "moe.entropy_loss_weight", "moe.overuse_loss_weight",
-    "moe.overuse_threshold",
-})
-
-
 def is_pretrained_dir(path: Union[str, Path]) -> bool:
     """True when ``path`` is a converted model directory (config.json + weights)."""
     p = Path(path)
@@ -85,21 +81,10 @@ def canonical_names(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_compatible(cfg: ModelConfig, path: Union[str, Path],
-                     key_prefix: str = "model.") -> None:
-    """ConfigError unless ``cfg`` describes the same architecture as the model at ``path``.
-
-    Runtime settings (:data:`RUNTIME_FIELDS`: dropout, checkpointing, loss weights,
-    kernels) may differ.
-    """
-    saved = flatten_keys(dataclasses.asdict(read_model_config(path)))
-    mine = flatten_keys(dataclasses.asdict(cfg))
-    changed = sorted(k for k in saved.keys() | mine.keys()
-                     if k not in RUNTIME_FIELDS and saved.get(k) != mine.get(k))
-    if changed:
-        detail = ", ".join(f"{k}: {mine.get(k)!r} (model {saved.get(k)!r})" for k in changed)
-        raise ConfigError(key_prefix + changed[0], mine.get(changed[0]),
-                          f"the architecture of the converted model {path} ({detail})")
+def check_compatible(cfg: ModelConfig, path: Union[str, Path]) -> None:
+    """ConfigError unless ``cfg`` describes the same architecture as the model at ``path``
+    (:func:`liquid_dist.config.check_same_architecture`: run settings may differ)."""
+    check_same_architecture(read_model_config(path), cfg, f"the converted model {path}")
 
 
 def load_weights_into(model: nn.Module, path: Union[str, Path],
@@ -128,6 +113,63 @@ def load_weights_into(model: nn.Module, path: Union[str, Path],
             state[name].copy_(t)
 
 
+def write_model_config(cfg: ModelConfig, path: Union[str, Path]) -> None:
+    """``config.json`` of a model directory: the ModelConfig as JSON."""
+    (Path(path) / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
+                                          encoding="utf-8")
+
+
+def write_generation_config(gen: GenerationConfig, path: Union[str, Path]) -> None:
+    """``generation_config.json`` of a model directory."""
+    (Path(path) / GENERATION_CONFIG_NAME).write_text(json.dumps(gen.to_dict(), indent=2) + "\n",
+                                                     encoding="utf-8")
+
+
+def read_generation_config(path: Union[str, Path], cfg: ModelConfig) -> GenerationConfig:
+    """The decoding defaults of a model directory: its ``generation_config.json`` over
+    :meth:`GenerationConfig.from_model_config` (all of those without the file)."""
+    f = Path(path) / GENERATION_CONFIG_NAME
+    if not f.is_file():
+        return GenerationConfig.from_model_config(cfg)
+    return GenerationConfig.from_dict(json.loads(f.read_text(encoding="utf-8")), cfg,
+                                      source=str(f))
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Alias name -> canonical name of every parameter registered under several names."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canonical = first.setdefault(id(p), name)
+        if canonical != name:
+            out[name] = canonical
+    return out
+
+
+def save_pretrained(model: nn.Module, path: Union[str, Path],
+                    tokenizer: Union[str, Path, None] = None) -> Path:
+    """Write ``model`` (a whole LiquidFoundationModelOptimized in memory, not a ZeRO-3
+    partitioned one: convert a checkpoint with ``python -m liquid_dist.convert``) as
+    the directory :func:`load_pretrained` reads; see its ``save_pretrained`` method."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict(keep_vars=True)
+    tensors = {name: state[name].detach().to("cpu").contiguous()
+               for name in canonical_names(model)}
+    # a sharded export left in the directory would be read instead of the new weights
+    for stale in [out / INDEX_NAME, *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    metadata = {"format": "pt", "tied_weights": json.dumps(tied_aliases(model), sort_keys=True)}
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata=metadata)
+    write_model_config(model.cfg, out)
+    write_generation_config(model.generation_config, out)
+    if tokenizer is not None and Path(tokenizer).resolve() != (out / TOKENIZER_NAME).resolve():
+        shutil.copyfile(tokenizer, out / TOKENIZER_NAME)
+    return out
+
+
 def stored_dtype(path: Union[str, Path]) -> Optional[torch.dtype]:
     """The floating dtype of the stored weights (None if they disagree)."""
     from safetensors import safe_open
@@ -145,15 +187,18 @@ def stored_dtype(path: Union[str, Path]) -> Optional[torch.dtype]:
 
 def load_pretrained(cls: type, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                     dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Build ``cls`` from a converted model directory; eval mode, on ``device``.
+    """Build ``cls`` from a converted model directory; eval mode, on ``device``, with the
+    directory's decoding defaults (:func:`read_generation_config`) as ``generation_config``.
 
     ``dtype`` None keeps the stored precision (fp32 or bf16 export).
     """
     cfg = read_model_config(path)
+    generation_config = read_generation_config(path, cfg)
     device = torch.device(device)
     with device:
         model = cls(cfg)
     load_weights_into(model, path, device=device)
+    model.generation_config = generation_config
     target = dtype if dtype is not None else stored_dtype(path)
     if target is not None:
         model.to(dtype=target)

@@ -4,6 +4,7 @@
 * :mod:`.deepspeed_config` — the DeepSpeed config dict built from a Config.
 * :mod:`.expert_parallel` — experts split over an ``ep_size`` group under ZeRO-3
   (docs/parallelism.md).
+* :mod:`.ds_compat` — every use of DeepSpeed internals, for one checked version.
 """
 
 from liquid_dist.parallel.deepspeed_config import (
@@ -23,10 +24,9 @@ from liquid_dist.parallel.expert_parallel import (
     ExpertLayout,
     apply_expert_parallel,
     check_expert_placement,
-    load_expert_shards,
 )
 
 __all__ = ["DistEnv", "ExpertExchange", "ExpertLayout", "apply_expert_parallel",
            "build_deepspeed_config", "check_expert_placement", "check_supported", "free_port",
-           "init_distributed", "load_expert_shards", "resolve_dist_env", "resolve_precision",
+           "init_distributed", "resolve_dist_env", "resolve_precision",
            "select_device"]

@@ -14,10 +14,8 @@ here to one :class:`DistEnv`, in this order of precedence:
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
@@ -25,6 +23,7 @@ from typing import Optional
 import torch
 
 from liquid_dist.config import ConfigError
+from liquid_dist.parallel.ds_compat import skip_shm_comm_build
 
 
 @dataclass(frozen=True)
@@ -93,13 +92,6 @@ def select_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _skip_shm_comm_build() -> None:
-    # DeepSpeed's CPU backend JIT-compiles an shm all-reduce op at start-up
-    # (~100 s on 2 cores) that only inference uses; training never needs it.
-    importlib.import_module("deepspeed.comm.torch")
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-
-
 def init_distributed(local_rank_arg: Optional[int] = None) -> tuple[DistEnv, torch.device]:
     """Create the default process group (NCCL on GPU, gloo on CPU); returns (env, device).
 
@@ -113,7 +105,7 @@ def init_distributed(local_rank_arg: Optional[int] = None) -> tuple[DistEnv, tor
                       LOCAL_RANK=str(dist_env.local_rank), MASTER_ADDR=dist_env.master_addr,
                       MASTER_PORT=str(dist_env.master_port))
     device = select_device(dist_env.local_rank)
-    _skip_shm_comm_build()
+    skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False)
     return dist_env, device

@@ -25,16 +25,15 @@ The model stays parallelism-agnostic; this module plugs into it from outside
   would let ZeRO mix different experts (the silent failure of
   PLATFORM_NOTES.md, "Mixture of experts under ZeRO-3").
 
-Groups are DeepSpeed's (``deepspeed.utils.groups``, legacy layout): with W
-ranks and ep_size P, the expert-parallel groups are ``[0..P-1], [P..2P-1], ...``
-and rank r holds global experts ``[(r % P) * E/P, (r % P + 1) * E/P)``.
+Groups and markings are DeepSpeed's, reached through
+:mod:`liquid_dist.parallel.ds_compat` (legacy layout): with W ranks and
+ep_size P, the expert-parallel groups are ``[0..P-1], [P..2P-1], ...`` and
+rank r holds global experts ``[(r % P) * E/P, (r % P + 1) * E/P)``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,16 +41,13 @@ import torch.distributed as dist
 from torch import nn
 
 from liquid_dist.config import ConfigError
-
-# DeepSpeed 0.19.8's ZeRO-3 keys expert handling on these attribute values
-# (runtime/zero/stage3.py `_autoep_expert_parallel_group`, runtime/engine.py
-# `_resolve_zero3_param_placement`, module_inject/auto_ep_layer.py).
-EP_PLACEMENT_FAMILY = "autoep_expert"
-
-
-def ep_group_name(ep_size: int) -> str:
-    """DeepSpeed's name of the expert(-data)-parallel groups for ``ep_size``."""
-    return f"ep_size_{ep_size}"
+from liquid_dist.parallel.ds_compat import (
+    create_expert_groups,
+    expert_parallel_group,
+    expert_parallel_rank,
+    is_expert_parameter,
+    mark_expert_parameter,
+)
 
 
 def expert_range(num_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
@@ -68,19 +64,6 @@ def check_ep_size(ep_size: int, world_size: int, num_experts: int) -> None:
     if num_experts % ep_size:
         raise ConfigError("parallel.ep_size", ep_size,
                           f"a divisor of model.moe.num_experts ({num_experts})")
-
-
-def create_expert_groups(ep_size: int) -> str:
-    """Create (once) DeepSpeed's expert-parallel and expert-data-parallel groups; returns the name.
-
-    Collective: every rank must call it, in the same order.
-    """
-    from deepspeed.utils import groups
-
-    name = ep_group_name(ep_size)
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-    return name
 
 
 class _AllToAll(torch.autograd.Function):
@@ -188,26 +171,6 @@ def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
-def mark_expert_parameter(param: nn.Parameter, group_name: str) -> None:
-    """Tag ``param`` as an expert-parallel parameter of group ``group_name`` for DeepSpeed.
-
-    ``ds_zero_partition_process_group`` makes ZeRO-3's conversion partition (and
-    broadcast) it over the expert-data-parallel group only.
-    """
-    from deepspeed.utils import groups
-
-    param.allreduce = False
-    param.group_name = group_name
-    param.ds_zero_placement_family = EP_PLACEMENT_FAMILY
-    param.ds_zero_partition_group_name = group_name
-    param.ds_zero_partition_process_group = groups._get_expert_data_parallel_group(group_name)
-
-
-def is_expert_parameter(param: nn.Parameter) -> bool:
-    """Whether ``param`` carries the expert-parallel marking."""
-    return getattr(param, "ds_zero_placement_family", None) == EP_PLACEMENT_FAMILY
-
-
 def apply_expert_parallel(model: nn.Module, ep_size: int) -> ExpertLayout:
     """Keep this rank's slice of every MoE layer's experts and install the exchange hook.
 
@@ -217,17 +180,15 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> ExpertLayout:
     the corresponding slice of a single-process model. Needs the default
     process group (collective: creates the groups).
     """
-    from deepspeed.utils import groups
-
     layers = _moe_layers(model)
     if not layers:
         raise ConfigError("parallel.ep_size", ep_size, "1 for a model without MoE layers")
     num_experts = layers[0][1].cfg.num_experts
     check_ep_size(ep_size, dist.get_world_size(), num_experts)
     name = create_expert_groups(ep_size)
-    ep_rank = groups._get_expert_parallel_rank(name)
+    ep_rank = expert_parallel_rank(name)
     start, stop = expert_range(num_experts, ep_size, ep_rank)
-    hook = ExpertExchange(group=groups._get_expert_parallel_group(name), ep_size=ep_size,
+    hook = ExpertExchange(group=expert_parallel_group(name), ep_size=ep_size,
                           ep_rank=ep_rank, num_experts=num_experts)
     for _, layer in layers:
         for attr in ("w1", "b1", "w2", "b2"):
@@ -297,160 +258,3 @@ def split_expert_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[s
     named = [dict(g, name=g.get("name", f"group{i}")) for i, g in enumerate(param_groups)]
     split = split_params_into_different_moe_groups_for_optimizer(named)
     return [g for g in split if g["params"]]
-
-
-def expert_metadata(layout: ExpertLayout, world_size: int) -> dict[str, Any]:
-    """The JSON-able description of the expert placement saved with every checkpoint."""
-    return {"ep_size": layout.ep_size, "world_size": world_size,
-            "num_experts": layout.num_experts, "layers": list(layout.layers),
-            "experts_per_ep_rank": {str(r): list(range(*expert_range(
-                layout.num_experts, layout.ep_size, r))) for r in range(layout.ep_size)}}
-
-
-EXPERTS_DIR = "experts"
-EXPERTS_META = "meta.json"
-
-
-def expert_shard_name(ep_rank: int) -> str:
-    """File of expert-parallel rank ``ep_rank`` inside a checkpoint's ``experts/``."""
-    return f"ep_rank{ep_rank}.pt"
-
-
-def save_expert_shards(model: nn.Module, layout: ExpertLayout, ckpt_dir: Path,
-                       world_size: int) -> None:
-    """Write ``ckpt_dir/experts/``: every expert of every MoE layer under its global index.
-
-    Collective (every rank calls it): each rank gathers its experts' ZeRO-3
-    partitions over the expert-data-parallel group; the first rank of each
-    expert-data-parallel group (expert-data-parallel rank 0) writes
-    ``ep_rank<e>.pt`` = ``{"global_experts": [...], "tensors": {name: (E/ep, ...)}}``
-    with ``name`` the model's parameter name (e.g. ``encoder.blocks.0.moe.w1``);
-    rank 0 writes ``meta.json`` (:func:`expert_metadata`).
-    """
-    import deepspeed
-    from deepspeed.utils import groups
-
-    out = Path(ckpt_dir) / EXPERTS_DIR
-    names = [f"{layer}.{attr}" for layer in layout.layers for attr in ("w1", "b1", "w2", "b2")]
-    params = dict(model.named_parameters())
-    mine = {n: params[n] for n in names if n in params}
-    with deepspeed.zero.GatheredParameters(list(mine.values()), modifier_rank=None):
-        tensors = {n: p.detach().clone().cpu() for n, p in mine.items()}
-    edp_rank = dist.get_rank(group=groups._get_expert_data_parallel_group(layout.group_name))
-    if dist.get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / EXPERTS_META).write_text(json.dumps(expert_metadata(layout, world_size), indent=1))
-    dist.barrier()
-    if edp_rank == 0:
-        torch.save({"global_experts": layout.global_experts, "tensors": tensors},
-                   out / expert_shard_name(layout.ep_rank))
-    dist.barrier()
-
-
-def read_expert_metadata(ckpt_dir: Path) -> dict[str, Any] | None:
-    """A checkpoint's ``experts/meta.json``; None for one written without expert parallelism."""
-    path = Path(ckpt_dir) / EXPERTS_DIR / EXPERTS_META
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def load_expert_shards(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """Every MoE expert tensor of an expert-parallel checkpoint, all experts in global order.
-
-    Returns ``{param name: (num_experts, ...)}`` (the layout of a single-process
-    MoELayer), assembled from ``experts/ep_rank*.pt`` by their ``global_experts``.
-    ValueError if the checkpoint has no ``experts/`` or a shard is missing.
-    """
-    meta = read_expert_metadata(ckpt_dir)
-    if meta is None:
-        raise ValueError(f"{ckpt_dir}: no {EXPERTS_DIR}/{EXPERTS_META} (not an expert-parallel "
-                         "checkpoint; its experts are in the DeepSpeed files)")
-    parts: dict[str, dict[int, torch.Tensor]] = {}
-    for ep_rank in range(meta["ep_size"]):
-        path = Path(ckpt_dir) / EXPERTS_DIR / expert_shard_name(ep_rank)
-        if not path.is_file():
-            raise ValueError(f"{path}: missing expert shard of expert-parallel rank {ep_rank}")
-        shard = torch.load(path, map_location="cpu", weights_only=True)
-        for name, t in shard["tensors"].items():
-            for i, e in enumerate(shard["global_experts"]):
-                parts.setdefault(name, {})[e] = t[i]
-    full = {}
-    for name, by_expert in parts.items():
-        if sorted(by_expert) != list(range(meta["num_experts"])):
-            raise ValueError(f"{ckpt_dir}: {name} has experts {sorted(by_expert)}, "
-                             f"expected 0..{meta['num_experts'] - 1}")
-        full[name] = torch.stack([by_expert[e] for e in range(meta["num_experts"])])
-    return full
-
-
-def check_expert_checkpoint(ckpt_dir: Path, layout: ExpertLayout | None,
-                            world_size: int) -> None:
-    """ValueError unless an exact resume from ``ckpt_dir`` keeps every expert on its rank.
-
-    The DeepSpeed files hold each rank's ZeRO partitions of *its* experts, so an
-    exact resume needs the same ep_size and world size; a checkpoint from
-    another expert-parallel layout is refused (its experts/ files still hold
-    every expert by global index, for conversion).
-    """
-    meta = read_expert_metadata(ckpt_dir)
-    saved = (1, None) if meta is None else (meta["ep_size"], meta["world_size"])
-    want = (1 if layout is None else layout.ep_size, None if layout is None else world_size)
-    if saved != want:
-        raise ValueError(
-            f"{ckpt_dir} was written with parallel.ep_size={saved[0]} (world size "
-            f"{saved[1] or 'any'}), this run has ep_size={want[0]} (world size "
-            f"{want[1] or 'any'}): each rank's ZeRO partitions hold its own experts, so an "
-            "exact resume needs the same ep_size and world size; convert the checkpoint "
-            "(experts/ holds every expert by global index) and use train.init_from instead")
-
-
-def consolidate_expert_parallel_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of an expert-parallel ZeRO-3 checkpoint (single process, no GPU).
-
-    DeepSpeed's ``zero_to_fp32`` assumes every parameter is partitioned over all
-    W ranks, which the expert tensors are not (W / ep_size ranks), so it cannot
-    merge these files. Here, like ``zero_to_fp32``, each rank's fp32 flat
-    groups are concatenated and walked in ``param_shapes`` order, each parameter
-    taking ``ceil(numel / partition_count)`` elements; dense parameters
-    (partition count W) are joined across all ranks, expert tensors (partition
-    count W / ep_size) are skipped and taken, all E experts in global order, from
-    ``experts/`` (:func:`load_expert_shards`). Names as saved by the engine
-    (the trainer's ``model.`` prefix included).
-    """
-    ckpt_dir = Path(ckpt_dir)
-    meta = read_expert_metadata(ckpt_dir)
-    if meta is None:
-        raise ValueError(f"{ckpt_dir}: not an expert-parallel checkpoint")
-    world, ep = meta["world_size"], meta["ep_size"]
-    experts = load_expert_shards(ckpt_dir)
-    flats, shapes, shared = [], None, []
-    for rank in range(world):
-        optim = torch.load(ckpt_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
-                           map_location="cpu", weights_only=False)
-        groups = optim["optimizer_state_dict"]["fp32_flat_groups"]
-        flats.append(torch.cat([t.float() for t in groups]))
-        if shapes is None:
-            model = torch.load(ckpt_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
-                               map_location="cpu", weights_only=False)
-            shapes = [(n, torch.Size(s)) for group in model["param_shapes"]
-                      for n, s in group.items()]
-            shared = list(model.get("shared_params", {}).items())
-    assert shapes is not None
-    out: dict[str, torch.Tensor] = {}
-    offset = 0
-    for name, shape in shapes:
-        expert_name = next((k for k in experts if name == k or name.endswith("." + k)), None)
-        count = world // ep if expert_name is not None else world
-        part = -(-shape.numel() // count)
-        if expert_name is not None:
-            out[name] = experts[expert_name].float()
-        else:
-            full = torch.cat([f.narrow(0, offset, part) for f in flats])
-            out[name] = full.narrow(0, 0, shape.numel()).view(shape).clone()
-        offset += part
-    if any(offset != f.numel() for f in flats):
-        raise ValueError(f"{ckpt_dir}: walked {offset} elements of flat groups of "
-                         f"{[f.numel() for f in flats]} (unexpected ZeRO-3 layout)")
-    for alias, source in shared:  # tied weights are stored once
-        if source in out:
-            out[alias] = out[source]
-    return out

@@ -1,19 +1,8 @@
-"""Checkpoints: DeepSpeed shards + trainer state, made ``latest`` only when complete everywhere.
+"""Checkpoints: written by every rank, made ``latest`` only when complete everywhere,
+and loaded on any number of ranks and any ``ep_size``.
 
-Layout of ``RUN_DIR/checkpoints/``::
-
-    latest                   text file: the tag of the newest complete checkpoint
-    step_00000100/           one complete checkpoint (tag = step_<8 digits>)
-        zero_pp_rank_*_mp_rank_00_{model,optim}_states.pt   DeepSpeed, one pair per rank
-        trainer_state.pt     step, counters, wandb run id, world size, and for every
-                             rank its data-loader state and RNG states
-        config.yaml          the resolved config (model.vocab_size an integer)
-        tokenizer.model      copy of the tokenizer the data was made with
-        experts/             only with parallel.ep_size > 1: meta.json and one
-                             ep_rank<e>.pt per expert-parallel rank, every expert
-                             under its global index (docs/parallelism.md)
-        done.rank<r>         each rank's "my part is written" marker
-    step_00000200.tmp/       a checkpoint being written (or abandoned by a crash)
+The files and their layout belong to :mod:`liquid_dist.checkpoint_format`;
+this module writes them and loads them into a DeepSpeed engine.
 
 Protocol (:meth:`CheckpointManager.save`, called by every rank): rank 0
 removes a stale ``.tmp`` of the same tag; every rank writes its DeepSpeed
@@ -23,51 +12,48 @@ to ``<tag>`` and atomically replaces ``latest``, then deletes all but the
 newest ``train.keep_last`` checkpoints; a final barrier. A rank killed at any
 point leaves ``latest`` on the previous checkpoint; the ``.tmp`` is deleted by
 the next run. The run directory must be on a filesystem all nodes share.
+
+Loading (:meth:`CheckpointManager.load`): on the world size and ``ep_size``
+that wrote the checkpoint, DeepSpeed loads its own files (bitwise). On any
+other layout every rank *reshards*: it reads each parameter and its AdamW
+moments whole from the old rank files (:func:`open_checkpoint`) and keeps its
+own ZeRO-3 partition (for an expert tensor, its experts' rows first);
+every rank takes the data position of the merged loader states of all old
+ranks (docs/parallelism.md, "Elastic resume").
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import random
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 
+from liquid_dist.checkpoint_format import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    LATEST,
+    STATE_VERSION,
+    STATES,
+    TMP_SUFFIX,
+    TOKENIZER_FILE,
+    TRAINER_STATE,
+    CheckpointError,
+    CheckpointRef,
+    ZeroCheckpoint,
+    complete_tags,
+    open_checkpoint,
+    read_config,
+    read_trainer_state,
+    tag_for,
+)
 from liquid_dist.train import testhooks
-
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-TRAINER_STATE = "trainer_state.pt"
-CONFIG_FILE = "config.yaml"
-TOKENIZER_FILE = "tokenizer.model"
-TMP_SUFFIX = ".tmp"
-STATE_VERSION = 1
-_TAG = re.compile(r"^step_(\d{8})$")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    """A complete checkpoint: ``load_dir / tag``."""
-
-    load_dir: Path
-    tag: str
-
-    @property
-    def path(self) -> Path:
-        return self.load_dir / self.tag
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,48 +74,12 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags of the complete checkpoints in ``ckpt_dir``, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p.name for p in ckpt_dir.iterdir()
-            if p.is_dir() and _TAG.match(p.name) and (p / TRAINER_STATE).exists()]
-    return sorted(tags)
-
-
-def find_checkpoint(resume: str, run_dir: str | Path) -> Optional[CheckpointRef]:
-    """What ``--resume`` names: ``none`` -> None; ``auto`` -> ``latest`` of the run
-    directory, or None when it has none; a path -> a checkpoint directory, a
-    directory holding ``latest``, or a run directory (FileNotFoundError otherwise)."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        ckpt_dir = Path(run_dir) / CHECKPOINTS
-        if not (ckpt_dir / LATEST).exists():
-            return None
-        return _from_latest(ckpt_dir)
-    path = Path(resume)
-    if (path / TRAINER_STATE).exists():
-        return CheckpointRef(path.parent, path.name)
-    for ckpt_dir in (path, path / CHECKPOINTS):
-        if (ckpt_dir / LATEST).exists():
-            return _from_latest(ckpt_dir)
-    raise FileNotFoundError(f"--resume {resume}: not a checkpoint (no {TRAINER_STATE}), nor a "
-                            f"directory with a '{LATEST}' file, nor a run directory")
-
-
-def _from_latest(ckpt_dir: Path) -> CheckpointRef:
-    tag = (ckpt_dir / LATEST).read_text().strip()
-    ref = CheckpointRef(ckpt_dir, tag)
-    if not (ref.path / TRAINER_STATE).exists():
-        raise FileNotFoundError(f"{ckpt_dir / LATEST} names {tag}, which is not a complete "
-                                "checkpoint")
-    return ref
-
-
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states (python, numpy, torch CPU and CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's RNG states (python, numpy, torch CPU and CUDA), as tensors, numbers
+    and tuples only (the trainer state is read with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -138,7 +88,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -158,19 +109,25 @@ def _barrier() -> None:
 
 
 class CheckpointManager:
-    """Saves and loads the checkpoints of one run directory (see the module docstring)."""
+    """Saves and loads the checkpoints of one run directory (see the module docstring).
+
+    ``expert_layout``: this rank's experts (parallel.ep_size > 1), None without.
+    ``seed``: the run's seed, for the RNG of a rank that did not exist before.
+    """
 
     def __init__(self, run_dir: str | Path, *, keep_last: int, rank: int, world_size: int,
-                 expert_layout: Any = None, model: Any = None):
+                 expert_layout: Any = None, seed: int = 0):
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / CHECKPOINTS
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
-        # expert parallelism (ep_size > 1): every checkpoint also gets experts/
-        # with each expert under its global index (docs/parallelism.md)
         self.expert_layout = expert_layout
-        self.model = model
+        self.seed = seed
+
+    @property
+    def ep_size(self) -> int:
+        return 1 if self.expert_layout is None else self.expert_layout.ep_size
 
     def remove_incomplete(self) -> list[str]:
         """Rank 0 deletes checkpoints a crash left half-written; every rank waits."""
@@ -201,10 +158,6 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
         _barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
-        if self.expert_layout is not None:
-            from liquid_dist.parallel.expert_parallel import save_expert_shards
-
-            save_expert_shards(self.model, self.expert_layout, tmp, self.world_size)
         testhooks.maybe_pause_checkpoint(step, self.rank, self.run_dir)
         _write_atomic(tmp / f"done.rank{self.rank}", str(step))
         _barrier()
@@ -215,7 +168,7 @@ class CheckpointManager:
                                    "part (is the run directory on a filesystem every node "
                                    "shares?)")
             state = {"version": STATE_VERSION, "step": step, "world_size": self.world_size,
-                     "ranks": per_rank, **shared_state}
+                     "ep_size": self.ep_size, "ranks": per_rank, **shared_state}
             torch.save(state, tmp / TRAINER_STATE)
             (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
             shutil.copy2(tokenizer_path, tmp / TOKENIZER_FILE)
@@ -235,106 +188,150 @@ class CheckpointManager:
                 shutil.rmtree(self.dir / old)
 
     def load(self, engine: Any, ref: CheckpointRef) -> dict[str, Any]:
-        """Load weights, optimizer and this rank's RNG; returns the trainer state with
-        ``rank_state`` = this rank's part. ValueError if the world size differs."""
-        state = torch.load(ref.path / TRAINER_STATE, map_location="cpu", weights_only=False)
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"{ref.path}: trainer state version {state.get('version')!r}, "
-                             f"expected {STATE_VERSION}")
-        if state["world_size"] != self.world_size:
-            raise ValueError(
-                f"{ref.path} was written by {state['world_size']} ranks, this run has "
-                f"{self.world_size}: an exact resume (ZeRO partitions, every rank's data "
-                "position) needs the same world size; use train.init_from to start a new run "
-                "from its weights instead")
-        from liquid_dist.parallel.expert_parallel import check_expert_checkpoint
+        """Load weights, optimizer state, RNG and data position (every rank calls this).
 
-        check_expert_checkpoint(ref.path, self.expert_layout, self.world_size)
-        path, _ = engine.load_checkpoint(str(ref.load_dir), tag=ref.tag,
-                                         load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
-        if path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load {ref.path}")
-        mine = state["ranks"][self.rank]
-        set_rng_state(mine["rng"])
-        state["rank_state"] = mine
+        Returns the trainer state with ``rank_state`` = this rank's part
+        (``loader``: the state its data loader takes; ``resharded``: whether the
+        checkpoint came from another world size or ep_size).
+        """
+        state = read_trainer_state(ref)
+        ranks = state["ranks"]
+        if (state["world_size"], state["ep_size"]) == (self.world_size, self.ep_size):
+            path, _ = engine.load_checkpoint(str(ref.load_dir), tag=ref.tag,
+                                             load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load {ref.path}")
+            mine = ranks[self.rank]
+            set_rng_state(mine["rng"])
+            state["rank_state"] = {**mine, "resharded": False}
+            return state
+        from liquid_dist.data import merge_loader_states
+
+        load_resharded(engine, open_checkpoint(ref.path), self.expert_layout, moments=True)
+        if self.rank < len(ranks):  # the RNG streams of the ranks that remain
+            set_rng_state(ranks[self.rank]["rng"])
+        else:  # a new rank: its own stream, a function of the run's seed and position
+            _seed_all(self.seed + 1_000_003 * state["step"] + self.rank)
+        state["rank_state"] = {"loader": merge_loader_states([r["loader"] for r in ranks]),
+                               "resharded": True}
         return state
 
 
-def load_weights(engine: Any, ref: CheckpointRef) -> None:
-    """Load only the model weights of ``ref`` (``train.init_from``): no optimizer, data or step.
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
-    ValueError when ``ref`` or this run uses expert parallelism: DeepSpeed's
-    files then hold per-rank expert slices; convert the checkpoint
-    (``liquid-convert``) and start from the converted directory instead.
+
+def load_resharded(engine: Any, ckpt: ZeroCheckpoint, expert_layout: Any, *,
+                   moments: bool) -> None:
+    """Set every parameter of a ZeRO-3 ``engine`` from ``ckpt``, written on any world size
+    and ep_size: the fp32 master weights and, with ``moments``, AdamW's moments and step.
+
+    Each rank reads every parameter whole (one at a time, memory-mapped) and keeps
+    its own partition; an expert tensor is first cut to this rank's experts
+    (``expert_layout``). Collective: every rank calls it. CheckpointError when
+    the checkpoint lacks a parameter or holds it in another shape.
     """
-    from liquid_dist.parallel.expert_parallel import is_expert_parameter, read_expert_metadata
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
-    if read_expert_metadata(ref.path) is not None or any(
-            is_expert_parameter(p) for p in engine.module.parameters()):
-        raise ValueError(f"train.init_from={ref.path}: a DeepSpeed checkpoint cannot seed a run "
-                         "when either uses parallel.ep_size > 1; convert it (liquid-convert) "
-                         "and set train.init_from to the converted directory")
+    from liquid_dist.parallel.ds_compat import (
+        init_adam_state,
+        is_expert_parameter,
+        local_partition,
+        refresh_working_params,
+        zero3_optimizer,
+    )
+
+    zero3_optimizer(engine)  # ValueError for another stage
+    if moments:
+        init_adam_state(engine, ckpt.optimizer_step())
+    for name, param in engine.module.named_parameters():
+        if name not in ckpt.shapes:
+            raise CheckpointError(f"{ckpt.path} has no parameter {name}")
+        for state in STATES if moments else STATES[:1]:
+            full = ckpt.tensor(name, state)
+            if is_expert_parameter(param):
+                experts = expert_layout.global_experts
+                full = full[experts[0]: experts[-1] + 1]
+            if tuple(full.shape) != tuple(param.ds_shape):
+                raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(full.shape)} "
+                                      f"here, this run's parameter {tuple(param.ds_shape)}")
+            local = local_partition(param, full.float())
+            if state == "fp32":
+                safe_set_local_fp32_param(param, local)
+            else:
+                safe_set_local_optimizer_state(param, local, state)
+    for name, buf in engine.module.named_buffers():
+        if name in ckpt.buffers:
+            buf.data.copy_(ckpt.buffers[name])
+    refresh_working_params(engine)
+
+
+def load_weights(engine: Any, ref: CheckpointRef, expert_layout: Any = None) -> None:
+    """Load only the model weights of ``ref`` (``train.init_from``): no optimizer state,
+    data position or step. Under ZeRO-3 from any world size and ep_size (resharded)."""
+    if engine.zero_optimization_stage() == 3:
+        load_resharded(engine, open_checkpoint(ref.path), expert_layout, moments=False)
+        return
     path, _ = engine.load_checkpoint(str(ref.load_dir), tag=ref.tag, load_module_only=True,
                                      load_optimizer_states=False,
                                      load_lr_scheduler_states=False)
     if path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load weights from {ref.path}")
+        raise CheckpointError(f"DeepSpeed could not load weights from {ref.path}")
 
 
-def consolidated_state_dict(ref: CheckpointRef, prefix: str = "model.") -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a checkpoint as one state dict (single process, no GPU).
+def global_batch(train: dict[str, Any], world_size: int) -> int:
+    return int(train["micro_batch_size"]) * int(train["grad_accum"]) * world_size
 
-    ZeRO 1-3 shards are merged with DeepSpeed's ``zero_to_fp32``, expert-parallel
-    checkpoints by ``consolidate_expert_parallel_checkpoint`` (all experts, global
-    order); ``prefix`` (the trainer's wrapper module) is stripped from the names.
+
+def check_resumable(cfg: Any, ref: CheckpointRef, world_size: int) -> None:
+    """ConfigError unless ``cfg`` on ``world_size`` ranks can continue the checkpoint's run.
+
+    Runs before any process group. The architecture must be the checkpoint's
+    (:func:`~liquid_dist.config.check_same_architecture`; run settings may
+    change), and so must ``parallel.zero_stage`` and the global batch
+    (micro_batch_size x grad_accum x world size): the message says which
+    micro-batch sizes and accumulations keep it. World size and ep_size may
+    change (resharded on load) with ZeRO-3.
     """
-    from liquid_dist.parallel.expert_parallel import (
-        consolidate_expert_parallel_checkpoint,
-        read_expert_metadata,
-    )
-
-    zero_files = list(ref.path.glob("zero_pp_rank_*_optim_states.pt")) + list(
-        ref.path.glob("bf16_zero_pp_rank_*_optim_states.pt"))
-    if read_expert_metadata(ref.path) is not None:
-        # zero_to_fp32 cannot merge expert-parallel partitions (docs/parallelism.md)
-        sd = consolidate_expert_parallel_checkpoint(ref.path)
-    elif zero_files:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # zero_to_fp32 narrates every shard on stdout/stderr; keep the caller's output clean
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ref.load_dir), tag=ref.tag)
-    else:
-        sd = torch.load(ref.path / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)["module"]
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v.float() for k, v in sd.items()}
-
-
-def read_config(ref: CheckpointRef) -> dict[str, Any]:
-    """The resolved config saved with a checkpoint."""
-    return yaml.safe_load((ref.path / CONFIG_FILE).read_text())
-
-
-def check_resumable(config: dict[str, Any], ref: CheckpointRef) -> None:
-    """ConfigError unless ``config`` has the checkpoint's model and ZeRO stage.
-
-    (Other settings may change on resume; the data loader refuses a changed data
-    setup itself.)
-    """
-    from liquid_dist.config import ConfigError, flatten_keys
+    from liquid_dist.config import ConfigError, check_same_architecture
 
     saved = read_config(ref)
-    # ep_size fixes which experts every rank's ZeRO partitions hold
-    old = {**flatten_keys(saved["model"], "model."),
-           "parallel.zero_stage": saved["parallel"]["zero_stage"],
-           "parallel.ep_size": saved["parallel"].get("ep_size", 1)}
-    new = {**flatten_keys(config["model"], "model."),
-           "parallel.zero_stage": config["parallel"]["zero_stage"],
-           "parallel.ep_size": config["parallel"].get("ep_size", 1)}
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if changed:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise ConfigError(changed[0], new.get(changed[0]),
-                          f"the value of the checkpoint being resumed ({ref.path}; {detail}); "
-                          "use --resume none or another train.run_dir for a different model")
+    state = read_trainer_state(ref)
+    check_same_architecture(saved["model"], cfg.model, f"the checkpoint being resumed "
+                            f"({ref.path}; use --resume none or another train.run_dir for a "
+                            "different model)")
+    stage = saved["parallel"]["zero_stage"]
+    if cfg.parallel.zero_stage != stage:
+        raise ConfigError("parallel.zero_stage", cfg.parallel.zero_stage,
+                          f"{stage}, the ZeRO stage of the checkpoint being resumed ({ref.path})")
+    old_world, old_ep = state["world_size"], state["ep_size"]
+    if (old_world, old_ep) != (world_size, cfg.parallel.ep_size) and stage != 3:
+        raise ConfigError("parallel.zero_stage", stage,
+                          f"3 to resume on another world size or ep_size ({ref.path} was "
+                          f"written by {old_world} ranks with ep_size {old_ep}, this run has "
+                          f"{world_size} with ep_size {cfg.parallel.ep_size}): a ZeRO "
+                          f"stage {stage} checkpoint resumes on its own layout only")
+    want = global_batch(saved["train"], old_world)
+    t = cfg.train
+    have = global_batch({"micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum},
+                        world_size)
+    if have != want:
+        per_rank, rest = divmod(want, world_size)
+        if rest:
+            how = (f"no micro_batch_size x grad_accum keeps it on {world_size} ranks "
+                   f"({want} is not a multiple of {world_size}); resume on a world size "
+                   f"that divides {want}")
+        else:
+            pairs = [(m, per_rank // m) for m in range(per_rank, 0, -1) if per_rank % m == 0]
+            how = (f"on {world_size} ranks, micro_batch_size x grad_accum = {per_rank}: "
+                   + ", ".join(f"train.micro_batch_size={m} train.grad_accum={g}"
+                               for m, g in pairs[:4]))
+        raise ConfigError(
+            "train.micro_batch_size", t.micro_batch_size,
+            f"a global batch of {want} (micro_batch_size {saved['train']['micro_batch_size']} x "
+            f"grad_accum {saved['train']['grad_accum']} x {old_world} ranks, the checkpoint "
+            f"{ref.path}); this run has {t.micro_batch_size} x {t.grad_accum} x {world_size} "
+            f"= {have}; {how}")

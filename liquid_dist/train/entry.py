@@ -16,9 +16,11 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
+from liquid_dist.checkpoint_format import CheckpointError, find_checkpoint
 from liquid_dist.config import Config, ConfigError, load_config
-from liquid_dist.parallel.distributed import DistEnv, init_distributed
-from liquid_dist.train.checkpoint import check_resumable, find_checkpoint
+from liquid_dist.parallel.distributed import DistEnv, init_distributed, resolve_dist_env
+from liquid_dist.parallel.ds_compat import DeepSpeedVersionError, check_deepspeed_version
+from liquid_dist.train.checkpoint import check_resumable
 from liquid_dist.train.prepare import resolve_config
 from liquid_dist.train.trainer import NonFiniteLossError, Trainer
 
@@ -37,11 +39,12 @@ def pretrain(config_path: str, overrides: Iterable[str] = (), *, resume: str = "
              train_loader_factory: Optional[Callable[[Config, DistEnv], Any]] = None) -> int:
     """Load and check the config, create the process group, train; returns the exit status."""
     try:
+        check_deepspeed_version()
         cfg = resolve_config(load_config(config_path, list(overrides)))
         ref = find_checkpoint(resume, cfg.train.run_dir)
         if ref is not None:
-            check_resumable(cfg.to_dict(), ref)
-    except (ConfigError, FileNotFoundError) as exc:
+            check_resumable(cfg, ref, resolve_dist_env(local_rank_arg=local_rank).world_size)
+    except (ConfigError, FileNotFoundError, CheckpointError, DeepSpeedVersionError) as exc:
         _say(f"error: {exc}")
         return EXIT_CONFIG
     import torch.distributed as dist

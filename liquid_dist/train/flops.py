@@ -15,8 +15,13 @@ FLOPs, per training sample of ``Le`` encoder and ``Ld`` decoder positions:
   for cross-attention, ``band_block`` for the spectral attention over the
   ``n_fft/2+1`` frequency bins of the encoder embedding;
 * FFTs: ``2.5 n log2(n)`` per channel and transform: four of length
-  ``next_pow2(max_encoder_length)`` in the encoder embedding, three of length
+  ``next_pow2(max_encoder_length)`` in the encoder embedding (two in the
+  frequency module, two in the compression), three of length
   ``next_pow2(2 Ld)`` in the decoder's Hyena convolution.
+
+A component that ``model.ablate`` removes counts nothing: its weights are not in
+the model, and the spectral attention and FFTs of ``frequency`` / ``compression``
+are left out of the sums above.
 
 Training FLOPs = 3 x forward (backward = 2 x forward); the recomputation of
 activation checkpointing is not counted (model FLOPs, not hardware FLOPs).
@@ -65,7 +70,9 @@ class FlopsBreakdown:
 def _weight_share(name: str, p: torch.Tensor, cfg: ModelConfig) -> tuple[str, float]:
     """Which positions apply weight ``name`` ("encoder", "decoder" or "" for none) and how
     large a share of them (``top_k / num_experts`` for expert weights, else 1)."""
-    if p.dim() < 2 or name.endswith(("token_embedding.weight", "position_embedding.weight")):
+    # the fused expert biases b1 (E, F) and b2 (E, d) are 2-D but biases all the same
+    if p.dim() < 2 or name.endswith(("token_embedding.weight", "position_embedding.weight",
+                                     ".moe.b1", ".moe.b2")):
         return "", 0.0
     expert = name.endswith((".moe.w1", ".moe.w2"))
     share = cfg.moe.top_k / cfg.moe.num_experts if expert else 1.0
@@ -115,12 +122,14 @@ class ModelFlops:
         weights = self._per_encoder_position * le + self._per_decoder_position * ld
         n_fft_enc = next_power_of_two(cfg.max_encoder_length)
         bins = n_fft_enc // 2 + 1
+        frequency = cfg.keeps("frequency")
         attention = (cfg.n_encoder_layers * 4.0 * d * np.minimum(2 * w + 1, le) * le
                      + cfg.n_decoder_layers * 4.0 * d * (np.minimum(w + 1, ld) * ld + le * ld)
-                     + 4.0 * d * min(cfg.band_block, bins) * bins)
+                     + frequency * 4.0 * d * min(cfg.band_block, bins) * bins)
         n_fft_dec = _next_pow2(2 * ld)
-        fft = d * (4 * 2.5 * n_fft_enc * math.log2(n_fft_enc)
-                   + 3 * 2.5 * n_fft_dec * np.log2(n_fft_dec))
+        enc_ffts = 2 * frequency + 2 * cfg.keeps("compression")
+        fft = d * (enc_ffts * 2.5 * n_fft_enc * math.log2(n_fft_enc)
+                   + 3 * frequency * 2.5 * n_fft_dec * np.log2(n_fft_dec))
         if weights.ndim == 0:
             return FlopsBreakdown(weights=float(weights), attention=float(attention),
                                   fft=float(fft))

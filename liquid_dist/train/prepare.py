@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from liquid_dist.config import Config, ConfigError, validate
+from liquid_dist.checkpoint_format import find_checkpoint, read_config
+from liquid_dist.config import Config, ConfigError, check_same_architecture, validate
 from liquid_dist.model.moe import resolve_moe_backend
 from liquid_dist.model.pretrained import check_compatible, is_pretrained_dir
 from liquid_dist.parallel.deepspeed_config import check_supported, resolve_precision
@@ -57,7 +58,12 @@ def resolve_config(cfg: Config) -> Config:
                               f"{tok_id}, the id the tokenizer and the data loader use")
     out = dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=vocab))
     validate(out)
-    # a converted model to start from must have this architecture (ConfigError)
+    # the model to start from must have this architecture (ConfigError)
     if out.train.init_from and is_pretrained_dir(out.train.init_from):
         check_compatible(out.model, out.train.init_from)
+    elif out.train.init_from:
+        ref = find_checkpoint(out.train.init_from, out.train.init_from)
+        assert ref is not None
+        check_same_architecture(read_config(ref)["model"], out.model,
+                                f"the train.init_from checkpoint {ref.path}")
     return out

@@ -2,8 +2,8 @@
 
     python launch/sample.py --checkpoint runs/tiny [--num 2] [--max-new-tokens 48] [--top-p 0.9]
 
-Single process, no DeepSpeed engine: the ZeRO shards are merged with
-DeepSpeed's ``zero_to_fp32`` (checkpoint.consolidated_state_dict).
+Single process, no DeepSpeed engine: the weights are read whole from the rank
+files by liquid_dist.checkpoint_format (any world size and ep_size).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from liquid_dist.checkpoint_format import find_checkpoint, open_checkpoint, read_config
 from liquid_dist.config import Config, config_from_dict
-from liquid_dist.train.checkpoint import consolidated_state_dict, find_checkpoint, read_config
 
 
 def load_trained_model(checkpoint: str | Path) -> tuple[nn.Module, Config]:
@@ -31,7 +31,7 @@ def load_trained_model(checkpoint: str | Path) -> tuple[nn.Module, Config]:
     assert ref is not None
     cfg = config_from_dict(read_config(ref))
     model = LiquidFoundationModelOptimized(cfg.model)
-    model.load_state_dict(consolidated_state_dict(ref))
+    model.load_state_dict(open_checkpoint(ref.path).state_dict())
     return model.eval(), cfg
 
 

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from liquid_dist.checkpoint_format import find_checkpoint
 from liquid_dist.config import Config
 from liquid_dist.model.pretrained import is_pretrained_dir, load_weights_into
 from liquid_dist.parallel.deepspeed_config import build_deepspeed_config, resolve_precision
@@ -54,7 +55,7 @@ from liquid_dist.parallel.expert_parallel import (
 )
 from liquid_dist.params import count_parameters
 from liquid_dist.train import testhooks
-from liquid_dist.train.checkpoint import CheckpointManager, find_checkpoint, load_weights
+from liquid_dist.train.checkpoint import CheckpointManager, load_weights
 from liquid_dist.train.compile import compile_blocks
 from liquid_dist.train.flops import ModelFlops, peak_flops_per_device
 from liquid_dist.train.metrics import (
@@ -181,6 +182,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.train, device.type)
         self._train_loader = train_loader
         self.step = 0
+        self.resharded_from: Optional[tuple[int, int]] = None  # (world size, ep_size)
         self.nan_skips_total = 0
         self.nan_skips_in_row = 0
         self._last_saved_step = -1
@@ -213,12 +215,13 @@ class Trainer:
         if t.compile:
             compile_blocks(self.model)
         module = PretrainingModule(self.model)
-        if cfg.parallel.zero_stage == 3:
+        leaf = ImprovedTransformerBlock if t.compile else MoELayer
+        if cfg.parallel.zero_stage == 3 and any(isinstance(m, leaf) for m in module.modules()):
             # routing decides per batch which experts run: fetch a MoE layer's
             # parameters as one unit, or ranks disagree on the prefetch order; a
             # compiled block is fetched as one unit too, so that ZeRO-3's hooks run
-            # around its graph, not inside it
-            set_z3_leaf_modules(module, [ImprovedTransformerBlock] if t.compile else [MoELayer])
+            # around its graph, not inside it (a model without MoE has no leaf)
+            set_z3_leaf_modules(module, [leaf])
         param_groups = _param_groups(module, t.weight_decay)
         if self.expert_layout is not None:
             param_groups = split_expert_param_groups(param_groups)
@@ -237,10 +240,11 @@ class Trainer:
         if cfg.data.val_shards is not None:
             self.val_loader = build_val_loader(
                 cfg.data, rank=self.env.rank, world_size=self.env.world_size,
-                batch_size=t.micro_batch_size, seed=t.seed, num_batches=t.eval_steps)
+                batch_size=t.micro_batch_size, seed=t.seed, num_batches=t.eval_steps,
+                grad_accum=t.grad_accum)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=t.keep_last, rank=self.env.rank,
                                       world_size=self.env.world_size,
-                                      expert_layout=self.expert_layout, model=self.model)
+                                      expert_layout=self.expert_layout, seed=t.seed)
         self.monitor = BlockMonitor(self.model, cfg.parallel.zero_stage)
         self.flops = ModelFlops(cfg.model)
         self.peak_flops = peak_flops_per_device(self.device, self.precision)
@@ -257,12 +261,14 @@ class Trainer:
             self.nan_skips_total = state.get("nan_skips_total", 0)
             self.nan_skips_in_row = state.get("nan_skips_in_row", 0)
             self.resumed_from = str(ref.path)
+            if state["rank_state"]["resharded"]:
+                self.resharded_from = (state["world_size"], state["ep_size"])
             return state.get("run_id")
         self.resumed_from = None
         if self.cfg.train.init_from and not is_pretrained_dir(self.cfg.train.init_from):
             init_ref = find_checkpoint(self.cfg.train.init_from, self.cfg.train.init_from)
             assert init_ref is not None
-            load_weights(self.engine, init_ref)
+            load_weights(self.engine, init_ref, self.expert_layout)
         return None
 
     # ------------------------------------------------------------------- loop
@@ -344,11 +350,14 @@ class Trainer:
                          "precision": self.precision,
                          "zero_stage": self.cfg.parallel.zero_stage,
                          "parameters": counts["total"], "device": str(self.device),
-                         "checkpoint": self.resumed_from},
+                         "checkpoint": self.resumed_from,
+                         "resharded_from": self.resharded_from},
                         f"{event} at step {self.step}: {counts['total']:,} parameters, "
                         f"{self.env.world_size} rank(s) on {self.device.type}, "
                         f"{self.precision}, ZeRO-{self.cfg.parallel.zero_stage}"
-                        + (f", from {self.resumed_from}" if self.resumed_from else ""))
+                        + (f", from {self.resumed_from}" if self.resumed_from else "")
+                        + (" (resharded from {} ranks, ep_size {})".format(*self.resharded_from)
+                           if self.resharded_from else ""))
 
     def _loop(self, stop: StopFlag, bar: Any) -> int:
         t = self.cfg.train
