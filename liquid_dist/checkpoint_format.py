@@ -374,7 +374,7 @@ def open_checkpoint(path: Union[str, Path]) -> ZeroCheckpoint:
     optims = [_load(optim_files[r])["optimizer_state_dict"] for r in range(world)]
     stage = int(optims[0]["zero_stage"])
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
-    groups = {"fp32": [list(o[key]) for o in optims]}
+    groups = {"fp32": [[t.detach() for t in o[key]] for o in optims]}
     steps: list[float] = []
     if stage == 3:
         adam = [o["optimizer_state_dict"]["state"] for o in optims]

@@ -224,6 +224,18 @@ def test_refuses_a_missing_rank_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_refuses_rank_files_of_another_deepspeed_version(tmp_path: Path) -> None:
+    run = copy_run(tmp_path)
+    for f in (run / "checkpoints" / STEP).glob("zero_pp_rank_*_model_states.pt"):
+        state = torch.load(f, weights_only=False)  # the test's own file
+        state["ds_version"] = "0.20.1"
+        torch.save(state, f)
+    with pytest.raises(CheckpointError,
+                       match=r"DeepSpeed 0\.20\.1 \(of checkpoint .*step_00000008\)"):
+        convert(run, tmp_path / "out", progress=False)
+
+
+@pytest.mark.slow
 def test_refuses_a_shape_mismatch_and_a_wrong_expert_count(tmp_path: Path) -> None:
     run = copy_run(tmp_path)
     cfg_file = run / "checkpoints" / STEP / "config.yaml"

@@ -267,3 +267,17 @@ def test_a_failing_wandb_turns_wandb_off_and_keeps_logging(tmp_path: Path) -> No
     assert [r for r in records if r["kind"] == "event"] == [
         {"kind": "event", "event": "wandb_lost", "step": 3}]
     assert lines[0].startswith("wandb failed at step 3 (ConnectionResetError: Connection lost)")
+
+
+def test_deepspeed_internals_are_used_with_the_version_they_were_written_for() -> None:
+    from liquid_dist.parallel.ds_compat import (
+        DEEPSPEED_VERSION,
+        DeepSpeedVersionError,
+        check_deepspeed_version,
+    )
+
+    check_deepspeed_version()  # the installed one (scripts/setup_env.sh pins it)
+    check_deepspeed_version(DEEPSPEED_VERSION, "of checkpoint X")
+    with pytest.raises(DeepSpeedVersionError, match=r"DeepSpeed 0\.20\.1 \(of checkpoint X\): "
+                                                    r".*as they are in DeepSpeed 0\.19\.8"):
+        check_deepspeed_version("0.20.1", "of checkpoint X")

@@ -1,0 +1,574 @@
+"""Component ablations of ``tiny`` at equal steps and tokens, with Hugging Face T5 as a reference.
+
+    python bench/ablations.py [--steps 300] [--batch-size 8] [--variants full no_moe ...]
+        [--output bench/results/ablations.json] [--plot bench/results/ablations.png]
+    python bench/ablations.py --smoke [--data DIR] [--output X.json]   # 2 steps, the test
+
+(``--threads 1`` when other processes share the cores: torch's default of one
+thread per core then runs several times slower, and the timings say so.)
+
+On the demo's Shakespeare data (``--data``, default ``data/shakespeare``, made by
+``data_prep/prepare_shakespeare.py`` if missing) it trains, in one CPU process,
+with a plain PyTorch loop (no DeepSpeed: the comparison is between models):
+
+* ``full``: ``configs/tiny.yaml``'s model;
+* ``no_<x>``: the same with ``model.ablate=[x]``, for each of the six removable
+  components (docs/model.md, "Ablations");
+* ``transformer``: ``configs/tiny-transformer.yaml``'s model (all six removed);
+* ``t5``: ``transformers``' ``T5ForConditionalGeneration`` with the vocabulary,
+  d_model, heads, depth and tied embeddings of ``tiny`` and the feed-forward
+  width that brings its total parameter count closest to ``tiny``'s (printed;
+  ``--t5-d-ff`` fixes it). Skipped, with a note in the results, when
+  ``transformers`` is not installed.
+
+Every variant sees exactly the same batches: ``--steps`` training batches of
+the project's loader (``build_train_loader``, one rank, ``--batch-size``
+examples, the config's seed and mixture objective) and the validation
+loader's batches, each materialised once and fed to every model (their
+SHA-256, as each model consumed them, is in the results). The models train
+interleaved, one step of each in turn, so that machine noise hits all alike.
+Optimisation follows the trainer (liquid_dist/train/trainer.py): fp32, AdamW
+with ``train.lr``, ``train.beta1/beta2``, ``train.weight_decay`` on matrices only,
+gradient-norm clipping at ``train.grad_clip``, the learning rate of
+``lr_at(step)`` (warm-up then cosine to ``train.min_lr`` at the last step);
+the project's models back-propagate their loss (token-weighted CE +
+auxiliary terms), T5 its CE; an update with a non-finite loss (or repaired
+activations) is skipped and counted.
+
+Per variant: parameters (total and active per token, ``count_parameters``; T5:
+both its total), wall-clock time per training step (mean over the steps after
+``--warmup`` untimed ones, forward + backward + clip + AdamW), final train CE
+(mean over the last tenth of the steps), validation CE (token-weighted: summed
+CE over the real targets of every validation batch / their number) and
+held-out cross-entropy and bits per byte of the validation documents
+(``liquid_dist.evaluate``, prefix-LM windows), with ratios / differences
+against ``full``. Results (machine, date, settings, rows) go to ``--output``, a
+chart to ``--plot`` (matplotlib, optional), a markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from liquid_dist.config import ABLATIONS, load_config
+from liquid_dist.data import IGNORE_INDEX, Tokenizer, build_train_loader, build_val_loader
+from liquid_dist.model import LiquidFoundationModelOptimized
+from liquid_dist.params import count_parameters
+from liquid_dist.train.schedule import lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("encoder_input_ids", "encoder_attention_mask", "decoder_input_ids", "labels")
+VARIANTS: dict[str, str] = {
+    "full": "configs/tiny.yaml",
+    **{f"no_{name}": f"tiny, model.ablate=[{name}]" for name in ABLATIONS},
+    "transformer": "configs/tiny-transformer.yaml (all six removed)",
+    "t5": "transformers T5ForConditionalGeneration, sized to tiny's total parameters",
+}
+
+
+# ------------------------------------------------------------------ data
+
+
+def prepare_data(data_dir: Path) -> tuple[Path, Path]:
+    """(tokenizer model, shards directory) of ``data_dir``, made by the demo's data step
+    (data_prep/prepare_shakespeare.py, as scripts/demo.sh runs it) when missing."""
+    tokenizer, shards = data_dir / "tokenizer" / "tokenizer.model", data_dir / "shards"
+    if not (tokenizer.is_file() and (shards / "manifest.json").is_file()):
+        print(f"preparing the Shakespeare corpus into {data_dir}", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "data_prep" / "prepare_shakespeare.py"),
+                        "--output", str(data_dir), "--workers", "2"], check=True)
+    return tokenizer, shards
+
+
+def take_batches(loader, n: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``n`` batches of ``loader``, across epochs if one is shorter."""
+    out: list[dict[str, torch.Tensor]] = []
+    while len(out) < n:
+        before = len(out)
+        for batch in loader:
+            out.append({k: batch[k] for k in KEYS})
+            if len(out) == n:
+                break
+        if len(out) == before:
+            raise RuntimeError("the training loader yielded no batch")
+    return out
+
+
+def digest(h: Any, batch: dict[str, torch.Tensor]) -> None:
+    for k in KEYS:
+        t = batch[k]
+        h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.contiguous().numpy().tobytes())
+
+
+# ------------------------------------------------------------------ models
+
+
+@dataclass
+class Output:
+    """The fields of the project's ModelOutput that this benchmark and evaluate() read."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor]
+    ce_sum: Optional[torch.Tensor]
+    num_targets: Optional[torch.Tensor]
+    aux_loss: torch.Tensor
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class T5Adapter(nn.Module):
+    """A Hugging Face T5 called like LiquidFoundationModelOptimized: the project's batch
+    keys in, ``logits`` / ``loss`` (= CE) / ``ce_sum`` / ``num_targets`` out. The decoder
+    start token (0) and the pad / EOS ids (0 / 1) are T5's own conventions too."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        from transformers import T5ForConditionalGeneration
+
+        self.t5 = T5ForConditionalGeneration(config)
+
+    def forward(self, encoder_input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
+                encoder_attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None,
+                decoder_attention_mask: Optional[torch.Tensor] = None) -> Output:
+        if decoder_attention_mask is None and labels is not None:
+            decoder_attention_mask = labels != IGNORE_INDEX  # the project's rule
+        out = self.t5(input_ids=encoder_input_ids,
+                      attention_mask=None if encoder_attention_mask is None
+                      else encoder_attention_mask.long(),
+                      decoder_input_ids=decoder_input_ids,
+                      decoder_attention_mask=None if decoder_attention_mask is None
+                      else decoder_attention_mask.long(),
+                      use_cache=False, return_dict=True)
+        zero = out.logits.new_zeros((), dtype=torch.float32)
+        if labels is None:
+            return Output(out.logits, None, None, None, zero)
+        ce_sum = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        n = (labels != IGNORE_INDEX).sum()
+        ce = ce_sum / n.clamp(min=1)
+        return Output(out.logits, ce, ce_sum, n, zero, {"ce": ce})
+
+
+def t5_config(model_cfg: Any, target_total: int, d_ff: Optional[int] = None) -> Any:
+    """T5 v1.1-style (gated GELU, no dropout beyond tiny's) with tiny's vocabulary, width,
+    heads, depth and embedding tying; ``d_ff`` (a multiple of 64) brings the total
+    parameter count closest to ``target_total`` unless given."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    m = model_cfg
+
+    def build(width: int) -> Any:
+        return T5Config(vocab_size=m.vocab_size, d_model=m.d_model,
+                        d_kv=m.d_model // m.n_heads, num_heads=m.n_heads,
+                        num_layers=m.n_encoder_layers, num_decoder_layers=m.n_decoder_layers,
+                        d_ff=width, feed_forward_proj="gated-gelu",
+                        tie_word_embeddings=m.tie_embeddings, dropout_rate=m.dropout,
+                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+    def total(config: Any) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in T5ForConditionalGeneration(config).parameters())
+
+    if d_ff is None:
+        a, b = total(build(64)), total(build(128))
+        per_unit = (b - a) / 64
+        d_ff = max(64, 64 * round((target_total - (a - 64 * per_unit)) / per_unit / 64))
+    return build(d_ff)
+
+
+def transformers_version() -> Optional[str]:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
+# ------------------------------------------------------------------ training
+
+
+@dataclass
+class Run:
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    params: dict[str, int]
+    config: dict[str, Any]
+    step_s: list[float] = field(default_factory=list)
+    ce: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    skipped: int = 0
+    train_hash: Any = field(default_factory=hashlib.sha256)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainer's rule: decay matrices only; biases, norm gains and scalars keep scale."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def build_runs(names: list[str], cfgs: dict[str, Any], t5_d_ff: Optional[int],
+               seed: int) -> tuple[list[Run], dict[str, str]]:
+    """The models and optimizers (each built right after ``manual_seed(seed)``); notes of
+    the variants that cannot run."""
+    runs, skipped = [], {}
+    t = cfgs["full"].train
+    for name in names:
+        torch.manual_seed(seed)
+        if name == "t5":
+            if transformers_version() is None:
+                skipped[name] = ("transformers is not installed (pip install transformers): "
+                                 "T5 row skipped")
+                print(f"note: {skipped[name]}", flush=True)
+                continue
+            with torch.device("meta"):
+                full_total = count_parameters(LiquidFoundationModelOptimized(
+                    cfgs["full"].model))["total"]
+            config = t5_config(cfgs["full"].model, full_total, t5_d_ff)
+            torch.manual_seed(seed)
+            model = T5Adapter(config)
+            n = sum(p.numel() for p in model.parameters())
+            params = {"total": n, "dense": n, "experts": 0, "active_per_token_min": n,
+                      "active_per_token_max": n}
+            described = {k: getattr(config, k) for k in (
+                "vocab_size", "d_model", "d_kv", "num_heads", "num_layers",
+                "num_decoder_layers", "d_ff", "feed_forward_proj", "tie_word_embeddings",
+                "dropout_rate", "relative_attention_num_buckets",
+                "relative_attention_max_distance")}
+            described["transformers"] = transformers_version()
+            print(f"t5 config: {described}", flush=True)
+        else:
+            cfg = cfgs[name]
+            model = LiquidFoundationModelOptimized(cfg.model)
+            params = count_parameters(model)
+            described = {"ablate": list(cfg.model.ablate)}
+        model.train()
+        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
+                                      betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+        runs.append(Run(name, model, optimizer, params, described))
+        print(f"{name:>20}: {params['total']:>10,d} parameters, "
+              f"{params['active_per_token_min']:>10,d} active per token", flush=True)
+    return runs, skipped
+
+
+def train_step(run: Run, batch: dict[str, torch.Tensor], lr: float, grad_clip: float) -> None:
+    digest(run.train_hash, batch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    start = time.perf_counter()
+    out = run.model(batch["encoder_input_ids"], batch["decoder_input_ids"],
+                    encoder_attention_mask=batch["encoder_attention_mask"],
+                    labels=batch["labels"])
+    repaired = int(out.aux.get("nonfinite_activations", 0))
+    if bool(torch.isfinite(out.loss)) and repaired == 0:
+        out.loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                              grad_clip if grad_clip > 0 else math.inf)
+        if bool(torch.isfinite(norm)):
+            run.optimizer.step()
+        else:
+            run.skipped += 1
+    else:
+        run.skipped += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step_s.append(time.perf_counter() - start)
+    run.ce.append(float(out.ce_sum.detach()) / max(1, int(out.num_targets)))
+    run.loss.append(float(out.loss.detach()))
+
+
+@torch.no_grad()
+def validation_ce(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int,
+                                                                                       str]:
+    """(token-weighted CE over every real target of ``batches``, targets, batches' SHA-256)."""
+    model.eval()
+    h, nats, n = hashlib.sha256(), 0.0, 0
+    for batch in batches:
+        digest(h, batch)
+        out = model(batch["encoder_input_ids"], batch["decoder_input_ids"],
+                    encoder_attention_mask=batch["encoder_attention_mask"],
+                    labels=batch["labels"])
+        nats += float(out.ce_sum)
+        n += int(out.num_targets)
+    return nats / max(n, 1), n, h.hexdigest()
+
+
+def heldout(model: nn.Module, tok: Tokenizer, shards: Path, data_cfg: Any, model_cfg: Any, *,
+            max_tokens: Optional[int], batch_size: int) -> dict[str, Any]:
+    """Held-out CE and bits per byte of the validation documents of ``shards`` through
+    liquid_dist.evaluate (prefix-LM windows of the training shape): the one place that
+    calls its API."""
+    from liquid_dist.data.stream import Stats
+    from liquid_dist.data.text_inputs import InputReport
+    from liquid_dist.evaluate import evaluate, iter_token_documents, make_settings
+
+    model.eval()
+    settings = make_settings("prefix_lm", data_cfg, tok, model_cfg)
+    docs = iter_token_documents([str(shards)], tok, InputReport(), Stats(1, 1), split="val")
+    r = evaluate(model, tok, docs, settings, batch_size=batch_size, max_tokens=max_tokens)
+    return {k: r[k] for k in ("objective", "ce", "ppl", "bits_per_byte", "tokens", "bytes",
+                              "documents", "examples", "truncated")}
+
+
+# ------------------------------------------------------------------ report
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| variant | params (total) | active/token | s/step | × full | train CE | val CE "
+            "| Δ val CE | bits/byte |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['variant']} | {r['status']}: {r.get('note', '')} "
+                         "| | | | | | | |")
+            continue
+        ratio = r["vs_full"]
+
+        def f(x: Any, fmt: str) -> str:
+            return format(x, fmt) if finite(x) else "–"
+
+        bpb = (r.get("heldout") or {}).get("bits_per_byte")
+        lines.append(
+            f"| {r['variant']} | {r['params']['total']:,} | "
+            f"{r['params']['active_per_token_min']:,} | {r['time_per_step_s']:.3f} | "
+            f"{f(ratio.get('time_per_step_ratio'), '.2f')} | {r['final_train_ce']:.3f} | "
+            f"{r['val_ce']:.3f} | {f(ratio.get('val_ce_diff'), '+.3f')} | {f(bpb, '.3f')} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, window: int) -> Optional[str]:
+    """Train-CE curves (running mean over ``window`` steps), validation CE and s/step bars;
+    returns why nothing was drawn, or None."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    curves, val, speed = fig.subplots(1, 3, width_ratios=(1.6, 1, 1))
+    for r in ok:
+        ce = r["train_ce_curve"]
+        w = max(1, min(window, len(ce)))
+        smooth = [statistics.fmean(ce[max(0, i - w + 1): i + 1]) for i in range(len(ce))]
+        curves.plot(range(1, len(ce) + 1), smooth, label=r["variant"],
+                    linestyle="--" if r["variant"] in ("transformer", "t5") else "-")
+    curves.set(xlabel="step", ylabel=f"train CE (running mean of {window})",
+               title="training cross-entropy")
+    curves.legend(fontsize=8)
+    names = [r["variant"] for r in ok]
+    val.barh(names, [r["val_ce"] for r in ok])
+    val.set(xlabel="validation CE (nats/target)", title="validation CE")
+    lo = min((r["val_ce"] for r in ok), default=0.0)
+    val.set_xlim(left=max(0.0, lo - 0.3))
+    speed.barh(names, [r["time_per_step_s"] for r in ok])
+    speed.set(xlabel="s / step", title="time per training step")
+    base = next((r for r in ok if r["variant"] == "full"), None)
+    for ax, key in ((val, "val_ce"), (speed, "time_per_step_s")):
+        ax.invert_yaxis()
+        if base is not None:  # the reference: full tiny
+            ax.axvline(base[key], color="black", linestyle=":", linewidth=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return None
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="examples per step (8: the demo's global batch, 2 ranks x 4)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="first steps of each variant left out of the time per step")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "shakespeare",
+                   help="a prepare_shakespeare.py output (tokenizer/ and shards/)")
+    p.add_argument("--val-batches", type=int, default=None,
+                   help="validation batches (default: one pass over the validation shards)")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="held-out target tokens for bits per byte (default: all)")
+    p.add_argument("--t5-d-ff", type=int, default=None,
+                   help="T5 feed-forward width (default: the one matching tiny's total)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="default bench/results/ablations.json (--smoke: a temporary folder)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="default: the output's name with .png")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's; 1 is far faster on a busy machine)")
+    p.add_argument("--smoke", action="store_true",
+                   help="2 steps, 2 validation batches, 256 held-out tokens (the test)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.warmup = 2, 1
+        args.val_batches = args.val_batches or 2
+        args.eval_tokens = args.eval_tokens or 256
+    if args.output is None:
+        args.output = (Path(tempfile.mkdtemp(prefix="ablations_smoke_")) / "ablations.json"
+                       if args.smoke else ROOT / "bench" / "results" / "ablations.json")
+    if args.plot is None:
+        args.plot = args.output.with_suffix(".png")
+    if not 0 <= args.warmup < args.steps:
+        p.error(f"--warmup {args.warmup}: expected 0 .. steps - 1 = {args.steps - 1}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    names = [n for n in VARIANTS if n in args.variants]  # canonical order
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+
+    tokenizer, shards = prepare_data(args.data.resolve())
+    tok = Tokenizer(tokenizer)
+    common = [f"model.vocab_size={tok.vocab_size}", f"data.tokenizer={tokenizer}",
+              f"data.train_shards={shards}", f"data.val_shards={shards}", "data.num_workers=0"]
+    tiny = load_config(ROOT / "configs" / "tiny.yaml", common)
+    cfgs = {"full": tiny, "t5": tiny,
+            **{f"no_{n}": load_config(ROOT / "configs" / "tiny.yaml",
+                                      common + [f"model.ablate=[{n}]"]) for n in ABLATIONS},
+            "transformer": load_config(ROOT / "configs" / "tiny-transformer.yaml", common)}
+    t = tiny.train
+
+    # the same batches for every variant: materialised once
+    train_batches = take_batches(build_train_loader(
+        tiny.data, rank=0, world_size=1, batch_size=args.batch_size, seed=t.seed), args.steps)
+    val_batches = list(build_val_loader(tiny.data, rank=0, world_size=1,
+                                        batch_size=args.batch_size, seed=t.seed,
+                                        num_batches=args.val_batches))
+    targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in train_batches)
+    enc_real = sum(int(b["encoder_attention_mask"].sum()) for b in train_batches)
+    print(f"{args.steps} training batches of {args.batch_size} ({targets:,} target and "
+          f"{enc_real:,} real encoder tokens), {len(val_batches)} validation batches",
+          flush=True)
+
+    runs, skipped = build_runs(names, cfgs, args.t5_d_ff, t.seed)
+    every = max(1, args.steps // 10)
+    for step, batch in enumerate(train_batches):
+        lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
+                   max_steps=args.steps)
+        for run in runs:  # interleaved: machine noise hits every variant alike
+            train_step(run, batch, lr, t.grad_clip)
+        if (step + 1) % every == 0 or step + 1 == args.steps:
+            print(f"step {step + 1}/{args.steps} lr {lr:.2e} train CE: "
+                  + "  ".join(f"{r.name} {r.ce[-1]:.3f}" for r in runs), flush=True)
+
+    rows: list[dict[str, Any]] = []
+    last = max(1, args.steps // 10)
+    for run in runs:
+        val_ce, val_targets, val_hash = validation_ce(run.model, val_batches)
+        try:
+            held = heldout(run.model, tok, shards, tiny.data, tiny.model,
+                           max_tokens=args.eval_tokens, batch_size=args.batch_size)
+        except Exception as exc:  # recorded (and caught by the test), not the end of the run
+            held = {"error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc()[-3000:]}
+            print(f"warning: held-out evaluation of {run.name} failed: {held['error']}",
+                  flush=True)
+        timed = run.step_s[args.warmup:]
+        rows.append({
+            "variant": run.name, "status": "ok", "description": VARIANTS[run.name],
+            "config": run.config, "params": run.params,
+            "time_per_step_s": statistics.fmean(timed),
+            "time_per_step_median_s": statistics.median(timed),
+            "final_train_ce": statistics.fmean(run.ce[-last:]),
+            "final_train_loss": statistics.fmean(run.loss[-last:]),
+            "val_ce": val_ce, "val_ppl": math.exp(min(val_ce, 50.0)),
+            "val_targets": val_targets, "heldout": held, "skipped_updates": run.skipped,
+            "train_batches_sha256": run.train_hash.hexdigest(),
+            "val_batches_sha256": val_hash,
+            "train_ce_curve": run.ce,
+        })
+        print(f"{run.name:>20}: val CE {val_ce:.4f}, bits/byte "
+              f"{held.get('bits_per_byte', float('nan')):.4f}", flush=True)
+    for name, note in skipped.items():
+        rows.append({"variant": name, "status": "skipped", "description": VARIANTS[name],
+                     "note": note})
+    rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]))
+    base = next((r for r in rows if r["variant"] == "full" and r["status"] == "ok"), None)
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        if base is None:
+            r["vs_full"] = {}
+            continue
+        bpb, base_bpb = (r["heldout"].get("bits_per_byte"),
+                         base["heldout"].get("bits_per_byte"))
+        r["vs_full"] = {
+            "time_per_step_ratio": r["time_per_step_s"] / base["time_per_step_s"],
+            "val_ce_diff": r["val_ce"] - base["val_ce"],
+            "final_train_ce_diff": r["final_train_ce"] - base["final_train_ce"],
+            "bits_per_byte_diff": bpb - base_bpb if finite(bpb) and finite(base_bpb) else None,
+            "params_total_ratio": r["params"]["total"] / base["params"]["total"],
+        }
+
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "transformers": transformers_version()},
+        "conditions": {"loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                       "order": "interleaved: one step of each variant in turn",
+                       "wall_s": round(time.perf_counter() - started, 1)},
+        "settings": {
+            "smoke": args.smoke, "steps": args.steps, "warmup_untimed_steps": args.warmup,
+            "batch_size": args.batch_size, "seed": t.seed, "config": "configs/tiny.yaml",
+            "data": str(args.data), "vocab_size": tok.vocab_size,
+            "objective": tiny.data.objective, "encoder_length": tiny.data.encoder_length,
+            "decoder_length": tiny.data.decoder_length, "precision": "fp32",
+            "optimizer": {"name": "AdamW", "lr": t.lr, "min_lr": t.min_lr,
+                          "warmup_steps": t.warmup_steps, "schedule": "lr_at (cosine)",
+                          "betas": [t.beta1, t.beta2], "weight_decay": t.weight_decay,
+                          "weight_decay_on": "matrices only (the trainer's rule)",
+                          "grad_clip": t.grad_clip},
+            "loss": "project models: CE + aux_loss (as trained); t5: CE",
+            "train_target_tokens": targets, "train_encoder_real_tokens": enc_real,
+            "val_batches": len(val_batches), "final_train_ce_over_last_steps": last,
+            "heldout": {"objective": "prefix_lm", "split": "val",
+                        "max_tokens": args.eval_tokens},
+        },
+        "variants": rows,
+    }
+    if base is None:
+        result["settings"]["note"] = "full not among --variants: no ratios"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if not args.no_plot:
+        why = plot(rows, args.plot, window=max(1, args.steps // 20))
+        result["plot"] = why or str(args.plot)
+        print(why or f"wrote {args.plot}", flush=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(table(rows))
+    print(f"\nwrote {args.output} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
