@@ -4,7 +4,7 @@
 #
 # Signals: torchrun would die of a SIGUSR1 (it has no handler for it), so it is
 # started with USR1 ignored, and this script forwards USR1 to the training
-# processes (torchrun's children) itself; SIGTERM goes to torchrun, which
+# processes (torchrun's children) itself, until they are gone; SIGTERM goes to torchrun, which
 # passes it on to its ranks. Either way the ranks checkpoint and stop
 # (liquid_dist/train/signals.py). Arguments are passed on to launch/pretrain.py.
 set -euo pipefail
@@ -27,7 +27,19 @@ RDZV_TIMEOUT="${RDZV_TIMEOUT:-600}"
 ) &
 launcher=$!
 
-trap 'pkill -USR1 -P "$launcher" || true' USR1
+# A rank that has not installed its handler yet ignores USR1 (it inherits the
+# SIG_IGN above), and Slurm may warn while the ranks still start: repeat the
+# signal every 5 s until torchrun exits (the ranks' flag is idempotent).
+# shellcheck disable=SC2329  # invoked by the trap below
+forward_usr1() {
+    [ -n "${forwarding:-}" ] && return
+    forwarding=1
+    (while kill -0 "$launcher" 2>/dev/null; do
+        pkill -USR1 -P "$launcher" || true
+        sleep 5
+    done) &
+}
+trap forward_usr1 USR1
 trap 'kill -TERM "$launcher" 2>/dev/null || true' TERM
 
 # a trapped signal interrupts `wait`; keep waiting until torchrun is gone

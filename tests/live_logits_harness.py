@@ -39,8 +39,8 @@ def main() -> int:
     args = p.parse_args()
 
     class LogitsAfterTraining(Trainer):
-        def run(self) -> int:
-            code = super().run()
+        def run(self, stop=None) -> int:
+            code = super().run(stop)
             m = self.cfg.model
             enc, dec, mask = probe_inputs(m.vocab_size, m.max_encoder_length,
                                           m.max_decoder_length)

@@ -313,9 +313,11 @@ def test_time_limit_signal_preempts_and_the_requeued_job_finishes(slurm: Cluster
                                                                   tmp_path: Path) -> None:
     ref = tf.train_losses(tf.reference_run())
     run = tmp_path / "run"
-    # Slurm sends USR1 up to a minute before the limit (its timer ticks every ~30 s):
-    # with a 1-minute limit, USR1@50 comes 10-40 s into the job, while the ranks wait
-    job = submit(slurm, run, sbatch_args=["--time=1", "--signal=USR1@50"],
+    # slurmctld sends the warning once its ~30 s timer finds the job within
+    # warn time + 30 s of the limit: with a 2-minute limit, USR1@30 comes 60-90 s
+    # into the job, while the ranks wait at step 1 (a warning during start-up is
+    # kept too, but the ranks would then stop at step 1 without holding)
+    job = submit(slurm, run, sbatch_args=["--time=2", "--signal=USR1@30"],
                  extra_env={"LIQUID_TEST_HOLD_AT_STEP": "1"})
     wait_held(slurm, job, run, timeout=60)
 
@@ -323,8 +325,8 @@ def test_time_limit_signal_preempts_and_the_requeued_job_finishes(slurm: Cluster
         info = job_info(slurm, job)
         assert info["JobState"] in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED"), info
         return info["JobState"] == "PENDING" and info["Restarts"] == "1"
-    wait_for("requeued", requeued, 90, output(run))
-    # the restarted attempt would get the same 1-minute limit and signal again
+    wait_for("requeued", requeued, 150, output(run))
+    # the restarted attempt would get the same 2-minute limit and signal again
     slurm.cmd("scontrol", "update", f"JobId={job}", "TimeLimit=5")
     info = wait_final(slurm, job, run, timeout=180)
     log = output(run).read_text()

@@ -22,6 +22,7 @@ from liquid_dist.parallel.distributed import DistEnv, init_distributed, resolve_
 from liquid_dist.parallel.ds_compat import DeepSpeedVersionError, check_deepspeed_version
 from liquid_dist.train.checkpoint import check_resumable
 from liquid_dist.train.prepare import resolve_config
+from liquid_dist.train.signals import StopFlag
 from liquid_dist.train.trainer import NonFiniteLossError, Trainer
 
 EXIT_CONFIG = 2
@@ -37,7 +38,24 @@ def _say(message: str) -> None:
 def pretrain(config_path: str, overrides: Iterable[str] = (), *, resume: str = "auto",
              local_rank: Optional[int] = None,
              train_loader_factory: Optional[Callable[[Config, DistEnv], Any]] = None) -> int:
-    """Load and check the config, create the process group, train; returns the exit status."""
+    """Load and check the config, create the process group, train; returns the exit status.
+
+    The stop handlers are installed first: a SIGTERM / SIGUSR1 that comes while the
+    process starts (Slurm may send the time-limit warning that early) is kept and
+    honoured at the first step boundary, not lost or fatal.
+    """
+    stop = StopFlag().install()
+    try:
+        return _pretrain(config_path, overrides, resume, local_rank, train_loader_factory,
+                         stop)
+    finally:
+        stop.restore()
+
+
+def _pretrain(config_path: str, overrides: Iterable[str], resume: str,
+              local_rank: Optional[int],
+              train_loader_factory: Optional[Callable[[Config, DistEnv], Any]],
+              stop: StopFlag) -> int:
     try:
         check_deepspeed_version()
         cfg = resolve_config(load_config(config_path, list(overrides)))
@@ -52,7 +70,7 @@ def pretrain(config_path: str, overrides: Iterable[str] = (), *, resume: str = "
     env, device = init_distributed(local_rank)
     try:
         loader = train_loader_factory(cfg, env) if train_loader_factory else None
-        return Trainer(cfg, env, device, resume=resume, train_loader=loader).run()
+        return Trainer(cfg, env, device, resume=resume, train_loader=loader).run(stop)
     except NonFiniteLossError as exc:
         _say(f"error: {exc}")
         return EXIT_NONFINITE

@@ -304,9 +304,11 @@ class Trainer:
             dist.all_reduce(t)
         return t
 
-    def run(self) -> int:
+    def run(self, stop: Optional[StopFlag] = None) -> int:
         """Train to ``train.max_steps``; returns EXIT_OK, or EXIT_PREEMPTED after a stop signal.
 
+        ``stop``: the caller's installed stop flag (the entry point installs one
+        before anything else); without, the handlers are installed here.
         Raises NonFiniteLossError after too many non-finite steps in a row.
         """
         from tqdm import tqdm
@@ -332,12 +334,15 @@ class Trainer:
                                     config=self.cfg.to_dict(), run_id=run_id,
                                     sent_through=sent_through, replay=replay,
                                     printer=printer)
-        stop = StopFlag().install()
+        own = stop is None
+        if stop is None:
+            stop = StopFlag().install()
         try:
             self._log_start()
             code = self._loop(stop, bar)
         finally:
-            stop.restore()
+            if own:
+                stop.restore()
             bar.close()
             self.logger.close()
         return code
