@@ -74,7 +74,7 @@ from liquid_dist.data.objectives import (
     example_shape,
     span_corruption,
 )
-from liquid_dist.data.shards import MANIFEST_NAME, SUFFIX_OF_DTYPE, decode_sample, resolve_shards
+from liquid_dist.data.shards import MANIFEST_NAME, decode_sample, resolve_shards
 from liquid_dist.data.stream import Stats, shard_samples
 from liquid_dist.data.text_inputs import InputReport, expand_inputs, iter_documents
 from liquid_dist.data.tokenizer import Tokenizer
@@ -187,15 +187,7 @@ def _shard_documents(item: str, split: str, tok: Tokenizer, stats: Stats,
                      policy: str) -> Iterator[tuple[str, np.ndarray]]:
     """(shard URL, ids) of every valid sample of the shards ``item`` names."""
     shard_set = resolve_shards(item, split)
-    if shard_set.tokenizer_sha256 not in (None, tok.sha256):
-        raise DataError(f"{item}: shards made with another tokenizer (sha256 "
-                        f"{shard_set.tokenizer_sha256[:12]}..., the model's {tok.path} is "
-                        f"{tok.sha256[:12]}...)")
-    dtype = shard_set.dtype or tok.ids_dtype
-    if dtype != tok.ids_dtype:
-        raise DataError(f"{item}: manifest dtype {dtype}, the tokenizer's vocabulary needs "
-                        f"{tok.ids_dtype}")
-    suffix = SUFFIX_OF_DTYPE[dtype]
+    suffix = shard_set.suffix_for(tok, item)
 
     def bad(url: str, reason: str, detail: str) -> None:
         if policy == "fail":

@@ -9,9 +9,11 @@ import math
 from pathlib import Path
 
 import pytest
+import test_model
 import torch
 import train_fixtures as tf
 import yaml
+from test_model import VOCAB, small_cfg
 
 from liquid_dist.config import (
     ABLATIONS,
@@ -28,7 +30,6 @@ from liquid_dist.model.generation import GenerationConfig, IncrementalDecoder
 from liquid_dist.params import count_parameters
 from liquid_dist.train.flops import ModelFlops
 
-VOCAB = 50
 ALL = list(ABLATIONS)
 CASES = [[name] for name in ABLATIONS] + [ALL]
 IDS = [c[0] for c in CASES[:-1]] + ["all"]
@@ -45,15 +46,8 @@ OWNED = {
 
 
 def cfg(ablate=(), **kw) -> ModelConfig:
-    base = dict(
-        vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, n_encoder_layers=2,
-        n_decoder_layers=2, ffn_dim=64, max_encoder_length=32, max_decoder_length=24,
-        window=4, freq_heads=2, band_block=4, hyena_filter_dim=8, dropout=0.0,
-        moe=MoEConfig(num_experts=4, top_k=2, k_max=3, expert_ffn_dim=16),
-        ablate=list(ablate),
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+    return small_cfg(moe=MoEConfig(num_experts=4, top_k=2, k_max=3, expert_ffn_dim=16),
+                     ablate=list(ablate), **kw)
 
 
 def build(ablate=(), seed=0, **kw) -> LiquidFoundationModelOptimized:
@@ -61,15 +55,8 @@ def build(ablate=(), seed=0, **kw) -> LiquidFoundationModelOptimized:
     return LiquidFoundationModelOptimized(cfg(ablate, **kw)).eval()
 
 
-def batch(b=2, le=20, ld=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    enc = torch.randint(4, VOCAB, (b, le), generator=g)
-    dec = torch.randint(4, VOCAB, (b, ld), generator=g)
-    dec[:, 0] = 0
-    labels = torch.randint(4, VOCAB, (b, ld), generator=g)
-    mask = torch.ones(b, le, dtype=torch.bool)
-    mask[1, le - 6:] = False
-    return enc, dec, mask, labels
+def batch(seed=1):
+    return test_model.batch(b=2, le=20, ld=12, seed=seed, pad=6)
 
 
 # ------------------------------------------------------------------ config

@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import test_model
 import torch
+from test_model import VOCAB, make_model, small_cfg
 
-from liquid_dist.config import ModelConfig, MoEConfig
+from liquid_dist.config import ModelConfig
 from liquid_dist.model import LiquidFoundationModelOptimized
 from liquid_dist.model.generation import GenerationConfig
 from liquid_dist.model.pretrained import (
@@ -20,34 +22,17 @@ from liquid_dist.model.pretrained import (
     WEIGHTS_NAME,
 )
 
-VOCAB = 50
-
 
 def cfg(**kw) -> ModelConfig:
-    base = dict(
-        vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, n_encoder_layers=1,
-        n_decoder_layers=1, ffn_dim=64, max_encoder_length=32, max_decoder_length=24,
-        window=4, freq_heads=2, band_block=4, hyena_filter_dim=8, dropout=0.0,
-        moe=MoEConfig(num_experts=4, top_k=1, k_max=2, expert_ffn_dim=32),
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+    return small_cfg(**{"n_encoder_layers": 1, "n_decoder_layers": 1, **kw})
 
 
 def build(seed=0, **kw) -> LiquidFoundationModelOptimized:
-    torch.manual_seed(seed)
-    return LiquidFoundationModelOptimized(cfg(**kw)).eval()
+    return make_model(seed, **{"n_encoder_layers": 1, "n_decoder_layers": 1, **kw})
 
 
-def batch(b=2, le=16, ld=10, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    enc = torch.randint(4, VOCAB, (b, le), generator=g)
-    dec = torch.randint(4, VOCAB, (b, ld), generator=g)
-    dec[:, 0] = 0
-    labels = torch.randint(4, VOCAB, (b, ld), generator=g)
-    mask = torch.ones(b, le, dtype=torch.bool)
-    mask[-1, 11:] = False
-    return enc, dec, mask, labels
+def batch(b=2, seed=1):
+    return test_model.batch(b=b, le=16, ld=10, seed=seed, pad=5)
 
 
 # ------------------------------------------------------------ generation defaults

@@ -28,13 +28,16 @@ def make_model(seed=0, **kw) -> LiquidFoundationModelOptimized:
     return LiquidFoundationModelOptimized(small_cfg(**kw)).eval()
 
 
-def batch(b=3, le=20, ld=12, seed=1):
+def batch(b=3, le=20, ld=12, seed=1, pad=0):
+    """Random ids; the last row's final ``pad`` encoder positions are padding."""
     g = torch.Generator().manual_seed(seed)
     enc = torch.randint(4, VOCAB, (b, le), generator=g)
     dec = torch.randint(4, VOCAB, (b, ld), generator=g)
     dec[:, 0] = 0
     labels = torch.randint(4, VOCAB, (b, ld), generator=g)
     mask = torch.ones(b, le, dtype=torch.bool)
+    if pad:
+        mask[-1, le - pad:] = False
     return enc, dec, mask, labels
 
 

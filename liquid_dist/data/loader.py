@@ -34,9 +34,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from liquid_dist.config import ConfigError, DataConfig
-from liquid_dist.data.errors import DataError
 from liquid_dist.data.objectives import OBJECTIVES, example_shape
-from liquid_dist.data.shards import SUFFIX_OF_DTYPE, resolve_shards
+from liquid_dist.data.shards import resolve_shards
 from liquid_dist.data.stream import (
     BATCH_KEYS,
     SourceSpec,
@@ -358,17 +357,10 @@ def _sources(cfg: DataConfig, split: str, tok: Tokenizer) -> tuple[list[SourceSp
     specs, sets = [], []
     for name, shards, weight, manifest in entries:
         shard_set = resolve_shards(shards, split, manifest)
-        if shard_set.tokenizer_sha256 not in (None, tok.sha256):
-            raise DataError(f"source '{name}' ({shards}): shards were made with another "
-                            f"tokenizer (sha256 {shard_set.tokenizer_sha256[:12]}..., "
-                            f"data.tokenizer {tok.path} is {tok.sha256[:12]}...)")
-        dtype = shard_set.dtype or tok.ids_dtype
-        if dtype != tok.ids_dtype:
-            raise DataError(f"source '{name}': manifest dtype {dtype}, the tokenizer's "
-                            f"vocabulary needs {tok.ids_dtype}")
         specs.append(SourceSpec(name=name, urls=shard_set.urls,
                                 shard_documents=shard_set.shard_documents, weight=weight,
-                                suffix=SUFFIX_OF_DTYPE[dtype]))
+                                suffix=shard_set.suffix_for(
+                                    tok, f"source '{name}' ({shards})")))
         sets.append(shard_set)
     return specs, sets
 

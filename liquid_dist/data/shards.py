@@ -176,6 +176,19 @@ class ShardSet:
             return None
         return sum(self.shard_tokens)
 
+    def suffix_for(self, tok: Any, what: str) -> str:
+        """The ids suffix of these shards for tokenizer ``tok``; DataError naming ``what``
+        when the manifest says another tokenizer or an ids dtype ``tok`` cannot use."""
+        if self.tokenizer_sha256 not in (None, tok.sha256):
+            raise DataError(f"{what}: shards were made with another tokenizer (sha256 "
+                            f"{self.tokenizer_sha256[:12]}..., {tok.path} is "
+                            f"{tok.sha256[:12]}...)")
+        dtype = self.dtype or tok.ids_dtype
+        if dtype != tok.ids_dtype:
+            raise DataError(f"{what}: manifest dtype {dtype}, the tokenizer's vocabulary "
+                            f"needs {tok.ids_dtype}")
+        return SUFFIX_OF_DTYPE[dtype]
+
     @property
     def documents(self) -> Optional[int]:
         if any(d is None for d in self.shard_documents):
