@@ -96,7 +96,13 @@ class ModelConfig:
     """Strict mode: raise naming the module on the first non-finite activation."""
     pad_token_id: int = 0
     eos_token_id: int = 1
-    decoder_start_token_id: int = 0
+    decoder_start_token_id: int = 3
+    """``generate``'s default decoder start: the prefix-LM start (bos), so that the model
+    continues text; span filling starts with the pad id (data/tokenizer.py
+    DECODER_START_IDS)."""
+    architecture_revision: int = 2
+    """The model code's revision whose parameters and initialisation this config means
+    (:data:`ARCHITECTURE_REVISIONS`); a saved config without it is revision 1."""
     ablate: list = field(default_factory=list)
     """Names from :data:`ABLATIONS` of the seed components to remove (an architecture key);
     kept in canonical order, so the order written does not matter."""
@@ -295,8 +301,27 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(key, value, "a value > 0")
 
 
+ARCHITECTURE_REVISIONS = {
+    1: "the seed's components at full strength from initialisation",
+    2: "identity-preserving initialisation and placement (docs/model.md, "
+       "'Initialisation'): zero-gain residual branches in the embeddings, the Hyena "
+       "short convolution, the LSTM pre-norm, per-objective decoder start tokens",
+}
+"""What each ``model.architecture_revision`` means; this code builds the last one."""
+
+
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     """Raise ConfigError for a model section that cannot be built."""
+    current = max(ARCHITECTURE_REVISIONS)
+    if m.architecture_revision != current:
+        raise ConfigError(
+            f"{prefix}.architecture_revision", m.architecture_revision,
+            f"{current}: this model was saved by an older liquid_dist (revision "
+            f"{m.architecture_revision}: "
+            f"{ARCHITECTURE_REVISIONS.get(m.architecture_revision, 'unknown')}); revision "
+            f"{current} ({ARCHITECTURE_REVISIONS[current]}) has other parameters and "
+            "another initialisation, so these weights cannot be loaded: train anew, or "
+            "use the liquid_dist release that wrote them")
     if isinstance(m.vocab_size, str) and m.vocab_size != "auto":
         raise ConfigError(f"{prefix}.vocab_size", m.vocab_size, "an integer or 'auto'")
     if isinstance(m.vocab_size, int) and m.vocab_size < 8:
@@ -509,8 +534,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
 
 
 def model_config_from_dict(tree: dict) -> ModelConfig:
-    """Build and validate a ModelConfig alone (e.g. from a saved config.json)."""
-    m = _coerce("model", tree, ModelConfig)
+    """Build and validate a ModelConfig alone from a saved one (config.json, a checkpoint's
+    config): a saved config without ``architecture_revision`` is revision 1."""
+    m = _coerce("model", {"architecture_revision": 1, **tree}, ModelConfig)
     validate_model(m)
     return m
 

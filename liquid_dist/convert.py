@@ -42,6 +42,7 @@ from liquid_dist.checkpoint_format import (
     strip_wrapper,
 )
 from liquid_dist.config import ConfigError, ModelConfig, model_config_from_dict
+from liquid_dist.data.tokenizer import Tokenizer
 from liquid_dist.model.generation import GenerationConfig
 from liquid_dist.model.pretrained import (
     INDEX_NAME,
@@ -257,7 +258,9 @@ def convert(run_dir: Union[str, Path], output: Union[str, Path], *, step: Option
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     write_model_config(model_cfg, tmp)
     shutil.copy2(path / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
-    write_generation_config(GenerationConfig.from_model_config(model_cfg), tmp)
+    sentinels = Tokenizer(tmp / TOKENIZER_NAME).sentinel_ids
+    write_generation_config(
+        GenerationConfig.from_model_config(model_cfg).updated(suppress_tokens=sentinels), tmp)
     n_params = sum(math.prod(e[2]) for e in entries)
     run_root = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
     card, _ = _model_card(run_cfg, ckpt, dtype, n_params, _final_metrics(run_root, ckpt.step))

@@ -77,7 +77,7 @@ from liquid_dist.data.objectives import (
 from liquid_dist.data.shards import MANIFEST_NAME, decode_sample, resolve_shards
 from liquid_dist.data.stream import Stats, shard_samples
 from liquid_dist.data.text_inputs import InputReport, expand_inputs, iter_documents
-from liquid_dist.data.tokenizer import Tokenizer
+from liquid_dist.data.tokenizer import DECODER_START_IDS, Tokenizer
 from liquid_dist.model.pretrained import TOKENIZER_NAME, is_pretrained_dir
 
 EXIT_BAD_INPUT = 2
@@ -373,7 +373,8 @@ def evaluate(model: Any, tok: Tokenizer, documents: Iterable[np.ndarray],
                               batch_size):
             arrays = collate([(ex.encoder, ex.targets) for ex in batch],
                              encoder_length=shape.encoder, decoder_length=shape.decoder,
-                             pad_id=tok.pad_id, decoder_start_id=tok.pad_id)
+                             pad_id=tok.pad_id,
+                             decoder_start_id=DECODER_START_IDS[settings.objective])
             out = model(**{k: torch.from_numpy(v).to(device) for k, v in arrays.items()})
             nats += float(out.ce_sum)
             tokens += int(out.num_targets)

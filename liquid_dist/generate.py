@@ -4,10 +4,15 @@
         [--sample --temperature T --top-k K --top-p P] [--beams N] [--seed S]
     echo "To be, or not" | python -m liquid_dist.generate OUT --prompt -
     python -m liquid_dist.generate OUT --prompts-file prompts.txt   # one JSON line each
+    python -m liquid_dist.generate OUT --fill-spans --prompt "To be, <extra_id_0> to be"
 
 The prompt is tokenised with the shipped tokenizer and given to the encoder
 as a prefix-LM input (prompt + EOS, keeping the last max_encoder_length - 1
-tokens); the decoder continues it. One prompt: the continuation is streamed
+tokens); the decoder, started with the prefix-LM start token, continues it
+as text, never writing a sentinel (``suppress_tokens``). ``--fill-spans``
+starts it with the span-corruption start token instead and allows the
+sentinels: the output is the spans the prompt's sentinels stand for, each
+after its sentinel, as in span-corruption training. One prompt: the continuation is streamed
 to stdout token by token (beam search prints it at the end). A prompts file
 (one prompt per line, blank lines skipped) is decoded in batches and printed
 as JSON lines ``{"prompt": ..., "generated": ...}``.
@@ -62,20 +67,20 @@ def stream(model: Any, tok: Any, prompt: str, out: IO[str], *, max_new_tokens: i
 
     Returns the whole continuation (without EOS).
     """
-    from liquid_dist.model.generation import IncrementalDecoder, choose_next
+    from liquid_dist.model.generation import IncrementalDecoder, choose_next, suppress
 
     cfg = model.cfg
+    gen = model.generation_config
     device = model.lm_head.weight.device
     ids, mask = encode_prompts(tok, [prompt], cfg.max_encoder_length)
     dec = IncrementalDecoder(model)
     dec.start(ids.to(device), mask.to(device))
-    token = torch.full((1,), model.generation_config.decoder_start_token_id, dtype=torch.long,
-                       device=device)
+    token = torch.full((1,), gen.decoder_start_token_id, dtype=torch.long, device=device)
     generated: list[int] = []
     shown = ""
     for pos in range(max_new_tokens):
-        token = choose_next(dec.step(token, pos), do_sample, temperature, top_k, top_p,
-                            generator)
+        token = choose_next(suppress(dec.step(token, pos), gen.suppress_tokens), do_sample,
+                            temperature, top_k, top_p, generator)
         if int(token) == tok.eos_id:
             break
         generated.append(int(token))
@@ -122,6 +127,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--beams", type=int, default=None, help="beam search width (greedy scoring)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--fill-spans", action="store_true",
+                   help="decode the spans of the prompt's <extra_id_N> sentinels (span "
+                        "corruption) instead of continuing the text")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (file mode)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16", "stored"), default=None,
@@ -129,6 +137,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
 
     from liquid_dist.data import Tokenizer
+    from liquid_dist.data.tokenizer import DECODER_START_IDS
     from liquid_dist.model import LiquidFoundationModelOptimized
 
     dtype_name = args.dtype or ("stored" if args.device.startswith("cuda") else "fp32")
@@ -141,6 +150,10 @@ def main(argv: Optional[list[str]] = None) -> int:
              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "num_beams": args.beams}
     gen = gen.updated(**{k: v for k, v in given.items() if v is not None})
+    if args.fill_spans:
+        gen = gen.updated(decoder_start_token_id=DECODER_START_IDS["span_corruption"],
+                          suppress_tokens=())
+    model.generation_config = gen
     if gen.num_beams > 1 and gen.do_sample:
         p.error("beam search (--beams) and sampling (--sample) cannot be combined")
     steps = min(gen.max_new_tokens, model.cfg.max_decoder_length)

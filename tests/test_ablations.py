@@ -13,7 +13,7 @@ import test_model
 import torch
 import train_fixtures as tf
 import yaml
-from test_model import VOCAB, small_cfg
+from test_model import VOCAB, awaken, small_cfg
 
 from liquid_dist.config import (
     ABLATIONS,
@@ -36,9 +36,10 @@ IDS = [c[0] for c in CASES[:-1]] + ["all"]
 
 # the parameters each component owns (name fragments), written from docs/model.md
 OWNED = {
-    "frequency": (".embedding.frequency.",),
-    "compression": (".embedding.proj.", ".embedding.proj_norm."),
-    "embedding_conv": (".embedding.conv1.", ".embedding.conv2.", ".embedding.norm."),
+    "frequency": (".embedding.frequency.", ".embedding.frequency_gain"),
+    "compression": (".embedding.proj.", ".embedding.proj_norm.", ".embedding.proj_gain"),
+    "embedding_conv": (".embedding.conv1.", ".embedding.conv2.", ".embedding.norm.",
+                       ".embedding.conv_gain"),
     "deformable_conv": (".conv_norm.", ".conv."),
     "moe": (".moe_norm.", ".moe."),
     "lstm": ("decoder.memory.",),
@@ -52,7 +53,7 @@ def cfg(ablate=(), **kw) -> ModelConfig:
 
 def build(ablate=(), seed=0, **kw) -> LiquidFoundationModelOptimized:
     torch.manual_seed(seed)
-    return LiquidFoundationModelOptimized(cfg(ablate, **kw)).eval()
+    return awaken(LiquidFoundationModelOptimized(cfg(ablate, **kw)), seed).eval()
 
 
 def batch(seed=1):

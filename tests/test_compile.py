@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from test_model import awaken
 
 from liquid_dist.config import ConfigError, load_config
 from liquid_dist.model import LiquidFoundationModelOptimized
@@ -18,7 +19,7 @@ VOCAB = 64
 def _model_and_batch():
     cfg = load_config("configs/tiny.yaml", [f"model.vocab_size={VOCAB}", "model.dropout=0.0"])
     torch.manual_seed(0)
-    model = LiquidFoundationModelOptimized(cfg.model)
+    model = awaken(LiquidFoundationModelOptimized(cfg.model))
     g = torch.Generator().manual_seed(1)
     enc = torch.randint(4, VOCAB, (3, 48), generator=g)
     dec = torch.randint(4, VOCAB, (3, 24), generator=g)

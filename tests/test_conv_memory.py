@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import awaken
 
 from liquid_dist.config import ModelConfig
 from liquid_dist.model.conv import DeformableConv1d, OptimizedGatedConvolution
@@ -138,7 +139,7 @@ def test_noncausal_outputs_ignore_trailing_padding() -> None:
     conv = DeformableConv1d(C_IN, C_OUT, 5, max_offset=3.0, causal=False)
     _randomise_offsets(conv, scale=1.0)
     cfg = _cfg(max_offset=3.0, conv_kernel_size=5)
-    gated = OptimizedGatedConvolution(cfg, causal=False).eval()
+    gated = awaken(OptimizedGatedConvolution(cfg, causal=False)).eval()
     _randomise_offsets(gated.conv, scale=1.0)
     real = 6
     for module, c in ((conv, C_IN), (gated, cfg.d_model)):
@@ -177,7 +178,8 @@ def test_deformable_step_matches_forward(k: int, max_offset: float) -> None:
 
 def test_gated_conv_step_matches_forward() -> None:
     torch.manual_seed(7)
-    gated = OptimizedGatedConvolution(_cfg(conv_kernel_size=3, max_offset=1.5), causal=True).eval()
+    gated = awaken(OptimizedGatedConvolution(_cfg(conv_kernel_size=3, max_offset=1.5),
+                                             causal=True)).eval()
     _randomise_offsets(gated.conv, scale=0.5)
     x = torch.randn(2, 8, 16)
     with torch.no_grad():
@@ -199,7 +201,7 @@ def test_deformable_conv_rejects_stride() -> None:
 
 def test_lstm_step_matches_forward() -> None:
     torch.manual_seed(8)
-    lstm = EnhancedLSTM(_cfg(lstm_layers=2)).eval()
+    lstm = awaken(EnhancedLSTM(_cfg(lstm_layers=2))).eval()
     x = torch.randn(3, 7, 16)
     with torch.no_grad():
         y = lstm(x)
@@ -210,7 +212,7 @@ def test_lstm_step_matches_forward() -> None:
 
 def test_lstm_is_causal_and_all_parameters_get_gradients() -> None:
     torch.manual_seed(9)
-    lstm = EnhancedLSTM(_cfg(lstm_layers=2))
+    lstm = awaken(EnhancedLSTM(_cfg(lstm_layers=2)))
     x = torch.randn(2, 8, 16)
     y = lstm(x)
     for t in range(7):
@@ -235,7 +237,7 @@ def test_lstm_init_forget_bias_and_orthogonal_recurrence() -> None:
 def test_lstm_and_gated_conv_run_under_bf16_autocast() -> None:
     torch.manual_seed(10)
     cfg = _cfg()
-    lstm, gated = EnhancedLSTM(cfg), OptimizedGatedConvolution(cfg, causal=True)
+    lstm, gated = awaken(EnhancedLSTM(cfg)), awaken(OptimizedGatedConvolution(cfg, causal=True))
     x = torch.randn(2, 6, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = lstm(x) + gated(x)

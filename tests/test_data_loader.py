@@ -20,6 +20,7 @@ from liquid_dist.data import (
     example_shape,
     read_manifest,
 )
+from liquid_dist.data.tokenizer import DECODER_START_IDS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,7 +79,10 @@ def test_batches_have_the_model_format():
         # one objective per batch at its own shape: no padding on either side
         assert mask.all() and (labels != -100).all()
         assert ((enc >= 0) & (enc < tok.vocab_size)).all()
-        assert (dec[:, 0] == tok.pad_id).all()
+        # the decoder start says which objective: pad for span corruption, bos for prefix LM
+        objective = next(name for name, sh in shapes.items() if sh == shape)
+        assert (dec[:, 0] == DECODER_START_IDS[objective]).all()
+        assert DECODER_START_IDS == {"span_corruption": tok.pad_id, "prefix_lm": tok.bos_id}
         # teacher forcing: the decoder reads label j-1 at position j
         assert torch.equal(dec[:, 1:], labels[:, :-1])
         # every encoder input ends with EOS; span-corruption targets too

@@ -108,7 +108,7 @@ def direct_prefix_lm(texts: tuple[str, ...]) -> list[float]:
 def direct_prefix_lm_of(net, texts) -> list[float]:
     """Per-target cross-entropy, in order: each document + EOS in windows of LD targets,
     the LE - 1 tokens before a window + EOS as its encoder input."""
-    eos, start = tok().eos_id, tok().pad_id
+    eos, start = tok().eos_id, tok().bos_id  # prefix LM's decoder starts with bos
     nll: list[float] = []
     for text in texts:
         seq = tok().encode(text) + [eos]

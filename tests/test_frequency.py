@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import awaken
 from torch import nn
 
 from liquid_dist.config import ModelConfig, next_power_of_two
@@ -37,9 +38,11 @@ def encoder_module(seed: int = 0) -> FrequencyHyenaAttention:
 
 
 def embedding(causal: bool, seed: int = 0, **overrides) -> EnhancedLiquidEmbedding:
+    """An :func:`~test_model.awaken`-ed embedding: every stage contributes."""
     torch.manual_seed(seed)
     cfg = make_cfg(**overrides)
-    return EnhancedLiquidEmbedding(cfg, nn.Embedding(cfg.vocab_size, D), causal=causal).eval()
+    module = EnhancedLiquidEmbedding(cfg, nn.Embedding(cfg.vocab_size, D), causal=causal)
+    return awaken(module, seed).eval()
 
 
 def prefix_mask(lengths: list[int], total: int) -> torch.Tensor:
@@ -186,8 +189,9 @@ def test_encoder_zero_input_has_finite_gradients():
 
 
 def causal_module(seed: int = 0) -> FrequencyHyenaAttention:
+    """An :func:`~test_model.awaken`-ed Hyena operator (its skip term D starts at 0)."""
     torch.manual_seed(seed)
-    return FrequencyHyenaAttention(make_cfg(), causal=True).eval()
+    return awaken(FrequencyHyenaAttention(make_cfg(), causal=True), seed).eval()
 
 
 def test_causal_constructor_delegates_to_hyena_operator():
@@ -307,11 +311,14 @@ def test_recon_loss_is_masked_mean_abs_error():
     mask = prefix_mask([40, 9], 40)
     ids = torch.randint(2, 64, (2, 40))
     x_proj, recon = emb(ids, mask)
-    # X_3 recomputed by hand from the module's own layers
+    # X_3, Y and R recomputed by hand from the module's own layers
     x = emb.token_embedding(ids) + emb.position_embedding(torch.arange(40))
-    x = F.gelu(emb._conv(emb.conv1, x, mask))
-    x3 = emb.norm(F.gelu(emb._conv(emb.conv2, x, mask)))
-    expected = (x_proj - x3).abs()[mask].mean()
+    h = F.gelu(emb._conv(emb.conv1, x, mask))
+    x3 = x * mask[..., None] + emb.conv_gain * emb.norm(F.gelu(emb._conv(emb.conv2, h, mask)))
+    y = x3 + emb.frequency_gain * emb.frequency(x3, mask)
+    r = emb.proj_norm(emb.proj(emb._compress(y, mask)))
+    torch.testing.assert_close(x_proj, y + emb.proj_gain * r)
+    expected = (r - x3).abs()[mask].mean()
     assert torch.allclose(recon, expected, atol=1e-6)
 
 

@@ -32,8 +32,13 @@ def make_cfg(**overrides) -> MoEConfig:
 
 
 def make_layer(seed: int = 0, d_model: int = D, **overrides) -> MoELayer:
+    """A layer whose router is as sharp as a trained one: its init (Switch's, near-uniform
+    routing, so dynamic k starts at k_max for every token) is replaced by N(0, 1/d)."""
     torch.manual_seed(seed)
-    return MoELayer(make_cfg(**overrides), d_model)
+    layer = MoELayer(make_cfg(**overrides), d_model)
+    with torch.no_grad():
+        layer.router.weight.normal_(0.0, d_model ** -0.5)
+    return layer
 
 
 def randomize_biases(layer: MoELayer) -> MoELayer:

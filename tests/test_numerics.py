@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 from test_frequency import record_fft_input_dtypes
-from test_model import VOCAB, small_cfg
+from test_model import VOCAB, awaken, small_cfg
 
 from liquid_dist.config import ModelConfig
 from liquid_dist.model import LiquidFoundationModelOptimized, NonFiniteError
@@ -27,8 +27,8 @@ POS, CHANNEL = 3, 5  # where the bad value is written: sequence 0, position 3, c
 
 def make_model(**kw) -> LiquidFoundationModelOptimized:
     torch.manual_seed(0)
-    return LiquidFoundationModelOptimized(
-        small_cfg(max_encoder_length=16, max_decoder_length=16, **kw)).eval()
+    return awaken(LiquidFoundationModelOptimized(
+        small_cfg(max_encoder_length=16, max_decoder_length=16, **kw))).eval()
 
 
 def batch(b: int = 2, le: int = 8, ld: int = 8):
@@ -123,7 +123,7 @@ def _lstm_cfg() -> ModelConfig:
 
 def test_lstm_recurrence_runs_in_fp32_under_bf16_parameters():
     torch.manual_seed(0)
-    lstm, ref = _bf16_and_reference(EnhancedLSTM(_lstm_cfg()))
+    lstm, ref = _bf16_and_reference(awaken(EnhancedLSTM(_lstm_cfg())))
     x = torch.randn(2, 64, 16).bfloat16()
     out, (h, c) = lstm.lstms[0](x)
     assert out.dtype == h.dtype == c.dtype == torch.float32
@@ -141,11 +141,11 @@ def test_lstm_recurrence_runs_in_fp32_under_bf16_parameters():
 
 def test_lstm_step_keeps_an_fp32_state_under_bf16_parameters():
     torch.manual_seed(1)
-    lstm, _ = _bf16_and_reference(EnhancedLSTM(_lstm_cfg()))
+    lstm, _ = _bf16_and_reference(awaken(EnhancedLSTM(_lstm_cfg())))
     x = torch.randn(2, 12, 16).bfloat16()
     with torch.no_grad():
         full = lstm(x)
-        _, (h0, c0) = lstm.lstms[0](x)
+        _, (h0, c0) = lstm.lstms[0](lstm.norms[0](x))
         state = lstm.init_state(2, "cpu", torch.bfloat16)
         steps = []
         for pos in range(x.shape[1]):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import awaken
 
 from liquid_dist.config import load_config
 from liquid_dist.model import LiquidFoundationModelOptimized, MoELayer
@@ -20,7 +21,7 @@ B, LE, LD = 3, 40, 24
 def model() -> LiquidFoundationModelOptimized:
     cfg = load_config(CONFIGS / "tiny.yaml", [f"model.vocab_size={VOCAB}"]).model
     torch.manual_seed(0)
-    return LiquidFoundationModelOptimized(cfg).eval()
+    return awaken(LiquidFoundationModelOptimized(cfg)).eval()
 
 
 def padded_batch(enc_lengths=(LE, 30, 10), dec_lengths=(LD, 15, 5), seed=1):

@@ -43,7 +43,7 @@ from liquid_dist.data.stream import (
     WorkerStream,
     unpack_batch,
 )
-from liquid_dist.data.tokenizer import Tokenizer
+from liquid_dist.data.tokenizer import DECODER_START_IDS, Tokenizer
 
 STATE_VERSION = 3
 
@@ -405,7 +405,8 @@ def _build(cfg: DataConfig, split: str, *, rank: int, world_size: int, batch_siz
         shapes=tuple(shapes), noise_density=cfg.noise_density,
         mean_noise_span_length=cfg.mean_noise_span_length, encoder_length=cfg.encoder_length,
         decoder_length=cfg.decoder_length, pad_id=tok.pad_id, eos_id=tok.eos_id,
-        decoder_start_id=tok.pad_id, sentinel_ids=tok.sentinel_ids, vocab_size=tok.vocab_size,
+        decoder_start_ids=tuple(DECODER_START_IDS[o] for o in objectives),
+        sentinel_ids=tok.sentinel_ids, vocab_size=tok.vocab_size,
         batch_size=batch_size, steps_per_epoch=num_steps, shuffle=split == "train",
         shuffle_buffer=cfg.shuffle_buffer if split == "train" else 0,
         policy=cfg.bad_sample_policy, seed=seed, rank=rank, world_size=world_size,

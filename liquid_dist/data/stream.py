@@ -74,7 +74,8 @@ class StreamSpec:
     decoder_length: int
     pad_id: int
     eos_id: int
-    decoder_start_id: int
+    decoder_start_ids: tuple[int, ...]
+    """The decoder start token of each objective (tokenizer.DECODER_START_IDS)."""
     sentinel_ids: tuple[int, ...]
     vocab_size: int
     batch_size: int
@@ -413,7 +414,7 @@ class WorkerStream:
                 mine = spec.micro_streams(self.micro)[self.worker::self.workers]
                 arrays = collate([self.streams[s].example(o) for s in mine],
                                  encoder_length=shape.encoder, decoder_length=shape.decoder,
-                                 pad_id=spec.pad_id, decoder_start_id=spec.decoder_start_id)
+                                 pad_id=spec.pad_id, decoder_start_id=spec.decoder_start_ids[o])
                 meta = {"step": self.step, "micro": self.micro, "objective": o,
                         "cursors": {s: self.streams[s].cursor() for s in mine},
                         "stats": self.stats.take()}

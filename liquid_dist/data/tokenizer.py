@@ -1,7 +1,8 @@
 """The sentencepiece tokenizer: training with fixed special ids, and a small wrapper.
 
-Fixed ids (the model relies on them): pad=0 (also the decoder start token),
-eos=1, unk=2, bos=3; then the sentinels ``<extra_id_0>``.. used by span
+Fixed ids (the model relies on them): pad=0 (also the decoder start token of
+span corruption), eos=1, unk=2, bos=3 (the decoder start token of prefix LM,
+i.e. of text continuation); then the sentinels ``<extra_id_0>``.. used by span
 corruption, then ``"\\n"`` as its own piece. Normalisation is the identity and
 extra whitespace is kept, with byte fallback, so ``decode(encode(text)) == text``
 for any text (line breaks, tabs and unseen characters included).
@@ -22,6 +23,11 @@ from liquid_dist.data.errors import DataError
 from liquid_dist.data.shards import ids_dtype_for_vocab
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
+DECODER_START_IDS = {"span_corruption": PAD_ID, "prefix_lm": BOS_ID}
+"""The decoder's first input per objective: it tells the decoder which task it decodes
+for. Span corruption starts with pad, as in T5, and its targets are sentinel-delimited
+spans; prefix LM starts with bos and its targets are the text's own continuation, so a
+decoder started with bos writes text (``generate``'s default, docs/model.md)."""
 SENTINEL_FORMAT = "<extra_id_{}>"
 MODEL_NAME = "tokenizer.model"
 SETTINGS_NAME = "tokenizer.json"

@@ -661,9 +661,10 @@ def local_attention(
 
 class _GQAProjections(nn.Module):
     """Query (H heads), key/value (G groups) and output projections shared by
-    the self- and cross-attention modules; Dh = d / H."""
+    the self- and cross-attention modules; Dh = d / H. ``output_scale`` scales the
+    output projection's init (:func:`~liquid_dist.model.utils.residual_scale`)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, output_scale: float = 1.0):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
@@ -672,7 +673,8 @@ class _GQAProjections(nn.Module):
         self.q_proj = xavier_linear(cfg.d_model, self.n_heads * self.head_dim)
         self.k_proj = xavier_linear(cfg.d_model, self.n_kv_heads * self.head_dim)
         self.v_proj = xavier_linear(cfg.d_model, self.n_kv_heads * self.head_dim)
-        self.out_proj = xavier_linear(self.n_heads * self.head_dim, cfg.d_model)
+        self.out_proj = xavier_linear(self.n_heads * self.head_dim, cfg.d_model,
+                                      scale=output_scale)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
@@ -702,8 +704,8 @@ class EnhancedLocalAttentionWithGQA(_GQAProjections):
     incremental decoding (:meth:`init_state`, :meth:`step`).
     """
 
-    def __init__(self, cfg: ModelConfig, causal: bool):
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, causal: bool, output_scale: float = 1.0):
+        super().__init__(cfg, output_scale)
         self.causal = causal
         self.window = cfg.window
         self.backend = cfg.attention_backend

@@ -10,7 +10,7 @@ from ..config import ModelConfig, MoEConfig
 from .attention import AttentionMaskPlan, CrossAttention, EnhancedLocalAttentionWithGQA
 from .conv import OptimizedGatedConvolution
 from .moe import MoELayer
-from .utils import replace_nonfinite, xavier_linear
+from .utils import replace_nonfinite, residual_scale, xavier_linear
 
 AuxDict = dict[str, torch.Tensor]
 
@@ -18,14 +18,15 @@ AuxDict = dict[str, torch.Tensor]
 class FeedForward(nn.Module):
     """The block's closing MLP: Linear → LayerNorm → GELU → Dropout → Linear → Dropout.
 
-    The output is clamped to ±100 (seed §4) before the residual add.
+    The output is clamped to ±100 (seed §4) before the residual add. ``output_scale``
+    scales fc2's init (:func:`~liquid_dist.model.utils.residual_scale`).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, output_scale: float = 1.0):
         super().__init__()
         self.fc1 = xavier_linear(cfg.d_model, cfg.ffn_dim)
         self.norm = nn.LayerNorm(cfg.ffn_dim)
-        self.fc2 = xavier_linear(cfg.ffn_dim, cfg.d_model)
+        self.fc2 = xavier_linear(cfg.ffn_dim, cfg.d_model, scale=output_scale)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,17 +43,18 @@ class DenseFFN(nn.Module):
     same matmul FLOPs per token as the MoE's nominal k, which the FLOP counter uses).
     ``expert_type: linear``: one Linear(d -> d), the dense form of a sum of linear
     experts. Position-wise, so padding reaches no other position; no router, no
-    auxiliary losses.
+    auxiliary losses. ``output_scale`` scales the last Linear's init, as the MoE's.
     """
 
-    def __init__(self, moe_cfg: MoEConfig, d_model: int, dropout: float = 0.0):
+    def __init__(self, moe_cfg: MoEConfig, d_model: int, dropout: float = 0.0,
+                 output_scale: float = 1.0):
         super().__init__()
         if moe_cfg.expert_type == "mlp":
             width = moe_cfg.top_k * moe_cfg.expert_ffn_dim
             self.fc1 = xavier_linear(d_model, width)
-            self.fc2 = xavier_linear(width, d_model)
+            self.fc2 = xavier_linear(width, d_model, scale=output_scale)
         else:
-            self.fc1 = xavier_linear(d_model, d_model)
+            self.fc1 = xavier_linear(d_model, d_model, scale=output_scale)
             self.fc2 = None
         self.dropout = nn.Dropout(dropout)
 
@@ -65,6 +67,11 @@ class DenseFFN(nn.Module):
 
 class ImprovedTransformerBlock(nn.Module):
     """Pre-LN residual sub-blocks in the seed's order.
+
+    The output projection of every sub-block (attention, cross-attention, MoE
+    experts or their dense counterpart, FFN) starts at its Xavier scale times
+    ``1 / sqrt(2 · layers of the stack)`` (GPT-2, safari); the convolution
+    sub-block starts at exactly 0 (its LayerNorm gain is 0).
 
     local GQA attention → (decoder: cross-attention to the encoder) → gated
     deformable convolution → MoE → feed-forward. ``forward`` returns the new
@@ -91,11 +98,13 @@ class ImprovedTransformerBlock(nn.Module):
         self.name = name
         self.strict = cfg.check_finite
         d = cfg.d_model
+        # every sub-block's output projection, scaled for the depth of its stack
+        scale = residual_scale(cfg.n_decoder_layers if causal else cfg.n_encoder_layers)
         self.attn_norm = nn.LayerNorm(d)
-        self.attn = EnhancedLocalAttentionWithGQA(cfg, causal=causal)
+        self.attn = EnhancedLocalAttentionWithGQA(cfg, causal=causal, output_scale=scale)
         if causal:
             self.cross_norm = nn.LayerNorm(d)
-            self.cross_attn = CrossAttention(cfg)
+            self.cross_attn = CrossAttention(cfg, output_scale=scale)
         self.has_conv = cfg.keeps("deformable_conv")
         if self.has_conv:
             self.conv_norm = nn.LayerNorm(d)
@@ -103,12 +112,13 @@ class ImprovedTransformerBlock(nn.Module):
         self.has_moe = cfg.keeps("moe")
         if self.has_moe:
             self.moe_norm = nn.LayerNorm(d)
-            self.moe = MoELayer(cfg.moe, d, dropout=cfg.dropout, check_finite=cfg.check_finite)
+            self.moe = MoELayer(cfg.moe, d, dropout=cfg.dropout, check_finite=cfg.check_finite,
+                                output_scale=scale)
         else:
             self.dense_ffn_norm = nn.LayerNorm(d)
-            self.dense_ffn = DenseFFN(cfg.moe, d, dropout=cfg.dropout)
+            self.dense_ffn = DenseFFN(cfg.moe, d, dropout=cfg.dropout, output_scale=scale)
         self.ffn_norm = nn.LayerNorm(d)
-        self.ffn = FeedForward(cfg)
+        self.ffn = FeedForward(cfg, output_scale=scale)
 
     def _finite(self, part: str, x: torch.Tensor, counts: list[torch.Tensor]) -> torch.Tensor:
         """``x`` with non-finite values set to 0; appends how many to ``counts``."""

@@ -186,6 +186,10 @@ class OptimizedGatedConvolution(nn.Module):
     """DeformableConv1d(d -> 2d) -> [main, gate] -> GELU(main) * sigmoid(gate)
     -> LayerNorm -> Dropout (seed 3.6).
 
+    The LayerNorm's gain starts at 0: the module is a residual branch, and a
+    LayerNorm with gain 1 would add a unit-RMS vector to the residual stream
+    whatever its input; so the branch starts at exactly 0 and learns its gain.
+
     forward(x (B, L, d), mask) -> (B, L, d). The causal form (decoder) also has
     ``init_state`` / ``step`` with the state of its deformable convolution.
     """
@@ -197,6 +201,7 @@ class OptimizedGatedConvolution(nn.Module):
         self.check = cfg.check_finite
         self.conv = DeformableConv1d(d, 2 * d, cfg.conv_kernel_size, cfg.max_offset, causal)
         self.norm = nn.LayerNorm(d)
+        nn.init.zeros_(self.norm.weight)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def _gate(self, y: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,13 @@ from torch import nn
 
 from liquid_dist.config import ModelConfig, next_power_of_two
 from liquid_dist.model.frequency import FrequencyHyenaAttention, fp32_region
-from liquid_dist.model.utils import check_finite, kaiming_conv1d, xavier_linear, zero_padding
+from liquid_dist.model.utils import (
+    check_finite,
+    kaiming_conv1d,
+    xavier_linear,
+    zero_gain,
+    zero_padding,
+)
 
 # Share of the rfft bins (the highest ones) whose energy measures spectral complexity.
 _HIGH_BAND_FRACTION = 0.2
@@ -20,14 +26,20 @@ _EPS = 1e-8
 class EnhancedLiquidEmbedding(nn.Module):
     """Token ids -> (X_proj (B, L, d), L_recon scalar).
 
-    Pipeline (seed 3.2, order of DESIGN §2.2)::
+    Pipeline (seed 3.2, order of DESIGN §2.2), each stage a residual branch
+    whose per-channel gain ``g_*`` starts at 0 (docs/model.md, "Initialisation")::
 
         X   = E_token(ids) + E_pos(0..L-1)
-        X_3 = LayerNorm(GELU(Conv2(GELU(Conv1(X)))))
-        Y   = FrequencyHyenaAttention(X_3)            (causal form in the decoder)
-        Y'  = irfft(keep-lowest-bins mask ⊙ rfft(Y))  (encoder only, see below)
-        X_proj = LayerNorm(Linear(Y'))                (decoder: of Y)
-        L_recon = Σ_real |X_proj - sg(X_3)| / (#real · d + eps)
+        X_3 = X + g_conv ⊙ LayerNorm(GELU(Conv2(GELU(Conv1(X)))))
+        Y   = X_3 + g_freq ⊙ FrequencyHyenaAttention(X_3)    (causal form in the decoder)
+        R   = LayerNorm(Linear(irfft(keep-lowest-bins mask ⊙ rfft(Y))))   (decoder: of Y)
+        X_proj = Y + g_proj ⊙ R
+        L_recon = Σ_real |R - sg(X_3)| / (#real · d + eps)
+
+    At initialisation every gain is 0, so X_proj = X (padding zeroed): the
+    embedding starts as its plain counterpart and learns how much of each
+    stage to add. R, the compressed signal reconstructed and projected back
+    (the seed's X_proj), is what L_recon trains to reproduce X_3.
 
     ``token_embedding`` is owned by the model (shared by encoder and decoder,
     possibly tied to the output head); the learned position embedding has
@@ -45,16 +57,15 @@ class EnhancedLiquidEmbedding(nn.Module):
     (Y's). The mask is hard, so ratio gets no gradient: it is computed without
     autograd, and the gradient reaches Y through the kept bins.
 
-    L_recon compares X_proj with X_3 over real tokens (all positions when
-    ``mask`` is None). X_3 is the target and is detached (``sg``): otherwise
-    the loss could also be lowered by moving the target, e.g. shrinking both
-    LayerNorms' gains, instead of by reconstructing it.
+    L_recon compares R with X_3 over real tokens (all positions when ``mask``
+    is None). X_3 is the target and is detached (``sg``): otherwise the loss
+    could also be lowered by moving the target instead of by reconstructing it.
 
     ``model.ablate`` (docs/model.md, "Ablations"): ``embedding_conv`` removes the
     convolutional stem (X_3 = X, its padding zeroed as the stem's first convolution
     would); ``frequency`` the frequency module (Y = X_3); ``compression`` the
-    compression, the reconstruction projection and L_recon (the output is Y' = Y,
-    L_recon is 0). All three: the output is ``E_token(ids) + E_pos``.
+    compression, the reconstruction projection and L_recon (X_proj = Y, L_recon
+    is 0). All three: the output is ``E_token(ids) + E_pos``.
     """
 
     def __init__(self, cfg: ModelConfig, token_embedding: nn.Embedding, causal: bool):
@@ -77,13 +88,16 @@ class EnhancedLiquidEmbedding(nn.Module):
             self.conv1 = kaiming_conv1d(d, d, self.kernel_size, padding=padding)
             self.conv2 = kaiming_conv1d(d, d, self.kernel_size, padding=padding)
             self.norm = nn.LayerNorm(d)
+            self.conv_gain = zero_gain(d)
         self.has_frequency = cfg.keeps("frequency")
         if self.has_frequency:
             self.frequency = FrequencyHyenaAttention(cfg, causal=causal)
+            self.frequency_gain = zero_gain(d)
         self.has_compression = cfg.keeps("compression")
         if self.has_compression:
             self.proj = xavier_linear(d, d)
             self.proj_norm = nn.LayerNorm(d)
+            self.proj_gain = zero_gain(d)
         self.n_fft = next_power_of_two(cfg.max_encoder_length)
         self.min_ratio = cfg.min_compression_ratio
         self.base_ratio = cfg.base_compression_ratio
@@ -108,25 +122,25 @@ class EnhancedLiquidEmbedding(nn.Module):
                              f"({self.max_length})")
         positions = torch.arange(length, device=input_ids.device)
         x = self.token_embedding(input_ids) + self.position_embedding(positions)
+        x3 = zero_padding(x, mask)
         if self.has_conv:
-            x = F.gelu(self._conv(self.conv1, x, mask))
-            x = F.gelu(self._conv(self.conv2, x, mask))
-            x3 = self.norm(x)
-        else:
-            x3 = zero_padding(x, mask)
-        y = self.frequency(x3, mask) if self.has_frequency else x3
+            h = F.gelu(self._conv(self.conv1, x, mask))
+            h = F.gelu(self._conv(self.conv2, h, mask))
+            x3 = x3 + self.conv_gain * self.norm(h)
+        y = x3
+        if self.has_frequency:
+            y = y + self.frequency_gain * self.frequency(x3, mask)
         if not self.has_compression:
             y = check_finite("EnhancedLiquidEmbedding", y, self.check)
             return y, y.new_zeros((), dtype=torch.float32)
-        if not self.causal:
-            y = self._compress(y, mask)
-        x_proj = self.proj_norm(self.proj(y.to(self.proj.weight.dtype)))
-        x_proj = check_finite("EnhancedLiquidEmbedding", x_proj, self.check)
-        return x_proj, self._recon_loss(x_proj, x3, mask)
+        r = self._compress(y, mask) if not self.causal else y
+        r = self.proj_norm(self.proj(r.to(self.proj.weight.dtype)))
+        x_proj = check_finite("EnhancedLiquidEmbedding", y + self.proj_gain * r, self.check)
+        return x_proj, self._recon_loss(r, x3, mask)
 
-    def _recon_loss(self, x_proj: torch.Tensor, x3: torch.Tensor,
+    def _recon_loss(self, r: torch.Tensor, x3: torch.Tensor,
                     mask: torch.Tensor | None) -> torch.Tensor:
-        err = (x_proj.float() - x3.detach().float()).abs().sum(dim=-1)
+        err = (r.float() - x3.detach().float()).abs().sum(dim=-1)
         if mask is None:
             return err.sum() / (err.numel() * self.d_model + _EPS)
         real = mask.to(err.dtype)
@@ -217,12 +231,13 @@ class EnhancedLiquidEmbedding(nn.Module):
         new_state = {}
         if self.has_conv:
             window1 = torch.cat([state["conv1"], x.to(state["conv1"].dtype)], dim=1)
-            x = F.gelu(self._conv_window(self.conv1, window1))
-            window2 = torch.cat([state["conv2"], x.to(state["conv2"].dtype)], dim=1)
-            x = self.norm(F.gelu(self._conv_window(self.conv2, window2)))
+            h = F.gelu(self._conv_window(self.conv1, window1))
+            window2 = torch.cat([state["conv2"], h.to(state["conv2"].dtype)], dim=1)
+            x = x + self.conv_gain * self.norm(F.gelu(self._conv_window(self.conv2, window2)))
             new_state.update(conv1=window1[:, 1:], conv2=window2[:, 1:])
         if self.has_frequency:
-            x, new_state["frequency"] = self.frequency.step(x, state["frequency"], pos)
+            f, new_state["frequency"] = self.frequency.step(x, state["frequency"], pos)
+            x = x + self.frequency_gain * f
         if self.has_compression:
-            x = self.proj_norm(self.proj(x.to(self.proj.weight.dtype)))
+            x = x + self.proj_gain * self.proj_norm(self.proj(x.to(self.proj.weight.dtype)))
         return check_finite("EnhancedLiquidEmbedding", x, self.check), new_state

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from liquid_dist.config import ModelConfig, next_power_of_two
-from liquid_dist.model.utils import check_finite, xavier_linear, zero_padding
+from liquid_dist.model.utils import check_finite, no_weight_decay, xavier_linear, zero_padding
 
 
 def fp32_region(device: torch.device) -> torch.autocast:
@@ -214,6 +214,14 @@ _FAST_DECAY_FRACTION = 0.3
 _SLOW_DECAY_FRACTION = 1.5
 
 
+# safari's Sin activation starts its learned frequency at 10 (its Pile configs: 14): a
+# filter of frequency 1 is nearly linear in the positional features, i.e. smooth and
+# nearly the same for every channel.
+_SIN_FREQUENCY = 10.0
+# Hyena's short depthwise convolution on the projections (safari: short_filter_order 3).
+_SHORT_FILTER = 3
+
+
 class _Sin(nn.Module):
     """sin(ω ⊙ x) with a learned frequency per unit (Hyena's filter activation).
 
@@ -222,7 +230,7 @@ class _Sin(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.freq = nn.Parameter(torch.ones(width))
+        self.freq = nn.Parameter(torch.full((width,), _SIN_FREQUENCY))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sin(self.freq.float() * x.float())
@@ -233,19 +241,21 @@ class HyenaLongConvolution(nn.Module):
 
     For x (B, L, d), L <= ``cfg.max_decoder_length``::
 
-        v, g1, g2 = split(Linear(d, 3d)(x))
-        u = g1 ⊙ v                                   (conv input)
-        z[t] = Σ_{s<=t} h[t-s] ⊙ u[s] + D ⊙ u[t]     (causal long conv + skip)
+        v, g1, g2 = split(ShortConv(Linear(d, 3d)(x)))   (causal depthwise, 3 taps)
+        u = g1 ⊙ v                                       (conv input)
+        z[t] = Σ_{s<=t} h[t-s] ⊙ u[s] + D ⊙ u[t]         (causal long conv + skip)
         y = LayerNorm(Linear(g2 ⊙ z))
 
-    The filter h (max_decoder_length, d) is implicit: an MLP (width
-    ``cfg.hyena_filter_dim``, sine activations) over positional features
-    (t/Lmax and cos/sin of 2π f t/Lmax, f = 1..8), times a fixed per-channel
-    exponential-decay window (Hyena's ExponentialModulation). The MLP runs
-    in float32 whatever the parameters' dtype (its Linear layers are
-    :class:`~liquid_dist.model.utils.Float32Linear`). Hyena's short
-    depthwise convolution on the projections is left out: the embedding's two
-    causal convolutions directly before this operator already mix locally.
+    As in safari's ``HyenaOperator``: the short convolution mixes each
+    projection over the last three positions, the filter h (max_decoder_length,
+    d) is implicit — an MLP (width ``cfg.hyena_filter_dim``, sine activations
+    whose learned frequency starts at 10) over positional features (t/Lmax and
+    cos/sin of 2π f t/Lmax, f = 1..8), times a fixed per-channel exponential-decay
+    window (Hyena's ExponentialModulation) — and neither the filter MLP nor D is
+    weight-decayed. D starts at 0 (StripedHyena), so the long convolution, not
+    a random per-channel copy of the input, carries the signal. The MLP runs in
+    float32 whatever the parameters' dtype (its Linear layers are
+    :class:`~liquid_dist.model.utils.Float32Linear`).
 
     The convolution runs in float32 through the FFT, zero-padded to
     ``next_power_of_two(2L)`` so the circular wrap-around never reaches the
@@ -260,13 +270,16 @@ class HyenaLongConvolution(nn.Module):
         self.max_length = cfg.max_decoder_length
         self.check = cfg.check_finite
         self.in_proj = xavier_linear(d, 3 * d)
+        # nn.Conv1d's own init, as safari's short filter
+        self.short_conv = nn.Conv1d(3 * d, 3 * d, _SHORT_FILTER, groups=3 * d)
         n_features = 2 * _FILTER_FREQUENCIES + 1
         self.filter_mlp = nn.Sequential(
             xavier_linear(n_features, width, float32=True), _Sin(width),
             xavier_linear(width, width, float32=True), _Sin(width),
             xavier_linear(width, d, bias=False, float32=True),
         )
-        self.skip = nn.Parameter(torch.randn(d))
+        self.skip = nn.Parameter(torch.zeros(d))
+        no_weight_decay(*self.filter_mlp.parameters(), self.skip)
         self.out_proj = xavier_linear(d, d)
         self.out_norm = nn.LayerNorm(d)
 
@@ -296,7 +309,9 @@ class HyenaLongConvolution(nn.Module):
         in_dtype = x.dtype
         w_dtype = self.out_proj.weight.dtype
         x = zero_padding(x, mask)
-        v, g1, g2 = self.in_proj(x.to(w_dtype)).chunk(3, dim=-1)
+        z = zero_padding(self.in_proj(x.to(w_dtype)), mask).transpose(1, 2)
+        z = self.short_conv(F.pad(z, (_SHORT_FILTER - 1, 0))).transpose(1, 2)
+        v, g1, g2 = z.chunk(3, dim=-1)
         h = self.long_filter(length)
         with fp32_region(x.device):
             u = g1.float() * v.float()
@@ -311,15 +326,20 @@ class HyenaLongConvolution(nn.Module):
                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Empty decoding state.
 
-        ``u``: (B, max_decoder_length, d) float32 history of the conv input
+        ``short``: (B, 2, 3d) the last two projections (zeros = the causal
+        left padding), in ``dtype``. ``u``: (B, max_decoder_length, d) float32
+        history of the conv input
         (slot s holds u[s] once position s has been stepped; the position
         argument of ``step`` is the fill level). ``filter_rev``: the implicit
         filter, time-reversed, computed once here and expanded over the batch
         (no copy until a beam reorder), so ``step`` does not rerun the filter
-        MLP. Both are float32 whatever ``dtype`` is, as the convolution is.
+        MLP. ``u`` and ``filter_rev`` are float32 whatever ``dtype`` is, as the
+        convolution is.
         """
         h = self.long_filter(self.max_length).to(device)
         return {
+            "short": torch.zeros(batch_size, _SHORT_FILTER - 1, 3 * self.d_model,
+                                 device=device, dtype=dtype),
             "u": torch.zeros(batch_size, self.max_length, self.d_model, device=device),
             "filter_rev": h.flip(0).unsqueeze(0).expand(batch_size, -1, -1),
         }
@@ -335,7 +355,10 @@ class HyenaLongConvolution(nn.Module):
             raise ValueError(f"decoder position {pos} outside [0, model.max_decoder_length="
                              f"{self.max_length})")
         w_dtype = self.out_proj.weight.dtype
-        v, g1, g2 = self.in_proj(x_t.to(w_dtype)).chunk(3, dim=-1)
+        z = self.in_proj(x_t.to(w_dtype))
+        window = torch.cat([state["short"], z.to(state["short"].dtype)], dim=1)
+        z = self.short_conv(window.to(w_dtype).transpose(1, 2)).transpose(1, 2)
+        v, g1, g2 = z.chunk(3, dim=-1)
         with fp32_region(x_t.device):
             u_t = g1.float() * v.float()
             where = torch.tensor([pos], device=x_t.device)
@@ -345,4 +368,4 @@ class HyenaLongConvolution(nn.Module):
             y = g2.float() * (conv + self.skip.float() * u_t)
         y = self.out_norm(self.out_proj(y.to(w_dtype)))
         y = check_finite("HyenaLongConvolution", y, self.check).to(x_t.dtype)
-        return y, {"u": history, "filter_rev": state["filter_rev"]}
+        return y, {"short": window[:, 1:], "u": history, "filter_rev": state["filter_rev"]}

@@ -42,6 +42,13 @@ class GenerationConfig:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     num_beams: int = 1
+    suppress_tokens: tuple[int, ...] = ()
+    """Ids never generated (Hugging Face's name). A converted model's
+    ``generation_config.json`` lists the tokenizer's sentinels, which only span
+    filling (decoder start = pad) should write."""
+
+    def __post_init__(self) -> None:
+        self.suppress_tokens = tuple(int(i) for i in self.suppress_tokens)
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig) -> GenerationConfig:
@@ -66,7 +73,8 @@ class GenerationConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as JSON values (``suppress_tokens`` a list)."""
+        return {**dataclasses.asdict(self), "suppress_tokens": list(self.suppress_tokens)}
 
     def updated(self, **settings: Any) -> GenerationConfig:
         """A copy with ``settings`` replaced; TypeError naming an unknown setting."""
@@ -176,6 +184,13 @@ def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
     return logits
 
 
+def suppress(logits: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Tensor:
+    """``logits`` (B, V) with the columns ``token_ids`` set to -inf (never chosen)."""
+    if not token_ids:
+        return logits
+    return logits.index_fill(-1, torch.tensor(token_ids, device=logits.device), float("-inf"))
+
+
 def choose_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
                 top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
     """Pick one token per row of ``logits`` (B, V): argmax, or a filtered sample."""
@@ -221,7 +236,7 @@ def _sample(model, dec: IncrementalDecoder, batch: int, gen: GenerationConfig,
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     eos_token_id = gen.eos_token_id
     for pos in range(gen.max_new_tokens):
-        logits = dec.step(tokens, pos)
+        logits = suppress(dec.step(tokens, pos), gen.suppress_tokens)
         nxt = choose_next(logits, gen.do_sample, gen.temperature, gen.top_k, gen.top_p,
                           generator)
         nxt = torch.where(finished, torch.full_like(nxt, gen.pad_token_id), nxt)
@@ -249,7 +264,7 @@ def _beam_search(model, dec: IncrementalDecoder, batch: int,
     finished = torch.zeros(batch * nb, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch * nb, device=device)
     for pos in range(gen.max_new_tokens):
-        logp = F.log_softmax(dec.step(tokens, pos), dim=-1)
+        logp = F.log_softmax(suppress(dec.step(tokens, pos), gen.suppress_tokens), dim=-1)
         vocab = logp.shape[-1]
         # a finished beam can only continue with pad, at no cost
         pad_row = torch.full_like(logp[0], float("-inf"))

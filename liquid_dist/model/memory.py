@@ -48,17 +48,21 @@ class Float32LSTM(nn.LSTM):
 class EnhancedLSTM(nn.Module):
     """``cfg.lstm_layers`` stacked layers, each (seed 3.7.1)
 
-        h = LSTM(x);  y = Linear(GELU(Linear(h))) (d -> d -> d);  x = Dropout(y + x)
+        h = LSTM(LayerNorm(x));  y = Linear(GELU(Linear(h))) (d -> d -> d);  x = Dropout(y + x)
 
-    The dropout acts on the residual sum, in the seed's order.
+    The dropout acts on the residual sum, in the seed's order. The LayerNorm
+    before the recurrence is the pre-norm every other residual branch has: the
+    decoder's residual stream is not normalised, and its scale would saturate
+    the gates. The MLP's output Linear starts at zero, so the memory starts
+    as the identity and learns what to add.
 
     The recurrence runs in float32 whatever the parameters' dtype
     (:class:`Float32LSTM`): a long recurrence accumulates rounding in bf16.
     Its output is cast back to the activation dtype (the input's) before the
     MLPs, which run in the parameters' dtype under the ambient autocast.
 
-    Init: Xavier-normal for the Linear maps (seed §4). LSTM: Xavier-normal
-    for each gate's input-to-hidden block, orthogonal for each gate's
+    Init: Xavier-normal for the first Linear of each MLP (seed §4), zero for its
+    output. LSTM: Xavier-normal for each gate's input-to-hidden block, orthogonal for each gate's
     hidden-to-hidden block (keeps the recurrence norm-preserving at the
     start), zero biases except the forget gate's input bias = 1 so the cell
     remembers by default early in training.
@@ -70,9 +74,10 @@ class EnhancedLSTM(nn.Module):
         self.d_model = d
         self.num_layers = cfg.lstm_layers
         self.check = cfg.check_finite
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(self.num_layers))
         self.lstms = nn.ModuleList(Float32LSTM(d, d) for _ in range(self.num_layers))
         self.mlps = nn.ModuleList(
-            nn.Sequential(xavier_linear(d, d), nn.GELU(), xavier_linear(d, d))
+            nn.Sequential(xavier_linear(d, d), nn.GELU(), xavier_linear(d, d, scale=0.0))
             for _ in range(self.num_layers)
         )
         self.dropout = nn.Dropout(cfg.dropout)
@@ -89,8 +94,8 @@ class EnhancedLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, d) -> (B, L, d), starting from a zero state; causal."""
-        for lstm, mlp in zip(self.lstms, self.mlps, strict=True):
-            h, _ = lstm(x)
+        for norm, lstm, mlp in zip(self.norms, self.lstms, self.mlps, strict=True):
+            h, _ = lstm(norm(x))
             x = self.dropout(mlp(h.to(x.dtype)) + x)
         return check_finite("EnhancedLSTM", x, self.check)
 
@@ -115,12 +120,13 @@ class EnhancedLSTM(nn.Module):
         """
         hs, cs = [], []
         x = x_t
-        for i, (lstm, mlp) in enumerate(zip(self.lstms, self.mlps, strict=True)):
+        for i, (norm, lstm, mlp) in enumerate(zip(self.norms, self.lstms, self.mlps,
+                                                  strict=True)):
             # nn.LSTM wants (layers=1, B, d); the state is kept batch first so
             # beam search can reorder it with index_select(0, ...).
             h0 = state["h"][:, i].unsqueeze(0).contiguous()
             c0 = state["c"][:, i].unsqueeze(0).contiguous()
-            h, (h1, c1) = lstm(x, (h0, c0))
+            h, (h1, c1) = lstm(norm(x), (h0, c0))
             hs.append(h1[0])
             cs.append(c1[0])
             x = self.dropout(mlp(h.to(x.dtype)) + x)

@@ -28,7 +28,9 @@ class ModelOutput:
     * ``aux``: named unweighted scalar tensors ``ce`` (with labels),
       ``recon_encoder``, ``recon_decoder``, ``moe_entropy``, ``moe_overuse``
       (the last two summed over layers; a term whose component ``model.ablate``
-      removes is 0), and ``nonfinite_activations``: int64,
+      removes is 0), ``moe_mean_k`` (the experts a real token used, averaged over
+      the MoE layers: dynamic k's cost; not a loss term, 0 without MoE layers),
+      and ``nonfinite_activations``: int64,
       the number of NaN/±Inf activation values the blocks replaced by 0 in
       this forward (summed over blocks; 0 in a healthy pass; not a loss term,
       no host sync) — a step where it is > 0 trained on repaired activations;
@@ -303,6 +305,8 @@ class LiquidFoundationModelOptimized(nn.Module):
             "recon_decoder": recon_dec.float(),
             "moe_entropy": sum((a["moe_entropy"].float() for a in moe_auxes), zero),
             "moe_overuse": sum((a["moe_overuse"].float() for a in moe_auxes), zero),
+            "moe_mean_k": (sum((a["mean_k"].float() for a in moe_auxes), zero)
+                           / max(len(moe_auxes), 1)),
             "nonfinite_activations": sum((a["nonfinite"] for a in auxes),
                                          zero.to(torch.int64)),
         }

@@ -65,7 +65,7 @@ from torch import nn
 
 from liquid_dist.config import ConfigError, MoEConfig
 from liquid_dist.model.megablocks import MEGABLOCKS_ERROR, megablocks_expert_forward
-from liquid_dist.model.utils import check_finite, xavier_linear
+from liquid_dist.model.utils import check_finite
 
 __all__ = ["MEGABLOCKS_ERROR", "MOE_BACKENDS", "DispatchInfo", "MoELayer", "combine",
            "dispatch", "expert_forward", "grouped_mm", "resolve_moe_backend", "route",
@@ -73,6 +73,9 @@ __all__ = ["MEGABLOCKS_ERROR", "MOE_BACKENDS", "DispatchInfo", "MoELayer", "comb
 
 MOE_BACKENDS = ("auto", "grouped_mm", "loop", "megablocks")
 """The values of ``moe.backend``."""
+
+_ROUTER_INIT_SCALE = 0.1
+"""Switch Transformer's router init scale s: weights ~ truncated N(0, s / d_model)."""
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Resolved ``train.precision`` -> the dtype the experts compute in."""
@@ -471,12 +474,19 @@ class MoELayer(nn.Module):
         d_model: int,
         dropout: float = 0.0,
         check_finite: bool = False,
+        output_scale: float = 1.0,
     ):
         super().__init__()
         self.cfg = moe_cfg
         self.check_finite = check_finite
+        self.output_scale = output_scale
         num_experts = moe_cfg.num_experts
-        self.router = xavier_linear(d_model, num_experts)
+        # Switch Transformer's router init: truncated normal, std sqrt(0.1 / d), zero
+        # bias. Routing starts near uniform, so no expert is favoured by the draw.
+        self.router = nn.Linear(d_model, num_experts)
+        std = (_ROUTER_INIT_SCALE / d_model) ** 0.5
+        nn.init.trunc_normal_(self.router.weight, std=std, a=-2 * std, b=2 * std)
+        nn.init.zeros_(self.router.bias)
         hidden = moe_cfg.expert_ffn_dim if moe_cfg.expert_type == "mlp" else d_model
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
@@ -495,13 +505,15 @@ class MoELayer(nn.Module):
         self.reset_expert_parameters()
 
     def reset_expert_parameters(self) -> None:
-        """Xavier-normal init of each expert's matrices (as one Linear each), zero biases."""
+        """Xavier-normal init of each expert's matrices (as one Linear each; the output
+        matrix's std times ``output_scale``), zero biases."""
+        last = self.w1 if self.w2 is None else self.w2
         with torch.no_grad():
             for w in (self.w1, self.w2):
                 if w is None:
                     continue
                 for e in range(w.shape[0]):
-                    nn.init.xavier_normal_(w[e])
+                    nn.init.xavier_normal_(w[e], gain=self.output_scale if w is last else 1.0)
             for b in (self.b1, self.b2):
                 if b is not None:
                     b.zero_()

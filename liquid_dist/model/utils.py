@@ -2,7 +2,10 @@
 
 Initialisation follows the seed (§4): Xavier-normal for linear maps
 (N(0, 2/(n_in+n_out))), Kaiming-normal for convolutions followed by a
-rectifier-like activation (N(0, 2/n_in)), zero biases.
+rectifier-like activation (N(0, 2/n_in)), zero biases; a residual branch's
+output projection is scaled by :func:`residual_scale`, and a branch placed on
+a path that had none starts at zero (:func:`zero_gain`), docs/model.md
+"Initialisation".
 """
 
 from __future__ import annotations
@@ -29,16 +32,47 @@ class Float32Linear(nn.Linear):
 
 
 def xavier_linear(in_features: int, out_features: int, bias: bool = True,
-                  float32: bool = False) -> nn.Linear:
-    """An ``nn.Linear`` with Xavier-normal weight and zero bias.
+                  float32: bool = False, scale: float = 1.0) -> nn.Linear:
+    """An ``nn.Linear`` with Xavier-normal weight (its std times ``scale``) and zero bias.
 
-    ``float32``: a :class:`Float32Linear`, which computes in float32.
+    ``float32``: a :class:`Float32Linear`, which computes in float32. ``scale``:
+    :func:`residual_scale` for a residual branch's output projection.
     """
     layer = (Float32Linear if float32 else nn.Linear)(in_features, out_features, bias=bias)
-    nn.init.xavier_normal_(layer.weight)
+    nn.init.xavier_normal_(layer.weight, gain=scale)
     if bias:
         nn.init.zeros_(layer.bias)
     return layer
+
+
+def residual_scale(n_layers: int) -> float:
+    """``1 / sqrt(2 · n_layers)``: the init scale of a residual branch's output projection
+    in a stack of ``n_layers`` blocks (GPT-2, safari, Mamba), so that the residual stream's
+    variance at initialisation does not grow with depth."""
+    return (2 * n_layers) ** -0.5
+
+
+def zero_gain(width: int) -> nn.Parameter:
+    """A per-channel gain (width,) that starts at 0: a residual branch ``x + gain ⊙ f(x)``
+    starts as the identity and learns how much of ``f`` to add (LayerScale at 0)."""
+    return nn.Parameter(torch.zeros(width))
+
+
+def no_weight_decay(*params: nn.Parameter) -> None:
+    """Mark parameters that AdamW must not decay whatever their shape (read by
+    :func:`param_groups`)."""
+    for p in params:
+        p._no_weight_decay = True
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: matrices decay by ``weight_decay``; biases, norm gains,
+    scalars and parameters marked with :func:`no_weight_decay` keep their scale."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
+    chosen = {id(p) for p in decay}
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in chosen], "weight_decay": 0.0}]
 
 
 def kaiming_conv1d(in_channels: int, out_channels: int, kernel_size: int, **kwargs) -> nn.Conv1d:

@@ -29,6 +29,7 @@ def resolve_config(cfg: Config) -> Config:
     GPU, an MoE backend without a kernel for this device and precision).
     """
     from liquid_dist.data import Tokenizer
+    from liquid_dist.data.tokenizer import DECODER_START_IDS
 
     check_supported(cfg)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,7 +53,7 @@ def resolve_config(cfg: Config) -> Config:
                               f"'auto' or an integer >= the tokenizer's vocabulary "
                               f"({tok.vocab_size}, {tok_path})")
     for name, tok_id in (("pad_token_id", tok.pad_id), ("eos_token_id", tok.eos_id),
-                         ("decoder_start_token_id", tok.pad_id)):
+                         ("decoder_start_token_id", DECODER_START_IDS["prefix_lm"])):
         if getattr(m, name) != tok_id:
             raise ConfigError(f"model.{name}", getattr(m, name),
                               f"{tok_id}, the id the tokenizer and the data loader use")

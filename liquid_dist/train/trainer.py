@@ -46,6 +46,7 @@ from torch import nn
 from liquid_dist.checkpoint_format import find_checkpoint
 from liquid_dist.config import Config
 from liquid_dist.model.pretrained import is_pretrained_dir, load_weights_into
+from liquid_dist.model.utils import param_groups as model_param_groups
 from liquid_dist.parallel.deepspeed_config import build_deepspeed_config, resolve_precision
 from liquid_dist.parallel.distributed import DistEnv
 from liquid_dist.parallel.expert_parallel import (
@@ -72,8 +73,10 @@ from liquid_dist.train.signals import EXIT_PREEMPTED, StopFlag
 EXIT_OK = 0
 PREEMPTED_MARKER = "PREEMPTED"
 """Written to RUN_DIR by rank 0 after a preemption checkpoint (the Slurm script requeues on it)."""
-LOSS_KEYS = ("loss", "ce", "recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse")
-MEAN_KEYS = ("aux_loss", "recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse")
+LOSS_KEYS = ("loss", "ce", "recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse",
+             "moe_mean_k")
+MEAN_KEYS = ("aux_loss", "recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse",
+             "moe_mean_k")
 """Per-micro-batch means, averaged over a step's micro-batches and ranks."""
 COUNT_KEYS = ("encoder_tokens", "target_tokens", "positions", "flops_positions",
               "flops_real_tokens")
@@ -129,14 +132,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
-
-
-def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # decay matrices only: biases, norm gains and scalars keep their scale
-    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": rest, "weight_decay": 0.0}]
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -222,7 +217,7 @@ class Trainer:
             # compiled block is fetched as one unit too, so that ZeRO-3's hooks run
             # around its graph, not inside it (a model without MoE has no leaf)
             set_z3_leaf_modules(module, [leaf])
-        param_groups = _param_groups(module, t.weight_decay)
+        param_groups = model_param_groups(module, t.weight_decay)
         if self.expert_layout is not None:
             param_groups = split_expert_param_groups(param_groups)
         self.optimizer = SkippableAdamW(param_groups, lr=t.lr,
