@@ -25,6 +25,7 @@ from liquid_dist.config import (
     load_config,
     validate_model,
 )
+from liquid_dist.data import Tokenizer
 from liquid_dist.model import LiquidFoundationModelOptimized, MoELayer
 from liquid_dist.model.generation import GenerationConfig, IncrementalDecoder
 from liquid_dist.params import count_parameters
@@ -280,7 +281,9 @@ def test_ablated_model_trains_under_zero3_converts_and_generates(ablate, tmp_pat
     out = convert(run, tmp_path / "converted", progress=False)
     model = LiquidFoundationModelOptimized.from_pretrained(out)
     assert model.cfg.ablate == ablate
-    assert model.generation_config == GenerationConfig.from_model_config(model.cfg)
+    sentinels = Tokenizer(out / "tokenizer.model").sentinel_ids
+    assert model.generation_config == GenerationConfig.from_model_config(model.cfg).updated(
+        suppress_tokens=sentinels)
     live, _ = load_trained_model(run)
     g = torch.Generator().manual_seed(0)
     enc = torch.randint(2, model.cfg.vocab_size, (2, model.cfg.max_encoder_length), generator=g)
@@ -293,4 +296,5 @@ def test_ablated_model_trains_under_zero3_converts_and_generates(ablate, tmp_pat
     ids = model.generate(enc, mask, max_new_tokens=8, eos_token_id=None)
     assert ids.shape == (2, 9)
     logits = model(enc, ids[:, :-1], mask).logits
+    logits[..., list(sentinels)] = float("-inf")  # never generated (suppress_tokens)
     assert torch.equal(logits.argmax(-1), ids[:, 1:])
