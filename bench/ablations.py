@@ -72,6 +72,7 @@ from torch import nn
 from liquid_dist.config import ABLATIONS, load_config
 from liquid_dist.data import IGNORE_INDEX, Tokenizer, build_train_loader, build_val_loader
 from liquid_dist.model import LiquidFoundationModelOptimized
+from liquid_dist.model.utils import param_groups
 from liquid_dist.params import count_parameters
 from liquid_dist.train.schedule import lr_at
 
@@ -81,8 +82,13 @@ VARIANTS: dict[str, str] = {
     "full": "configs/tiny.yaml",
     **{f"no_{name}": f"tiny, model.ablate=[{name}]" for name in ABLATIONS},
     "transformer": "configs/tiny-transformer.yaml (all six removed)",
+    "transformer_params": "tiny-transformer with model.ffn_dim sized to tiny's total parameters",
+    "transformer_time": "tiny-transformer with --time-matched-layers layers a side "
+                        "(about tiny's time per step)",
     "t5": "transformers T5ForConditionalGeneration, sized to tiny's total parameters",
 }
+HEADLINE = ("full", "transformer_params", "transformer_time", "t5")
+"""The arms every seed of ``--seeds`` runs; the others run the first ``--removal-seeds``."""
 
 
 # ------------------------------------------------------------------ data
@@ -219,13 +225,21 @@ class Run:
     loss: list[float] = field(default_factory=list)
     skipped: int = 0
     train_hash: Any = field(default_factory=hashlib.sha256)
+    mean_k: list[float] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The trainer's rule: decay matrices only; biases, norm gains and scalars keep scale."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def ffn_matching_total(path: Path, common: list[str], target_total: int) -> int:
+    """The ``model.ffn_dim`` (a multiple of 8) that brings the config at ``path`` closest to
+    ``target_total`` parameters (the total is linear in it)."""
+    def total(ffn: int) -> int:
+        cfg = load_config(path, common + [f"model.ffn_dim={ffn}"])
+        with torch.device("meta"):
+            return count_parameters(LiquidFoundationModelOptimized(cfg.model))["total"]
+
+    a, b = total(64), total(128)
+    per_unit = (b - a) / 64
+    return max(8, 8 * round((64 + (target_total - a) / per_unit) / 8))
 
 
 def build_runs(names: list[str], cfgs: dict[str, Any], t5_d_ff: Optional[int],
@@ -295,6 +309,8 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], lr: float, grad_clip: f
     run.step_s.append(time.perf_counter() - start)
     run.ce.append(float(out.ce_sum.detach()) / max(1, int(out.num_targets)))
     run.loss.append(float(out.loss.detach()))
+    if "moe_mean_k" in out.aux:
+        run.mean_k.append(float(out.aux["moe_mean_k"]))
 
 
 @torch.no_grad()
@@ -337,62 +353,108 @@ def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| variant | params (total) | active/token | s/step | × full | train CE | val CE "
-            "| Δ val CE | bits/byte |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [head]
+def mean_std(xs: list[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (None with one value) of ``xs``."""
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None,
+            "n": len(xs)}
+
+
+SUMMARY_KEYS = ("val_ce", "bits_per_byte", "time_per_step_s")
+
+
+def summarize(rows: list[dict[str, Any]], base: str = "full") -> dict[str, Any]:
+    """Per variant, over its seeds: mean ± std of ``SUMMARY_KEYS``; against ``base``, the
+    paired differences (variant − base, seed by seed) with their mean ± std.
+
+    The verdict on validation CE is ``better`` / ``worse`` when the mean paired
+    difference exceeds the spread, else ``within spread``; the spread is the larger of
+    the paired differences' std and ``base``'s own seed-to-seed std (with one seed there
+    is no spread: ``one seed``). Rows whose status is not ``ok`` are left out.
+    """
+    by: dict[str, dict[int, dict[str, Any]]] = {}
     for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"| {r['variant']} | {r['status']}: {r.get('note', '')} "
-                         "| | | | | | | |")
+        if r["status"] == "ok":
+            by.setdefault(r["variant"], {})[r["seed"]] = r
+    out: dict[str, Any] = {}
+    for variant, seeds in by.items():
+        order = sorted(seeds)
+        entry: dict[str, Any] = {"seeds": order}
+        for k in SUMMARY_KEYS:
+            entry[k] = mean_std([seeds[s][k] for s in order])
+        paired = [s for s in order if s in by.get(base, {})]
+        if variant != base and paired:
+            diffs = {k: mean_std([seeds[s][k] - by[base][s][k] for s in paired])
+                     for k in SUMMARY_KEYS}
+            ce = diffs["val_ce"]
+            base_std = mean_std([by[base][s]["val_ce"] for s in paired])["std"]
+            spreads = [x for x in (ce["std"], base_std) if x is not None]
+            if not spreads:
+                verdict, spread = "one seed", None
+            else:
+                spread = max(spreads)
+                verdict = ("within spread" if abs(ce["mean"]) <= spread
+                           else "better" if ce["mean"] < 0 else "worse")
+            entry[f"vs_{base}"] = {**diffs, "spread": spread, "verdict": verdict,
+                                   "time_ratio": entry["time_per_step_s"]["mean"]
+                                   / statistics.fmean(by[base][s]["time_per_step_s"]
+                                                      for s in paired)}
+        out[variant] = entry
+    return out
+
+
+def table(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per variant, mean ± std over its seeds and the paired Δ vs full."""
+    def pm(d: dict[str, Any], fmt: str) -> str:
+        std = "" if d["std"] is None else f" ± {d['std']:{fmt.lstrip('+')}}"
+        return f"{d['mean']:{fmt}}{std}"
+
+    params = {r["variant"]: r["params"] for r in rows if r["status"] == "ok"}
+    lines = ["| variant | seeds | params (active) | s/step (× full) | val CE | Δ val CE vs full "
+             "(paired) | bits/byte | Δ bits/byte | verdict |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for variant in VARIANTS:
+        if variant not in summary:
+            notes = [r.get("note", "") for r in rows if r["variant"] == variant]
+            if notes:
+                lines.append(f"| {variant} | skipped: {notes[0]} | | | | | | | |")
             continue
-        ratio = r["vs_full"]
-
-        def f(x: Any, fmt: str) -> str:
-            return format(x, fmt) if finite(x) else "–"
-
-        bpb = (r.get("heldout") or {}).get("bits_per_byte")
+        e, p = summary[variant], params[variant]
+        vs = e.get("vs_full")
         lines.append(
-            f"| {r['variant']} | {r['params']['total']:,} | "
-            f"{r['params']['active_per_token_min']:,} | {r['time_per_step_s']:.3f} | "
-            f"{f(ratio.get('time_per_step_ratio'), '.2f')} | {r['final_train_ce']:.3f} | "
-            f"{r['val_ce']:.3f} | {f(ratio.get('val_ce_diff'), '+.3f')} | {f(bpb, '.3f')} |")
+            f"| {variant} | {len(e['seeds'])} | {p['total'] / 1e6:.2f} M "
+            f"({p['active_per_token_min'] / 1e6:.2f} M) | {e['time_per_step_s']['mean']:.3f} "
+            f"({vs['time_ratio'] if vs else 1.0:.2f}) | {pm(e['val_ce'], '.3f')} | "
+            f"{pm(vs['val_ce'], '+.3f') if vs else '–'} | {pm(e['bits_per_byte'], '.3f')} | "
+            f"{pm(vs['bits_per_byte'], '+.3f') if vs else '–'} | "
+            f"{vs['verdict'] if vs else 'reference'} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path, window: int) -> Optional[str]:
-    """Train-CE curves (running mean over ``window`` steps), validation CE and s/step bars;
+def plot(rows: list[dict[str, Any]], path: Path) -> Optional[str]:
+    """Validation CE along training (mean over seeds, the band their min..max) per variant;
     returns why nothing was drawn, or None."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         return "matplotlib is not installed: no plot"
-    ok = [r for r in rows if r["status"] == "ok"]
-    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    fig = Figure(figsize=(9, 5), layout="constrained")
     FigureCanvasAgg(fig)
-    curves, val, speed = fig.subplots(1, 3, width_ratios=(1.6, 1, 1))
-    for r in ok:
-        ce = r["train_ce_curve"]
-        w = max(1, min(window, len(ce)))
-        smooth = [statistics.fmean(ce[max(0, i - w + 1): i + 1]) for i in range(len(ce))]
-        curves.plot(range(1, len(ce) + 1), smooth, label=r["variant"],
-                    linestyle="--" if r["variant"] in ("transformer", "t5") else "-")
-    curves.set(xlabel="step", ylabel=f"train CE (running mean of {window})",
-               title="training cross-entropy")
-    curves.legend(fontsize=8)
-    names = [r["variant"] for r in ok]
-    val.barh(names, [r["val_ce"] for r in ok])
-    val.set(xlabel="validation CE (nats/target)", title="validation CE")
-    lo = min((r["val_ce"] for r in ok), default=0.0)
-    val.set_xlim(left=max(0.0, lo - 0.3))
-    speed.barh(names, [r["time_per_step_s"] for r in ok])
-    speed.set(xlabel="s / step", title="time per training step")
-    base = next((r for r in ok if r["variant"] == "full"), None)
-    for ax, key in ((val, "val_ce"), (speed, "time_per_step_s")):
-        ax.invert_yaxis()
-        if base is not None:  # the reference: full tiny
-            ax.axvline(base[key], color="black", linestyle=":", linewidth=1)
+    ax = fig.subplots()
+    for variant in VARIANTS:
+        curves = [r["curve"] for r in rows if r["variant"] == variant and r["status"] == "ok"]
+        if not curves:
+            continue
+        steps = [p["step"] for p in curves[0]]
+        values = [[c[i]["val_ce"] for c in curves] for i in range(len(steps))]
+        style = "-" if variant == "full" or variant.startswith("no_") else "--"
+        line, = ax.plot(steps, [statistics.fmean(v) for v in values], style, label=variant,
+                        linewidth=2.5 if variant in HEADLINE else 1.2)
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values],
+                        color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="step", ylabel="validation CE (nats / target)",
+           title="validation cross-entropy (mean over seeds, band: min..max)")
+    ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return None
@@ -401,12 +463,85 @@ def plot(rows: list[dict[str, Any]], path: Path, window: int) -> Optional[str]:
 # ------------------------------------------------------------------ main
 
 
+def evaluate_point(run: Run, step: int, val_batches: list[dict[str, torch.Tensor]],
+                   tok: Tokenizer, shards: Path, data_cfg: Any, model_cfg: Any,
+                   eval_tokens: Optional[int], batch_size: int) -> None:
+    """Validation CE and held-out bits per byte of ``run`` now, appended to its curve."""
+    val_ce, val_targets, val_hash = validation_ce(run.model, val_batches)
+    try:
+        held = heldout(run.model, tok, shards, data_cfg, model_cfg, max_tokens=eval_tokens,
+                       batch_size=batch_size)
+    except Exception as exc:  # recorded (and caught by the test), not the end of the run
+        held = {"error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc()[-3000:]}
+        print(f"warning: held-out evaluation of {run.name} failed: {held['error']}",
+              flush=True)
+    run.model.train()
+    run.curve.append({"step": step, "val_ce": val_ce, "val_targets": val_targets,
+                      "val_batches_sha256": val_hash,
+                      "bits_per_byte": held.get("bits_per_byte"), "heldout": held})
+
+
+MERGE_FREE = ("seeds", "removal_seeds")
+"""Settings that may differ between the result files that :func:`merge` combines."""
+
+
+def merge(paths: list[Path], output: Path, plot_path: Optional[Path]) -> int:
+    """Combine result files of runs that split the protocol (seeds or variants run by
+    separate processes, e.g. one per core): their rows, one summary over all of them."""
+    results = [json.loads(path.read_text()) for path in paths]
+    first = {k: v for k, v in results[0]["settings"].items() if k not in MERGE_FREE}
+    rows: list[dict[str, Any]] = []
+    for path, result in zip(paths, results, strict=True):
+        mine = {k: v for k, v in result["settings"].items() if k not in MERGE_FREE}
+        if mine != first:
+            differ = sorted(k for k in first.keys() | mine.keys() if first.get(k) != mine.get(k))
+            raise SystemExit(f"{path}: settings {differ} differ from {paths[0]}'s: "
+                             "only runs of the same protocol merge")
+        rows += result["variants"]
+    keys = [(r["variant"], r["seed"]) for r in rows if r["status"] == "ok"]
+    if len(keys) != len(set(keys)):
+        raise SystemExit(f"the files hold a (variant, seed) run twice: {sorted(keys)}")
+    by_seed = {}
+    for r in rows:  # every variant of a seed trained on the same batches
+        if r["status"] == "ok":
+            by_seed.setdefault(r["seed"], set()).add(r["train_batches_sha256"])
+    if any(len(h) > 1 for h in by_seed.values()):
+        raise SystemExit("runs of one seed trained on different batches: not one protocol")
+    rows.sort(key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"]))
+    summary = summarize(rows)
+    out = {**results[0], "summary": summary, "variants": rows,
+           "merged_from": [{"file": str(p), "date": r["date"], "machine": r["machine"],
+                            "conditions": r["conditions"], "seeds": r["settings"]["seeds"]}
+                           for p, r in zip(paths, results, strict=True)]}
+    out["settings"] = {**out["settings"],
+                       "seeds": sorted({r["seed"] for r in rows}),
+                       "removal_seeds": sorted({r["seed"] for r in rows
+                                                if r["variant"] not in HEADLINE})}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if plot_path is not None:
+        why = plot(rows, plot_path)
+        out["plot"] = why or str(plot_path)
+    output.write_text(json.dumps(out, indent=2) + "\n")
+    print(table(summary, rows))
+    print(f"\nwrote {output}", flush=True)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=8,
                    help="examples per step (8: the demo's global batch, 2 ranks x 4)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seed offsets: each shifts the models' init and the training data order")
+    p.add_argument("--removal-seeds", type=int, default=2,
+                   help="how many of --seeds the single removals (no_*, transformer) run")
+    p.add_argument("--eval-points", type=int, default=5,
+                   help="validation CE and bits/byte this many times, evenly, the last at --steps")
+    p.add_argument("--time-matched-layers", type=int, default=4,
+                   help="layers a side of transformer_time")
     p.add_argument("--warmup", type=int, default=10,
                    help="first steps of each variant left out of the time per step")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
@@ -414,8 +549,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="a prepare_shakespeare.py output (tokenizer/ and shards/)")
     p.add_argument("--val-batches", type=int, default=None,
                    help="validation batches (default: one pass over the validation shards)")
-    p.add_argument("--eval-tokens", type=int, default=None,
-                   help="held-out target tokens for bits per byte (default: all)")
+    p.add_argument("--eval-tokens", type=int, default=20000,
+                   help="held-out target tokens for bits per byte (0: all)")
     p.add_argument("--t5-d-ff", type=int, default=None,
                    help="T5 feed-forward width (default: the one matching tiny's total)")
     p.add_argument("--output", type=Path, default=None,
@@ -426,12 +561,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's; 1 is far faster on a busy machine)")
     p.add_argument("--smoke", action="store_true",
-                   help="2 steps, 2 validation batches, 256 held-out tokens (the test)")
+                   help="2 steps, seeds 0 1, 2 validation batches, 256 held-out tokens (the test)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="no training: combine these result files (runs of other seeds or "
+                        "variants with the same settings otherwise) into --output")
     args = p.parse_args(argv)
+    if args.merge:
+        if args.output is None:
+            p.error("--merge needs --output")
+        return merge(args.merge, args.output, None if args.no_plot else
+                     (args.plot or args.output.with_suffix(".png")))
     if args.smoke:
-        args.steps, args.warmup = 2, 1
+        args.steps, args.warmup, args.seeds, args.eval_points = 2, 1, [0, 1], 2
         args.val_batches = args.val_batches or 2
-        args.eval_tokens = args.eval_tokens or 256
+        args.eval_tokens = 256
     if args.output is None:
         args.output = (Path(tempfile.mkdtemp(prefix="ablations_smoke_")) / "ablations.json"
                        if args.smoke else ROOT / "bench" / "results" / "ablations.json")
@@ -439,9 +582,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.plot = args.output.with_suffix(".png")
     if not 0 <= args.warmup < args.steps:
         p.error(f"--warmup {args.warmup}: expected 0 .. steps - 1 = {args.steps - 1}")
+    if not 1 <= args.eval_points <= args.steps:
+        p.error(f"--eval-points {args.eval_points}: expected 1 .. steps = {args.steps}")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds {args.seeds}: expected distinct seeds")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     names = [n for n in VARIANTS if n in args.variants]  # canonical order
+    eval_tokens = args.eval_tokens or None
     started = time.perf_counter()
     load_start = os.getloadavg()
 
@@ -449,85 +597,76 @@ def main(argv: Optional[list[str]] = None) -> int:
     tok = Tokenizer(tokenizer)
     common = [f"model.vocab_size={tok.vocab_size}", f"data.tokenizer={tokenizer}",
               f"data.train_shards={shards}", f"data.val_shards={shards}", "data.num_workers=0"]
-    tiny = load_config(ROOT / "configs" / "tiny.yaml", common)
+    tiny_path = ROOT / "configs" / "tiny.yaml"
+    plain_path = ROOT / "configs" / "tiny-transformer.yaml"
+    tiny = load_config(tiny_path, common)
+    with torch.device("meta"):
+        tiny_total = count_parameters(LiquidFoundationModelOptimized(tiny.model))["total"]
+    layers = args.time_matched_layers
     cfgs = {"full": tiny, "t5": tiny,
-            **{f"no_{n}": load_config(ROOT / "configs" / "tiny.yaml",
-                                      common + [f"model.ablate=[{n}]"]) for n in ABLATIONS},
-            "transformer": load_config(ROOT / "configs" / "tiny-transformer.yaml", common)}
+            **{f"no_{n}": load_config(tiny_path, common + [f"model.ablate=[{n}]"])
+               for n in ABLATIONS},
+            "transformer": load_config(plain_path, common),
+            "transformer_params": load_config(plain_path, common + [
+                f"model.ffn_dim={ffn_matching_total(plain_path, common, tiny_total)}"]),
+            "transformer_time": load_config(plain_path, common + [
+                f"model.n_encoder_layers={layers}", f"model.n_decoder_layers={layers}"])}
     t = tiny.train
-
-    # the same batches for every variant: materialised once
-    train_batches = take_batches(build_train_loader(
-        tiny.data, rank=0, world_size=1, batch_size=args.batch_size, seed=t.seed), args.steps)
     val_batches = list(build_val_loader(tiny.data, rank=0, world_size=1,
                                         batch_size=args.batch_size, seed=t.seed,
                                         num_batches=args.val_batches))
-    targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in train_batches)
-    enc_real = sum(int(b["encoder_attention_mask"].sum()) for b in train_batches)
-    print(f"{args.steps} training batches of {args.batch_size} ({targets:,} target and "
-          f"{enc_real:,} real encoder tokens), {len(val_batches)} validation batches",
-          flush=True)
-
-    runs, skipped = build_runs(names, cfgs, args.t5_d_ff, t.seed)
-    every = max(1, args.steps // 10)
-    for step, batch in enumerate(train_batches):
-        lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
-                   max_steps=args.steps)
-        for run in runs:  # interleaved: machine noise hits every variant alike
-            train_step(run, batch, lr, t.grad_clip)
-        if (step + 1) % every == 0 or step + 1 == args.steps:
-            print(f"step {step + 1}/{args.steps} lr {lr:.2e} train CE: "
-                  + "  ".join(f"{r.name} {r.ce[-1]:.3f}" for r in runs), flush=True)
+    eval_at = {round(args.steps * (i + 1) / args.eval_points) for i in range(args.eval_points)}
 
     rows: list[dict[str, Any]] = []
-    last = max(1, args.steps // 10)
-    for run in runs:
-        val_ce, val_targets, val_hash = validation_ce(run.model, val_batches)
-        try:
-            held = heldout(run.model, tok, shards, tiny.data, tiny.model,
-                           max_tokens=args.eval_tokens, batch_size=args.batch_size)
-        except Exception as exc:  # recorded (and caught by the test), not the end of the run
-            held = {"error": f"{type(exc).__name__}: {exc}",
-                    "traceback": traceback.format_exc()[-3000:]}
-            print(f"warning: held-out evaluation of {run.name} failed: {held['error']}",
-                  flush=True)
-        timed = run.step_s[args.warmup:]
-        rows.append({
-            "variant": run.name, "status": "ok", "description": VARIANTS[run.name],
-            "config": run.config, "params": run.params,
-            "time_per_step_s": statistics.fmean(timed),
-            "time_per_step_median_s": statistics.median(timed),
-            "final_train_ce": statistics.fmean(run.ce[-last:]),
-            "final_train_loss": statistics.fmean(run.loss[-last:]),
-            "val_ce": val_ce, "val_ppl": math.exp(min(val_ce, 50.0)),
-            "val_targets": val_targets, "heldout": held, "skipped_updates": run.skipped,
-            "train_batches_sha256": run.train_hash.hexdigest(),
-            "val_batches_sha256": val_hash,
-            "train_ce_curve": run.ce,
-        })
-        print(f"{run.name:>20}: val CE {val_ce:.4f}, bits/byte "
-              f"{held.get('bits_per_byte', float('nan')):.4f}", flush=True)
-    for name, note in skipped.items():
-        rows.append({"variant": name, "status": "skipped", "description": VARIANTS[name],
-                     "note": note})
-    rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]))
-    base = next((r for r in rows if r["variant"] == "full" and r["status"] == "ok"), None)
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        if base is None:
-            r["vs_full"] = {}
-            continue
-        bpb, base_bpb = (r["heldout"].get("bits_per_byte"),
-                         base["heldout"].get("bits_per_byte"))
-        r["vs_full"] = {
-            "time_per_step_ratio": r["time_per_step_s"] / base["time_per_step_s"],
-            "val_ce_diff": r["val_ce"] - base["val_ce"],
-            "final_train_ce_diff": r["final_train_ce"] - base["final_train_ce"],
-            "bits_per_byte_diff": bpb - base_bpb if finite(bpb) and finite(base_bpb) else None,
-            "params_total_ratio": r["params"]["total"] / base["params"]["total"],
-        }
-
+    for index, seed_offset in enumerate(args.seeds):
+        arms = [n for n in names if n in HEADLINE or index < args.removal_seeds]
+        seed = t.seed + seed_offset
+        # the same batches for every variant of a seed: materialised once
+        train_batches = take_batches(build_train_loader(
+            tiny.data, rank=0, world_size=1, batch_size=args.batch_size, seed=seed), args.steps)
+        targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in train_batches)
+        print(f"seed {seed_offset}: {args.steps} training batches of {args.batch_size} "
+              f"({targets:,} target tokens), {len(val_batches)} validation batches, "
+              f"arms {arms}", flush=True)
+        runs, skipped = build_runs(arms, cfgs, args.t5_d_ff, seed)
+        for step, batch in enumerate(train_batches, start=1):
+            lr = lr_at(step - 1, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
+                       max_steps=args.steps)
+            for run in runs:  # interleaved: machine noise hits every variant alike
+                train_step(run, batch, lr, t.grad_clip)
+            if step in eval_at:
+                for run in runs:
+                    evaluate_point(run, step, val_batches, tok, shards, tiny.data, tiny.model,
+                                   eval_tokens, args.batch_size)
+                print(f"seed {seed_offset} step {step}/{args.steps} "
+                      f"({time.perf_counter() - started:.0f} s) val CE: "
+                      + "  ".join(f"{r.name} {r.curve[-1]['val_ce']:.3f}" for r in runs),
+                      flush=True)
+        last = max(1, args.steps // 10)
+        for run in runs:
+            final = run.curve[-1]
+            timed = run.step_s[args.warmup:]
+            rows.append({
+                "variant": run.name, "seed": seed_offset, "status": "ok",
+                "description": VARIANTS[run.name], "config": run.config, "params": run.params,
+                "time_per_step_s": statistics.fmean(timed),
+                "time_per_step_median_s": statistics.median(timed),
+                "final_train_ce": statistics.fmean(run.ce[-last:]),
+                "final_train_loss": statistics.fmean(run.loss[-last:]),
+                "val_ce": final["val_ce"], "bits_per_byte": final["bits_per_byte"],
+                "val_targets": final["val_targets"], "heldout": final["heldout"],
+                "mean_k": statistics.fmean(run.mean_k) if run.mean_k else None,
+                "skipped_updates": run.skipped,
+                "train_batches_sha256": run.train_hash.hexdigest(),
+                "val_batches_sha256": final["val_batches_sha256"],
+                "curve": [{k: v for k, v in point.items() if k != "heldout"}
+                          for point in run.curve],
+                "train_ce_curve": run.ce,
+            })
+        for name, note in skipped.items():
+            rows.append({"variant": name, "seed": seed_offset, "status": "skipped",
+                         "description": VARIANTS[name], "note": note})
+    summary = summarize(rows)
     result = {
         "date": datetime.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -535,37 +674,38 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "torch": torch.__version__, "python": platform.python_version(),
                     "transformers": transformers_version()},
         "conditions": {"loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-                       "order": "interleaved: one step of each variant in turn",
+                       "order": "per seed, interleaved: one step of each variant in turn",
                        "wall_s": round(time.perf_counter() - started, 1)},
         "settings": {
             "smoke": args.smoke, "steps": args.steps, "warmup_untimed_steps": args.warmup,
-            "batch_size": args.batch_size, "seed": t.seed, "config": "configs/tiny.yaml",
+            "batch_size": args.batch_size, "seeds": args.seeds,
+            "removal_seeds": args.seeds[:args.removal_seeds], "headline": list(HEADLINE),
+            "eval_steps": sorted(eval_at), "base_seed": t.seed, "config": "configs/tiny.yaml",
             "data": str(args.data), "vocab_size": tok.vocab_size,
             "objective": tiny.data.objective, "encoder_length": tiny.data.encoder_length,
             "decoder_length": tiny.data.decoder_length, "precision": "fp32",
+            "transformer_params_ffn_dim": cfgs["transformer_params"].model.ffn_dim,
+            "transformer_time_layers": layers,
             "optimizer": {"name": "AdamW", "lr": t.lr, "min_lr": t.min_lr,
                           "warmup_steps": t.warmup_steps, "schedule": "lr_at (cosine)",
                           "betas": [t.beta1, t.beta2], "weight_decay": t.weight_decay,
-                          "weight_decay_on": "matrices only (the trainer's rule)",
+                          "weight_decay_on": "liquid_dist.model.utils.param_groups",
                           "grad_clip": t.grad_clip},
             "loss": "project models: CE + aux_loss (as trained); t5: CE",
-            "train_target_tokens": targets, "train_encoder_real_tokens": enc_real,
-            "val_batches": len(val_batches), "final_train_ce_over_last_steps": last,
-            "heldout": {"objective": "prefix_lm", "split": "val",
-                        "max_tokens": args.eval_tokens},
+            "val_batches": len(val_batches),
+            "heldout": {"objective": "prefix_lm", "split": "val", "max_tokens": eval_tokens},
         },
+        "summary": summary,
         "variants": rows,
     }
-    if base is None:
-        result["settings"]["note"] = "full not among --variants: no ratios"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if not args.no_plot:
-        why = plot(rows, args.plot, window=max(1, args.steps // 20))
+        why = plot(rows, args.plot)
         result["plot"] = why or str(args.plot)
         print(why or f"wrote {args.plot}", flush=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print()
-    print(table(rows))
+    print(table(summary, rows))
     print(f"\nwrote {args.output} ({time.perf_counter() - started:.0f} s)", flush=True)
     return 0
 
