@@ -540,7 +540,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="how many of --seeds the single removals (no_*, transformer) run")
     p.add_argument("--eval-points", type=int, default=5,
                    help="validation CE and bits/byte this many times, evenly, the last at --steps")
-    p.add_argument("--time-matched-layers", type=int, default=4,
+    p.add_argument("--time-matched-layers", type=int, default=5,
                    help="layers a side of transformer_time")
     p.add_argument("--warmup", type=int, default=10,
                    help="first steps of each variant left out of the time per step")
