@@ -1,11 +1,18 @@
-"""Component ablations of ``tiny`` at equal steps and tokens, with Hugging Face T5 as a reference.
+"""Component ablations of ``tiny``: paired seeds, baselines of equal size, several points.
 
-    python bench/ablations.py [--steps 300] [--batch-size 8] [--variants full no_moe ...]
-        [--output bench/results/ablations.json] [--plot bench/results/ablations.png]
+    python bench/ablations.py --threads 1                       # the whole protocol, one process
+    python bench/ablations.py --threads 1 --seeds 0 1 2 --removal-seeds 0 \
+        --variants full transformer_params transformer_time t5 --output a.json &
+    python bench/ablations.py --threads 1 --seeds 0 1 --variants no_frequency no_compression \
+        no_embedding_conv no_deformable_conv no_moe no_lstm transformer --output b.json &
+    python bench/ablations.py --merge a.json b.json --output bench/results/ablations.json
     python bench/ablations.py --smoke [--data DIR] [--output X.json]   # 2 steps, the test
 
 (``--threads 1`` when other processes share the cores: torch's default of one
-thread per core then runs several times slower, and the timings say so.)
+thread per core then runs several times slower, and the timings say so. The
+split above runs the protocol as two processes, one per core, in about 45
+minutes on a 2-core machine; ``--merge`` checks that both ran the same protocol
+on the same batches and computes one summary.)
 
 On the demo's Shakespeare data (``--data``, default ``data/shakespeare``, made by
 ``data_prep/prepare_shakespeare.py`` if missing) it trains, in one CPU process,
@@ -14,36 +21,47 @@ with a plain PyTorch loop (no DeepSpeed: the comparison is between models):
 * ``full``: ``configs/tiny.yaml``'s model;
 * ``no_<x>``: the same with ``model.ablate=[x]``, for each of the six removable
   components (docs/model.md, "Ablations");
-* ``transformer``: ``configs/tiny-transformer.yaml``'s model (all six removed);
+* ``transformer``: ``configs/tiny-transformer.yaml``'s model (all six removed, same widths);
+* ``transformer_params``: the plain transformer with the ``model.ffn_dim`` that
+  brings its total parameters to ``tiny``'s;
+* ``transformer_time``: the plain transformer with ``--time-matched-layers``
+  layers a side (5: measured at about ``tiny``'s time per step);
 * ``t5``: ``transformers``' ``T5ForConditionalGeneration`` with the vocabulary,
   d_model, heads, depth and tied embeddings of ``tiny`` and the feed-forward
   width that brings its total parameter count closest to ``tiny``'s (printed;
   ``--t5-d-ff`` fixes it). Skipped, with a note in the results, when
   ``transformers`` is not installed.
 
-Every variant sees exactly the same batches: ``--steps`` training batches of
-the project's loader (``build_train_loader``, one rank, ``--batch-size``
-examples, the config's seed and mixture objective) and the validation
-loader's batches, each materialised once and fed to every model (their
-SHA-256, as each model consumed them, is in the results). The models train
-interleaved, one step of each in turn, so that machine noise hits all alike.
-Optimisation follows the trainer (liquid_dist/train/trainer.py): fp32, AdamW
-with ``train.lr``, ``train.beta1/beta2``, ``train.weight_decay`` on matrices only,
-gradient-norm clipping at ``train.grad_clip``, the learning rate of
-``lr_at(step)`` (warm-up then cosine to ``train.min_lr`` at the last step);
-the project's models back-propagate their loss (token-weighted CE +
-auxiliary terms), T5 its CE; an update with a non-finite loss (or repaired
-activations) is skipped and counted.
+The protocol: every seed of ``--seeds`` (offsets of ``train.seed``; each moves
+the models' initialisation and the training data order) runs the headline arms
+(:data:`HEADLINE`: full and its three equal-size baselines), the first
+``--removal-seeds`` of them also the single removals and ``transformer``.
+Within a seed every variant sees exactly the same batches: ``--steps`` training
+batches of the project's loader (``build_train_loader``, one rank,
+``--batch-size`` examples, the mixture objective) materialised once, and every
+seed the same validation batches (their SHA-256, as each model consumed them,
+is in the results). The models train interleaved, one step of each in turn,
+so that machine noise hits all alike. Optimisation follows the trainer
+(liquid_dist/train/trainer.py): fp32, AdamW with ``train.lr``,
+``train.beta1/beta2``, ``train.weight_decay`` by the one
+``liquid_dist.model.utils.param_groups`` rule, gradient-norm clipping at
+``train.grad_clip``, the learning rate of ``lr_at(step)`` (warm-up then cosine
+to ``train.min_lr`` at the last step); the project's models back-propagate
+their loss (token-weighted CE + auxiliary terms), T5 its CE; an update with a
+non-finite loss (or repaired activations) is skipped and counted.
 
-Per variant: parameters (total and active per token, ``count_parameters``; T5:
-both its total), wall-clock time per training step (mean over the steps after
-``--warmup`` untimed ones, forward + backward + clip + AdamW), final train CE
-(mean over the last tenth of the steps), validation CE (token-weighted: summed
-CE over the real targets of every validation batch / their number) and
-held-out cross-entropy and bits per byte of the validation documents
-(``liquid_dist.evaluate``, prefix-LM windows), with ratios / differences
-against ``full``. Results (machine, date, settings, rows) go to ``--output``, a
-chart to ``--plot`` (matplotlib, optional), a markdown table to stdout.
+At ``--eval-points`` evenly spaced steps (the last at ``--steps``) each model is
+scored: validation CE (token-weighted over every real target of the validation
+batches) and held-out bits per byte of the validation documents
+(``liquid_dist.evaluate``, prefix-LM windows, ``--eval-tokens`` targets). Per run
+(variant, seed): parameters (total and active per token), time per training
+step (mean after ``--warmup`` untimed steps), final train CE, the curve, the
+final figures and ``mean_k`` (dynamic k's experts per token). The summary
+(:func:`summarize`): per variant, mean ± std over its seeds, and the paired
+differences against ``full`` seed by seed, with a verdict that says whether
+the difference exceeds the seeds' spread. Results (machine, date, settings,
+runs, summary) go to ``--output``, a chart of the validation curves to
+``--plot`` (matplotlib, optional), a markdown table to stdout.
 """
 
 from __future__ import annotations
