@@ -59,6 +59,31 @@ def test_batched_greedy_equals_one_prompt_at_a_time() -> None:
     assert together == alone
 
 
+@pytest.mark.slow
+def test_text_mode_never_writes_a_sentinel_and_fill_spans_decodes_from_the_span_start() -> None:
+    """The CLI's two modes are the model's generate with the converted generation config
+    (prefix-LM start, sentinels suppressed) and with the span-corruption start and no
+    suppression."""
+    model = LiquidFoundationModelOptimized.from_pretrained(converted())
+    tok = Tokenizer(converted() / "tokenizer.model")
+    assert model.generation_config.suppress_tokens == tok.sentinel_ids
+    prompt = "To be, <extra_id_0> to be: that is the <extra_id_1>"
+    ids, mask = encode_prompts(tok, [prompt], model.cfg.max_encoder_length)
+
+    def expected(**settings) -> str:
+        out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=tok.eos_id,
+                             **settings)[0, 1:].tolist()
+        return tok.decode(out[:out.index(tok.eos_id)] if tok.eos_id in out else out)
+
+    text = cli("liquid_dist.generate", str(converted()), "--prompt", prompt,
+               "--max-new-tokens", "12")
+    spans = cli("liquid_dist.generate", str(converted()), "--prompt", prompt,
+                "--max-new-tokens", "12", "--fill-spans")
+    assert text.returncode == spans.returncode == 0, text.stderr[-2000:] + spans.stderr[-2000:]
+    assert text.stdout == expected() + "\n" and "<extra_id_" not in text.stdout
+    assert spans.stdout == expected(decoder_start_token_id=tok.pad_id, suppress_tokens=()) + "\n"
+
+
 def test_encode_prompts_keeps_the_last_tokens_and_ends_with_eos() -> None:
     class Tok:
         eos_id, pad_id = 1, 0
