@@ -44,16 +44,19 @@ def validation_samples(checkpoint: str | Path, *, num: int = 1, max_new_tokens: 
                        top_p: float = 0.9, seed: int = 0) -> list[dict[str, str]]:
     """Continuations of ``num`` prefix-LM prompts from the validation shards.
 
-    Returns dicts with ``prompt`` (the encoder input), ``reference`` (the true
-    continuation), ``greedy`` and ``sampled`` (nucleus sampling with ``top_p`` at
-    temperature 1, from a generator seeded with ``seed``: the same text every
-    run), all detokenised.
+    Decoding starts with the prefix-LM start token and never writes a sentinel, as a
+    converted model's defaults do. Returns dicts with ``prompt`` (the encoder input),
+    ``reference`` (the true continuation), ``greedy`` and ``sampled`` (nucleus
+    sampling with ``top_p`` at temperature 1, from a generator seeded with
+    ``seed``: the same text every run), all detokenised.
     """
     from liquid_dist.data import Tokenizer, build_val_loader
 
     model, cfg = load_trained_model(checkpoint)
     data = dataclasses.replace(cfg.data, objective="prefix_lm", num_workers=0)
     tok = Tokenizer(data.tokenizer)
+    # text mode, as a converted model decodes: no sentinel (docs/model.md, "Generation modes")
+    model.generation_config = model.generation_config.updated(suppress_tokens=tok.sentinel_ids)
     batch = next(iter(build_val_loader(data, rank=0, world_size=1, batch_size=num,
                                        seed=cfg.train.seed, num_batches=1)))
     steps = min(max_new_tokens, cfg.model.max_decoder_length)
