@@ -79,6 +79,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -209,15 +210,19 @@ def t5_config(model_cfg: Any, target_total: int, d_ff: Optional[int] = None) -> 
                         tie_word_embeddings=m.tie_embeddings, dropout_rate=m.dropout,
                         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
-    def total(config: Any) -> int:
+    def total(width: int) -> int:
         with torch.device("meta"):
-            return sum(p.numel() for p in T5ForConditionalGeneration(config).parameters())
+            return sum(p.numel() for p in T5ForConditionalGeneration(build(width)).parameters())
 
-    if d_ff is None:
-        a, b = total(build(64)), total(build(128))
-        per_unit = (b - a) / 64
-        d_ff = max(64, 64 * round((target_total - (a - 64 * per_unit)) / per_unit / 64))
-    return build(d_ff)
+    return build(d_ff if d_ff is not None else matching_width(total, target_total, 64))
+
+
+def matching_width(total: Callable[[int], int], target_total: int, multiple: int) -> int:
+    """The width (a multiple of ``multiple``, at least one) whose ``total(width)`` parameter
+    count is closest to ``target_total``; the total is linear in the width."""
+    a, b = total(64), total(128)
+    per_unit = (b - a) / 64
+    return max(multiple, multiple * round((64 + (target_total - a) / per_unit) / multiple))
 
 
 def transformers_version() -> Optional[str]:
@@ -255,9 +260,7 @@ def ffn_matching_total(path: Path, common: list[str], target_total: int) -> int:
         with torch.device("meta"):
             return count_parameters(LiquidFoundationModelOptimized(cfg.model))["total"]
 
-    a, b = total(64), total(128)
-    per_unit = (b - a) / 64
-    return max(8, 8 * round((64 + (target_total - a) / per_unit) / 8))
+    return matching_width(total, target_total, 8)
 
 
 def build_runs(names: list[str], cfgs: dict[str, Any], t5_d_ff: Optional[int],
