@@ -157,8 +157,9 @@ def test_lstm_step_keeps_an_fp32_state_under_bf16_parameters():
     torch.testing.assert_close(state["c"][:, 0], c0[0], atol=1e-6, rtol=1e-5)
     stepped = torch.cat(steps, dim=1)
     assert stepped.dtype == torch.bfloat16
-    # the MLPs run in bf16: an fp32-ulp difference may flip one bf16 rounding
-    torch.testing.assert_close(stepped, full, atol=2e-2, rtol=2e-2)
+    # the MLPs run in bf16: an fp32-ulp difference may flip one bf16 rounding, which the
+    # MLP's two bf16 matmuls carry to a few bf16 ulps of the output (0.0078 each at 1)
+    torch.testing.assert_close(stepped, full, atol=4e-2, rtol=2e-2)
 
 
 def _hyena_cfg() -> ModelConfig:

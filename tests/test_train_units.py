@@ -21,6 +21,7 @@ from liquid_dist.checkpoint_format import (
     find_checkpoint,
 )
 from liquid_dist.config import Config, ConfigError, ModelConfig, WandbConfig, load_config
+from liquid_dist.model import LiquidFoundationModelOptimized
 from liquid_dist.parallel import build_deepspeed_config, check_supported, resolve_dist_env
 from liquid_dist.train.checkpoint import CheckpointManager, check_resumable
 from liquid_dist.train.flops import forward_flops
@@ -48,7 +49,8 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:
 
 def _cfg(**train: object) -> Config:
     cfg = Config()
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train),
+                               model=dataclasses.replace(cfg.model, vocab_size=1000))
 
 
 def test_deepspeed_config_sets_every_trap_explicitly() -> None:
@@ -59,6 +61,13 @@ def test_deepspeed_config_sets_every_trap_explicitly() -> None:
     assert ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["memory_efficient_linear"] is False
+    # the working set: two of the largest unit (a block here), not DeepSpeed's 1e9
+    zero, model = ds["zero_optimization"], LiquidFoundationModelOptimized(cfg.model)
+    block = max(sum(p.numel() for p in b.parameters())
+                for b in [*model.encoder.blocks, *model.decoder.blocks])
+    assert block > model.token_embedding.weight.numel()
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 2 * block
+    assert zero["stage3_prefetch_bucket_size"] == zero["reduce_bucket_size"] == block
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # CPU: fp32
     assert build_deepspeed_config(_cfg(grad_clip=0.0), world_size=1,
                                   device_type="cpu")["gradient_clipping"] == 0.0

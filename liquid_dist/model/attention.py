@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn.attention import flex_attention as flex
 
 from liquid_dist.config import ModelConfig
+from liquid_dist.model.init import initialised
 from liquid_dist.model.utils import check_finite, xavier_linear, zero_padding
 
 BACKENDS = ("auto", "flash", "flex", "blocked", "sdpa")
@@ -664,6 +665,7 @@ class _GQAProjections(nn.Module):
     the self- and cross-attention modules; Dh = d / H. ``output_scale`` scales the
     output projection's init (:func:`~liquid_dist.model.utils.residual_scale`)."""
 
+    @initialised
     def __init__(self, cfg: ModelConfig, output_scale: float = 1.0):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -704,6 +706,7 @@ class EnhancedLocalAttentionWithGQA(_GQAProjections):
     incremental decoding (:meth:`init_state`, :meth:`step`).
     """
 
+    @initialised
     def __init__(self, cfg: ModelConfig, causal: bool, output_scale: float = 1.0):
         super().__init__(cfg, output_scale)
         self.causal = causal

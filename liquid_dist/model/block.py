@@ -9,6 +9,7 @@ from torch import nn
 from ..config import ModelConfig, MoEConfig
 from .attention import AttentionMaskPlan, CrossAttention, EnhancedLocalAttentionWithGQA
 from .conv import OptimizedGatedConvolution
+from .init import initialised
 from .moe import MoELayer
 from .utils import replace_nonfinite, residual_scale, xavier_linear
 
@@ -22,6 +23,7 @@ class FeedForward(nn.Module):
     scales fc2's init (:func:`~liquid_dist.model.utils.residual_scale`).
     """
 
+    @initialised
     def __init__(self, cfg: ModelConfig, output_scale: float = 1.0):
         super().__init__()
         self.fc1 = xavier_linear(cfg.d_model, cfg.ffn_dim)
@@ -46,6 +48,7 @@ class DenseFFN(nn.Module):
     auxiliary losses. ``output_scale`` scales the last Linear's init, as the MoE's.
     """
 
+    @initialised
     def __init__(self, moe_cfg: MoEConfig, d_model: int, dropout: float = 0.0,
                  output_scale: float = 1.0):
         super().__init__()
@@ -92,6 +95,7 @@ class ImprovedTransformerBlock(nn.Module):
     ``NonFiniteError`` naming ``<block name>.<input|attn|cross_attn|conv|moe|dense_ffn|ffn>``.
     """
 
+    @initialised
     def __init__(self, cfg: ModelConfig, causal: bool, name: str = "block"):
         super().__init__()
         self.causal = causal

@@ -20,6 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from liquid_dist.config import ModelConfig
+from liquid_dist.model.init import (
+    Constant,
+    KaimingNormal,
+    buffer_device,
+    initialised,
+    new_parameter,
+    set_init,
+)
 from liquid_dist.model.utils import check_finite, zero_padding
 
 
@@ -42,6 +50,7 @@ class DeformableConv1d(nn.Module):
     Only stride 1 is supported (the only stride the model uses).
     """
 
+    @initialised
     def __init__(
         self,
         in_channels: int,
@@ -69,15 +78,14 @@ class DeformableConv1d(nn.Module):
         self._pad = (k - 1, 0) if causal else ((k - 1) // 2, k - 1 - (k - 1) // 2)
         first = -(k - 1) if causal else -((k - 1) // 2)
         self.register_buffer(
-            "_base", torch.arange(k, dtype=torch.float32) + first, persistent=False
-        )
+            "_base", torch.arange(k, dtype=torch.float32, device=buffer_device()) + first,
+            persistent=False)
         self.offset_conv = nn.Conv1d(in_channels, k, k)
-        nn.init.zeros_(self.offset_conv.weight)
-        nn.init.zeros_(self.offset_conv.bias)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, k))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
+        set_init(self.offset_conv, "weight", Constant(0.0))
+        set_init(self.offset_conv, "bias", Constant(0.0))
         # Kaiming-normal (fan-in = in_channels * K), as utils.kaiming_conv1d.
-        nn.init.kaiming_normal_(self.weight, nonlinearity="relu")
+        new_parameter(self, "weight", torch.empty(out_channels, in_channels, k), KaimingNormal())
+        new_parameter(self, "bias", torch.empty(out_channels), Constant(0.0))
 
     @property
     def history(self) -> int:
@@ -194,6 +202,7 @@ class OptimizedGatedConvolution(nn.Module):
     ``init_state`` / ``step`` with the state of its deformable convolution.
     """
 
+    @initialised
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
         d = cfg.d_model
@@ -201,7 +210,7 @@ class OptimizedGatedConvolution(nn.Module):
         self.check = cfg.check_finite
         self.conv = DeformableConv1d(d, 2 * d, cfg.conv_kernel_size, cfg.max_offset, causal)
         self.norm = nn.LayerNorm(d)
-        nn.init.zeros_(self.norm.weight)
+        set_init(self.norm, "weight", Constant(0.0))
         self.dropout = nn.Dropout(cfg.dropout)
 
     def _gate(self, y: torch.Tensor) -> torch.Tensor:

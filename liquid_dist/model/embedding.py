@@ -10,6 +10,7 @@ from torch import nn
 
 from liquid_dist.config import ModelConfig, next_power_of_two
 from liquid_dist.model.frequency import FrequencyHyenaAttention, fp32_region
+from liquid_dist.model.init import Normal, initialised, set_init
 from liquid_dist.model.utils import (
     check_finite,
     kaiming_conv1d,
@@ -68,6 +69,7 @@ class EnhancedLiquidEmbedding(nn.Module):
     is 0). All three: the output is ``E_token(ids) + E_pos``.
     """
 
+    @initialised
     def __init__(self, cfg: ModelConfig, token_embedding: nn.Embedding, causal: bool):
         super().__init__()
         d = cfg.d_model
@@ -81,23 +83,23 @@ class EnhancedLiquidEmbedding(nn.Module):
         self.kernel_size = cfg.embed_kernel_size
         self.token_embedding = token_embedding
         self.position_embedding = nn.Embedding(self.max_length, d)
-        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        set_init(self.position_embedding, "weight", Normal(0.02))
         self.has_conv = cfg.keeps("embedding_conv")
         if self.has_conv:
             padding = 0 if causal else self.kernel_size // 2
             self.conv1 = kaiming_conv1d(d, d, self.kernel_size, padding=padding)
             self.conv2 = kaiming_conv1d(d, d, self.kernel_size, padding=padding)
             self.norm = nn.LayerNorm(d)
-            self.conv_gain = zero_gain(d)
+            zero_gain(self, "conv_gain", d)
         self.has_frequency = cfg.keeps("frequency")
         if self.has_frequency:
             self.frequency = FrequencyHyenaAttention(cfg, causal=causal)
-            self.frequency_gain = zero_gain(d)
+            zero_gain(self, "frequency_gain", d)
         self.has_compression = cfg.keeps("compression")
         if self.has_compression:
             self.proj = xavier_linear(d, d)
             self.proj_norm = nn.LayerNorm(d)
-            self.proj_gain = zero_gain(d)
+            zero_gain(self, "proj_gain", d)
         self.n_fft = next_power_of_two(cfg.max_encoder_length)
         self.min_ratio = cfg.min_compression_ratio
         self.base_ratio = cfg.base_compression_ratio

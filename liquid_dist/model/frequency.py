@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from liquid_dist.config import ModelConfig, next_power_of_two
+from liquid_dist.model.init import Constant, buffer_device, initialised, new_parameter
 from liquid_dist.model.utils import check_finite, no_weight_decay, xavier_linear, zero_padding
 
 
@@ -61,7 +62,7 @@ def band_block_groups(bands: list[tuple[int, int]], band_block: int) -> list[tor
     returned as a long tensor (num_blocks, size), sorted by size, so one
     attention call serves a whole group. Block sizes are the band sizes below
     ``band_block``, ``band_block`` itself and the remainders, hence at most
-    O(log n_fft) groups.
+    O(log n_fft) groups. Built on :func:`~liquid_dist.model.init.buffer_device`.
     """
     starts_by_size: dict[int, list[int]] = {}
     for lo, hi in bands:
@@ -70,8 +71,9 @@ def band_block_groups(bands: list[tuple[int, int]], band_block: int) -> list[tor
             starts_by_size.setdefault(size, []).append(start)
     groups = []
     for size in sorted(starts_by_size):
-        starts = torch.tensor(starts_by_size[size], dtype=torch.long)
-        groups.append(starts[:, None] + torch.arange(size, dtype=torch.long)[None, :])
+        starts = torch.tensor(starts_by_size[size], dtype=torch.long, device=buffer_device())
+        groups.append(starts[:, None]
+                      + torch.arange(size, dtype=torch.long, device=starts.device)[None, :])
     return groups
 
 
@@ -114,6 +116,7 @@ class FrequencyHyenaAttention(nn.Module):
     hold values that no real position depends on.
     """
 
+    @initialised
     def __init__(self, cfg: ModelConfig, causal: bool = False):
         super().__init__()
         self.causal = causal
@@ -228,9 +231,10 @@ class _Sin(nn.Module):
     Computed in float32 whatever the dtypes of ω and x; returns float32.
     """
 
+    @initialised
     def __init__(self, width: int):
         super().__init__()
-        self.freq = nn.Parameter(torch.full((width,), _SIN_FREQUENCY))
+        new_parameter(self, "freq", torch.empty(width), Constant(_SIN_FREQUENCY))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sin(self.freq.float() * x.float())
@@ -263,6 +267,7 @@ class HyenaLongConvolution(nn.Module):
     O(pos·d) per token.
     """
 
+    @initialised
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, width = cfg.d_model, cfg.hyena_filter_dim
@@ -278,7 +283,7 @@ class HyenaLongConvolution(nn.Module):
             xavier_linear(width, width, float32=True), _Sin(width),
             xavier_linear(width, d, bias=False, float32=True),
         )
-        self.skip = nn.Parameter(torch.zeros(d))
+        new_parameter(self, "skip", torch.empty(d), Constant(0.0))
         no_weight_decay(*self.filter_mlp.parameters(), self.skip)
         self.out_proj = xavier_linear(d, d)
         self.out_norm = nn.LayerNorm(d)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from liquid_dist.config import ModelConfig
+from liquid_dist.model.init import Chunks, Constant, Orthogonal, XavierNormal, initialised, set_init
 from liquid_dist.model.utils import check_finite, xavier_linear
 
 
@@ -68,6 +69,7 @@ class EnhancedLSTM(nn.Module):
     remembers by default early in training.
     """
 
+    @initialised
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.d_model
@@ -82,15 +84,14 @@ class EnhancedLSTM(nn.Module):
         )
         self.dropout = nn.Dropout(cfg.dropout)
         for lstm in self.lstms:
-            # nn.LSTM stacks the gates (input, forget, cell, output) along dim 0.
-            for w in lstm.weight_ih_l0.detach().chunk(4, dim=0):
-                nn.init.xavier_normal_(w)
-            for w in lstm.weight_hh_l0.detach().chunk(4, dim=0):
-                nn.init.orthogonal_(w)
-            nn.init.zeros_(lstm.bias_ih_l0)
-            nn.init.zeros_(lstm.bias_hh_l0)
-            with torch.no_grad():
-                lstm.bias_ih_l0[d:2 * d].fill_(1.0)
+            # nn.LSTM stacks the gates (input, forget, cell, output) along dim 0:
+            # Xavier input weights and orthogonal recurrent weights per gate, biases
+            # 0 but the forget gate's 1.
+            set_init(lstm, "weight_ih_l0", Chunks((XavierNormal(),) * 4))
+            set_init(lstm, "weight_hh_l0", Chunks((Orthogonal(),) * 4))
+            set_init(lstm, "bias_ih_l0", Chunks((Constant(0.0), Constant(1.0),
+                                              Constant(0.0), Constant(0.0))))
+            set_init(lstm, "bias_hh_l0", Constant(0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, d) -> (B, L, d), starting from a zero state; causal."""

@@ -15,6 +15,7 @@ from .attention import AttentionMaskPlan
 from .block import AuxDict, ImprovedTransformerBlock
 from .embedding import EnhancedLiquidEmbedding
 from .generation import GenerationConfig
+from .init import Constant, Normal, XavierNormal, initialised, set_init
 from .memory import EnhancedLSTM
 from .utils import check_finite
 
@@ -90,6 +91,7 @@ class BidirectionalEncoder(nn.Module):
     (validating flash's precondition in strict mode only).
     """
 
+    @initialised
     def __init__(self, cfg: ModelConfig, token_embedding: nn.Embedding):
         super().__init__()
         self.cfg = cfg
@@ -120,6 +122,7 @@ class LiquidDecoder(nn.Module):
     (``memory`` is None when ``model.ablate`` removes it: identity).
     """
 
+    @initialised
     def __init__(self, cfg: ModelConfig, token_embedding: nn.Embedding):
         super().__init__()
         self.cfg = cfg
@@ -168,9 +171,16 @@ class LiquidFoundationModelOptimized(nn.Module):
     encoder's). Labels equal to -100 are ignored. ``generate`` decodes
     incrementally (see generation.py) with the defaults of ``generation_config``;
     ``save_pretrained`` / ``from_pretrained`` write and read a model directory.
+
+    Initial weights: every parameter's value is drawn from a generator keyed by
+    ``seed`` and its name (liquid_dist.model.init), so it is the same whatever
+    the layout the model is trained on; ``seed=None`` takes one from torch's
+    global generator. Built under ``torch.device("meta")`` the model holds no
+    values until :func:`~liquid_dist.model.init.init_parameters` gives them.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    @initialised
+    def __init__(self, cfg: ModelConfig, seed: int | None = None):
         super().__init__()
         if not isinstance(cfg.vocab_size, int):
             raise ConfigError("model.vocab_size", cfg.vocab_size,
@@ -178,15 +188,15 @@ class LiquidFoundationModelOptimized(nn.Module):
         validate_model(cfg)
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        nn.init.normal_(self.token_embedding.weight, std=cfg.d_model ** -0.5)
+        set_init(self.token_embedding, "weight", Normal(cfg.d_model ** -0.5))
         self.encoder = BidirectionalEncoder(cfg, self.token_embedding)
         self.decoder = LiquidDecoder(cfg, self.token_embedding)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
-        nn.init.zeros_(self.lm_head.bias)
+        set_init(self.lm_head, "bias", Constant(0.0))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         else:
-            nn.init.xavier_normal_(self.lm_head.weight)
+            set_init(self.lm_head, "weight", XavierNormal())
         self.generation_config = GenerationConfig.from_model_config(cfg)
 
     def _check_ids(self, name: str, ids: torch.Tensor, max_len: int) -> None:

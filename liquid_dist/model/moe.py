@@ -64,6 +64,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from liquid_dist.config import ConfigError, MoEConfig
+from liquid_dist.model.init import (
+    Constant,
+    PerExpert,
+    TruncNormal,
+    XavierNormal,
+    initialised,
+    new_parameter,
+    set_init,
+)
 from liquid_dist.model.megablocks import MEGABLOCKS_ERROR, megablocks_expert_forward
 from liquid_dist.model.utils import check_finite
 
@@ -468,6 +477,7 @@ class MoELayer(nn.Module):
     even under autocast, so k and the losses do not depend on the precision.
     """
 
+    @initialised
     def __init__(
         self,
         moe_cfg: MoEConfig,
@@ -484,15 +494,19 @@ class MoELayer(nn.Module):
         # Switch Transformer's router init: truncated normal, std sqrt(0.1 / d), zero
         # bias. Routing starts near uniform, so no expert is favoured by the draw.
         self.router = nn.Linear(d_model, num_experts)
-        std = (_ROUTER_INIT_SCALE / d_model) ** 0.5
-        nn.init.trunc_normal_(self.router.weight, std=std, a=-2 * std, b=2 * std)
-        nn.init.zeros_(self.router.bias)
+        set_init(self.router, "weight", TruncNormal((_ROUTER_INIT_SCALE / d_model) ** 0.5))
+        set_init(self.router, "bias", Constant(0.0))
         hidden = moe_cfg.expert_ffn_dim if moe_cfg.expert_type == "mlp" else d_model
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
-        if moe_cfg.expert_type == "mlp":
-            self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
-            self.b2 = nn.Parameter(torch.zeros(num_experts, d_model))
+        # Each expert's matrices as one Linear each (Xavier-normal; the output matrix's
+        # std times output_scale), zero biases; one generator per expert (init.PerExpert).
+        mlp = moe_cfg.expert_type == "mlp"
+        new_parameter(self, "w1", torch.empty(num_experts, d_model, hidden),
+                      PerExpert(XavierNormal(1.0 if mlp else output_scale)))
+        new_parameter(self, "b1", torch.empty(num_experts, hidden), PerExpert(Constant(0.0)))
+        if mlp:
+            new_parameter(self, "w2", torch.empty(num_experts, hidden, d_model),
+                          PerExpert(XavierNormal(output_scale)))
+            new_parameter(self, "b2", torch.empty(num_experts, d_model), PerExpert(Constant(0.0)))
         else:
             self.register_parameter("w2", None)
             self.register_parameter("b2", None)
@@ -502,21 +516,6 @@ class MoELayer(nn.Module):
         # rows with the ranks holding the other experts; it gets the assignment
         # rows only (forward cuts the others off); None = all experts here.
         self.expert_parallel = None
-        self.reset_expert_parameters()
-
-    def reset_expert_parameters(self) -> None:
-        """Xavier-normal init of each expert's matrices (as one Linear each; the output
-        matrix's std times ``output_scale``), zero biases."""
-        last = self.w1 if self.w2 is None else self.w2
-        with torch.no_grad():
-            for w in (self.w1, self.w2):
-                if w is None:
-                    continue
-                for e in range(w.shape[0]):
-                    nn.init.xavier_normal_(w[e], gain=self.output_scale if w is last else 1.0)
-            for b in (self.b1, self.b2):
-                if b is not None:
-                    b.zero_()
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """The fused expert tensors (first dim = expert index); the router is not one."""

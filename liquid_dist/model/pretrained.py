@@ -30,6 +30,7 @@ from torch import nn
 
 from ..config import ModelConfig, check_same_architecture, model_config_from_dict
 from .generation import GenerationConfig
+from .init import PerExpert, Rule, Source, init_parameters
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -87,30 +88,45 @@ def check_compatible(cfg: ModelConfig, path: Union[str, Path]) -> None:
     check_same_architecture(read_model_config(path), cfg, f"the converted model {path}")
 
 
-def load_weights_into(model: nn.Module, path: Union[str, Path],
-                      device: Union[str, torch.device] = "cpu") -> None:
-    """Copy the weights of a converted model into ``model`` (names and shapes must match).
+def weight_source(path: Union[str, Path], expected: dict[str, tuple[int, ...]]) -> Source:
+    """The tensors of a converted model, read one at a time (memory-mapped), as an
+    :func:`~liquid_dist.model.init.init_parameters` source; an expert tensor holding a
+    slice of the experts (expert parallelism) reads only its rows.
 
-    Raises ValueError naming missing, unexpected or mis-shaped tensors.
+    ``expected``: name -> full shape (:func:`canonical_names` of the whole model).
+    Raises ValueError naming missing, unexpected or mis-shaped tensors before
+    anything is read.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    expected = canonical_names(model)
-    tensors: dict[str, torch.Tensor] = {}
+    handles, shapes = {}, {}
     for f in weight_files(path):
-        tensors.update(load_file(str(f), device=str(device)))
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - expected.keys())
-    wrong = sorted(f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}"
-                   for k in expected.keys() & tensors.keys()
-                   if tuple(tensors[k].shape) != expected[k])
+        handle = safe_open(str(f), framework="pt")
+        for name in handle.keys():
+            handles[name] = handle
+            shapes[name] = tuple(handle.get_slice(name).get_shape())
+    missing = sorted(expected.keys() - shapes.keys())
+    unexpected = sorted(shapes.keys() - expected.keys())
+    wrong = sorted(f"{k}: file {shapes[k]} vs model {expected[k]}"
+                   for k in expected.keys() & shapes.keys() if shapes[k] != expected[k])
     if missing or unexpected or wrong:
         raise ValueError(f"{path}: weights do not match the model: missing {missing}, "
                          f"unexpected {unexpected}, shape mismatches {wrong}")
-    with torch.no_grad():
-        state = model.state_dict(keep_vars=True)
-        for name, t in tensors.items():
-            state[name].copy_(t)
+
+    def source(name: str, param: nn.Parameter, rule: Rule) -> torch.Tensor:
+        if isinstance(rule, PerExpert) and param.shape[0] != shapes[name][0]:
+            return handles[name].get_slice(name)[rule.offset:rule.offset + param.shape[0]]
+        return handles[name].get_tensor(name)
+
+    return source
+
+
+def load_weights_into(model: nn.Module, path: Union[str, Path],
+                      device: Union[str, torch.device] = "cpu") -> None:
+    """Give ``model`` (built whole, or on the meta device) the weights of a converted
+    model, one tensor at a time (names and shapes must match: :func:`weight_source`)."""
+    init_parameters(model, 0, source=weight_source(path, canonical_names(model)),
+                    device=device)
 
 
 def write_model_config(cfg: ModelConfig, path: Union[str, Path]) -> None:
@@ -194,8 +210,7 @@ def load_pretrained(cls: type, path: Union[str, Path], device: Union[str, torch.
     """
     cfg = read_model_config(path)
     generation_config = read_generation_config(path, cfg)
-    device = torch.device(device)
-    with device:
+    with torch.device("meta"):
         model = cls(cfg)
     load_weights_into(model, path, device=device)
     model.generation_config = generation_config

@@ -5,7 +5,8 @@ Initialisation follows the seed (§4): Xavier-normal for linear maps
 rectifier-like activation (N(0, 2/n_in)), zero biases; a residual branch's
 output projection is scaled by :func:`residual_scale`, and a branch placed on
 a path that had none starts at zero (:func:`zero_gain`), docs/model.md
-"Initialisation".
+"Initialisation". These helpers attach the rules (liquid_dist.model.init);
+the values are drawn once the whole model exists (``init_parameters``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from liquid_dist.model.init import Constant, KaimingNormal, XavierNormal, new_parameter, set_init
 
 
 class Float32Linear(nn.Linear):
@@ -39,9 +42,9 @@ def xavier_linear(in_features: int, out_features: int, bias: bool = True,
     :func:`residual_scale` for a residual branch's output projection.
     """
     layer = (Float32Linear if float32 else nn.Linear)(in_features, out_features, bias=bias)
-    nn.init.xavier_normal_(layer.weight, gain=scale)
+    set_init(layer, "weight", XavierNormal(scale))
     if bias:
-        nn.init.zeros_(layer.bias)
+        set_init(layer, "bias", Constant(0.0))
     return layer
 
 
@@ -52,10 +55,11 @@ def residual_scale(n_layers: int) -> float:
     return (2 * n_layers) ** -0.5
 
 
-def zero_gain(width: int) -> nn.Parameter:
-    """A per-channel gain (width,) that starts at 0: a residual branch ``x + gain ⊙ f(x)``
-    starts as the identity and learns how much of ``f`` to add (LayerScale at 0)."""
-    return nn.Parameter(torch.zeros(width))
+def zero_gain(module: nn.Module, name: str, width: int) -> nn.Parameter:
+    """Register ``module.<name>``, a per-channel gain (width,) that starts at 0: a residual
+    branch ``x + gain ⊙ f(x)`` starts as the identity and learns how much of ``f`` to add
+    (LayerScale at 0)."""
+    return new_parameter(module, name, torch.empty(width), Constant(0.0))
 
 
 def no_weight_decay(*params: nn.Parameter) -> None:
@@ -78,9 +82,9 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 def kaiming_conv1d(in_channels: int, out_channels: int, kernel_size: int, **kwargs) -> nn.Conv1d:
     """An ``nn.Conv1d`` with Kaiming-normal (fan-in) weight and zero bias."""
     conv = nn.Conv1d(in_channels, out_channels, kernel_size, **kwargs)
-    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+    set_init(conv, "weight", KaimingNormal())
     if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
+        set_init(conv, "bias", Constant(0.0))
     return conv
 
 

@@ -2,15 +2,20 @@
 
 Every value DeepSpeed would otherwise default is set explicitly, because some
 defaults bite (PLATFORM_NOTES.md): ``gradient_clipping`` defaults to 1.0 in
-0.19 whatever the config says, and ZeRO-3's ``memory_efficient_linear``
-replaces ``torch.nn.functional.linear`` for the whole process.
+0.19 whatever the config says, ZeRO-3's ``memory_efficient_linear`` replaces
+``torch.nn.functional.linear`` for the whole process, and its working-set
+limits (1e9 parameters live, 5e8 per bucket) would let a rank hold a whole
+1 B-parameter model gathered: they are set from the model's size instead
+(:func:`zero3_working_set`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from liquid_dist.config import Config, ConfigError, TrainConfig
+import torch
+
+from liquid_dist.config import Config, ConfigError, ModelConfig, TrainConfig
 
 
 def resolve_precision(train: TrainConfig, device_type: str) -> str:
@@ -48,6 +53,31 @@ def check_supported(cfg: Config) -> None:
         check_ep_size(ep, resolve_dist_env().world_size, cfg.model.moe.num_experts)
 
 
+def zero3_working_set(model: ModelConfig) -> dict[str, int]:
+    """ZeRO-3's working-set limits for ``model`` (resolved vocabulary), in parameters.
+
+    The unit is the largest thing ZeRO-3 gathers at once: a whole block (a MoE
+    layer, or a compiled block, is fetched as one leaf module) or a single
+    tensor (the token embedding, gathered whole). At most two units are live
+    (the one computing and the one prefetched: ``stage3_max_live_parameters``,
+    and a parameter is kept for reuse only within that distance,
+    ``stage3_max_reuse_distance``); a prefetch or a gradient-reduction bucket
+    holds one unit.
+    """
+    from liquid_dist.model import LiquidFoundationModelOptimized
+    from liquid_dist.model.block import ImprovedTransformerBlock
+
+    if not isinstance(model.vocab_size, int):
+        raise ValueError("resolve model.vocab_size first (liquid_dist.train.resolve_config)")
+    with torch.device("meta"):
+        built = LiquidFoundationModelOptimized(model)
+    unit = max([sum(p.numel() for p in m.parameters()) for m in built.modules()
+                if isinstance(m, ImprovedTransformerBlock)]
+               + [p.numel() for p in built.parameters()])
+    return {"stage3_max_live_parameters": 2 * unit, "stage3_max_reuse_distance": 2 * unit,
+            "stage3_prefetch_bucket_size": unit, "reduce_bucket_size": unit}
+
+
 def build_deepspeed_config(cfg: Config, *, world_size: int, device_type: str) -> dict[str, Any]:
     """The ``config`` dict for ``deepspeed.initialize``.
 
@@ -55,7 +85,8 @@ def build_deepspeed_config(cfg: Config, *, world_size: int, device_type: str) ->
     micro batch x gradient accumulation x world size; precision from
     :func:`resolve_precision`; clipping from ``train.grad_clip`` (0 = off).
     The optimizer and the learning-rate schedule are the trainer's own
-    (a torch AdamW, no compilation), so the config names neither.
+    (a torch AdamW, no compilation), so the config names neither. ZeRO-3's
+    working set: :func:`zero3_working_set`.
     """
     t = cfg.train
     precision = resolve_precision(t, device_type)
@@ -65,7 +96,8 @@ def build_deepspeed_config(cfg: Config, *, world_size: int, device_type: str) ->
                     # params below this size stay gathered; keep DeepSpeed's default
                     # explicit so a version change cannot alter memory silently
                     stage3_param_persistence_threshold=100_000,
-                    stage3_gather_16bit_weights_on_model_save=False)
+                    stage3_gather_16bit_weights_on_model_save=False,
+                    **zero3_working_set(cfg.model))
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from liquid_dist.config import ConfigError
+from liquid_dist.model.init import expert_slice
 from liquid_dist.parallel.ds_compat import (
     create_expert_groups,
     expert_parallel_group,
@@ -174,11 +175,12 @@ def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def apply_expert_parallel(model: nn.Module, ep_size: int) -> ExpertLayout:
     """Keep this rank's slice of every MoE layer's experts and install the exchange hook.
 
-    Call on every rank after the full model is built identically (same seed)
-    and before ``deepspeed.initialize``: rank r keeps global experts
-    :func:`expert_range` of its expert-parallel rank, so its slice is exactly
-    the corresponding slice of a single-process model. Needs the default
-    process group (collective: creates the groups).
+    Call on every rank after the model is built (on the meta device, or whole
+    with the same seed) and before ``deepspeed.initialize``: rank r keeps global
+    experts :func:`expert_range` of its expert-parallel rank, whose values
+    (drawn or loaded, liquid_dist.model.init) are exactly the corresponding
+    slice of a single-process model. Needs the default process group
+    (collective: creates the groups).
     """
     layers = _moe_layers(model)
     if not layers:
@@ -195,10 +197,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> ExpertLayout:
             full = getattr(layer, attr)
             if full is None:
                 continue
-            local = nn.Parameter(full.detach()[start:stop].clone(),
-                                 requires_grad=full.requires_grad)
-            mark_expert_parameter(local, name)
-            setattr(layer, attr, local)
+            mark_expert_parameter(expert_slice(layer, attr, start, stop), name)
         layer.expert_parallel = hook
     return ExpertLayout(ep_size=ep_size, ep_rank=ep_rank, num_experts=num_experts,
                         group_name=name, layers=tuple(n for n, _ in layers))

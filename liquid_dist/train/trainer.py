@@ -45,16 +45,12 @@ from torch import nn
 
 from liquid_dist.checkpoint_format import find_checkpoint
 from liquid_dist.config import Config
-from liquid_dist.model.pretrained import is_pretrained_dir, load_weights_into
+from liquid_dist.model.pretrained import is_pretrained_dir
 from liquid_dist.model.utils import param_groups as model_param_groups
+from liquid_dist.parallel.construction import build_model
 from liquid_dist.parallel.deepspeed_config import build_deepspeed_config, resolve_precision
 from liquid_dist.parallel.distributed import DistEnv
-from liquid_dist.parallel.expert_parallel import (
-    apply_expert_parallel,
-    check_expert_placement,
-    split_expert_param_groups,
-)
-from liquid_dist.params import count_parameters
+from liquid_dist.parallel.expert_parallel import split_expert_param_groups
 from liquid_dist.train import testhooks
 from liquid_dist.train.checkpoint import CheckpointManager, load_weights
 from liquid_dist.train.compile import compile_blocks
@@ -189,24 +185,24 @@ class Trainer:
         from deepspeed.utils import set_z3_leaf_modules
 
         from liquid_dist.data import build_train_loader, build_val_loader
-        from liquid_dist.model import LiquidFoundationModelOptimized, MoELayer
+        from liquid_dist.model import MoELayer
         from liquid_dist.model.block import ImprovedTransformerBlock
 
         cfg, t = self.cfg, self.cfg.train
         # DeepSpeed 0.19 calls torch.distributed functions that torch 2.13 deprecates
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
                                 category=FutureWarning)
-        seed_everything(t.seed)  # identical initial weights on every rank
-        self.model = LiquidFoundationModelOptimized(cfg.model)
-        if t.init_from and is_pretrained_dir(t.init_from):
-            # a converted model (liquid_dist.convert): full weights, loaded before
-            # anything slices or partitions them; prepare.py checked the config
-            load_weights_into(self.model, t.init_from)
-        self.parameter_counts = count_parameters(self.model)  # before ZeRO-3 partitions them
-        self.expert_layout = None
-        if cfg.parallel.ep_size > 1:
-            self.expert_layout = apply_expert_parallel(self.model, cfg.parallel.ep_size)
-        check_expert_placement(self.model, cfg.parallel.ep_size, self.env.world_size)
+        ds_config = build_deepspeed_config(cfg, world_size=self.env.world_size,
+                                           device_type=self.device.type)
+        # built on the meta device, valued module by module (drawn from t.seed, the
+        # same on every layout, or read from a converted model: prepare.py checked
+        # its config) and partitioned as it goes under ZeRO-3
+        built = build_model(cfg, seed=t.seed, device=self.device, precision=self.precision,
+                            world_size=self.env.world_size, ds_config=ds_config,
+                            init_from=t.init_from if t.init_from and is_pretrained_dir(
+                                t.init_from) else None)
+        self.model, self.parameter_counts = built.model, built.counts
+        self.expert_layout = built.expert_layout
         if t.compile:
             compile_blocks(self.model)
         module = PretrainingModule(self.model)
@@ -222,8 +218,6 @@ class Trainer:
             param_groups = split_expert_param_groups(param_groups)
         self.optimizer = SkippableAdamW(param_groups, lr=t.lr,
                                         betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
-        ds_config = build_deepspeed_config(cfg, world_size=self.env.world_size,
-                                           device_type=self.device.type)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer,
                                                     config=ds_config, dist_init_required=False)
         seed_everything(t.seed + self.env.rank)  # per-rank dropout streams

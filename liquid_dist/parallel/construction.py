@@ -1,0 +1,88 @@
+"""Building the model of a run without any rank holding it whole (docs/parallelism.md,
+"Construction").
+
+The model is built on the meta device (shapes only), cut to this rank's experts
+under expert parallelism (free on meta tensors), then given its values one
+module at a time — drawn by the init rules (liquid_dist.model.init: the same
+values on every layout) or read from a converted model — and, under ZeRO-3,
+each module is partitioned by DeepSpeed's own ``zero.Init(module=...)`` as soon
+as its parameters have values. A rank therefore never holds more than its
+partitions plus one module's parameters; an expert tensor is partitioned over
+its expert-data-parallel group, as ``mark_expert_parameter`` says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from liquid_dist.config import Config
+from liquid_dist.model import LiquidFoundationModelOptimized
+from liquid_dist.model.init import Source, init_parameters
+from liquid_dist.model.pretrained import canonical_names, weight_source
+from liquid_dist.parallel.ds_compat import is_expert_parameter
+from liquid_dist.parallel.expert_parallel import (
+    ExpertLayout,
+    apply_expert_parallel,
+    check_expert_placement,
+)
+from liquid_dist.params import count_parameters
+
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtype of a rank's parameters under ``train.precision`` (DeepSpeed's casting)."""
+
+
+@dataclass
+class BuiltModel:
+    model: LiquidFoundationModelOptimized
+    counts: dict[str, int]
+    """Of the whole model (before expert parallelism and ZeRO-3 cut it)."""
+    expert_layout: Optional[ExpertLayout]
+
+
+def zero3_partitioner(ds_config: dict[str, Any]):
+    """``after_module`` for :func:`init_parameters`: partition a module's own parameters
+    with ``deepspeed.zero.Init(module=...)`` (over the expert-data-parallel group for
+    expert tensors, the whole world otherwise)."""
+    import deepspeed
+
+    def partition(module: nn.Module) -> None:
+        own = [p for p in module.parameters(recurse=False) if not hasattr(p, "ds_id")]
+        if not own:
+            return
+        experts = {is_expert_parameter(p) for p in own}
+        if len(experts) > 1:
+            raise ValueError(f"{type(module).__name__} mixes expert and dense parameters")
+        group = own[0].ds_zero_partition_process_group if experts.pop() else None
+        deepspeed.zero.Init(module=module, config_dict_or_path=ds_config,
+                            data_parallel_group=group)
+
+    return partition
+
+
+def build_model(cfg: Config, *, seed: int, device: torch.device, precision: str,
+                world_size: int, ds_config: Optional[dict[str, Any]] = None,
+                init_from: Optional[str] = None) -> BuiltModel:
+    """The run's model on this rank: this rank's experts (``parallel.ep_size``, their
+    placement checked before any value exists), valued from ``init_from`` (a converted
+    model directory) or drawn with ``seed``, and, when ``ds_config`` asks for ZeRO-3,
+    partitioned module by module. Needs the process group under expert parallelism
+    or ZeRO-3."""
+    with torch.device("meta"):
+        model = LiquidFoundationModelOptimized(cfg.model)
+    counts = count_parameters(model)
+    source: Optional[Source] = None
+    if init_from is not None:
+        source = weight_source(init_from, canonical_names(model))
+    layout = None
+    if cfg.parallel.ep_size > 1:
+        layout = apply_expert_parallel(model, cfg.parallel.ep_size)
+    check_expert_placement(model, cfg.parallel.ep_size, world_size)
+    zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
+    init_parameters(model, seed, source=source, device=device,
+                    dtype=PARAM_DTYPES[precision] if zero3 else None,
+                    after_module=zero3_partitioner(ds_config) if zero3 else None)
+    return BuiltModel(model=model, counts=counts, expert_layout=layout)
