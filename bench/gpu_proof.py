@@ -355,7 +355,6 @@ def check_train(cfg_path: str, sets: list[str], run_dir: Path, out_dir: Path, de
     from liquid_dist.train.flops import peak_flops_per_device
     from liquid_dist.train.metrics import read_metrics
     from liquid_dist.train.prepare import resolve_config
-    from liquid_dist.train.trainer import seed_everything
 
     cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", cfg_path,
            "--resume", "none"]
@@ -378,11 +377,11 @@ def check_train(cfg_path: str, sets: list[str], run_dir: Path, out_dir: Path, de
         vals = [r[key] for r in steady if isinstance(r.get(key), (int, float))]
         return statistics.median(vals) if vals else None
 
-    # the first step's loss, recomputed with a plain forward (no DeepSpeed): same seed,
-    # same first batch, parameters in the training precision
+    # the first step's loss, recomputed with a plain forward (no DeepSpeed): the same
+    # initial weights (drawn from train.seed), the same first batch, parameters in the
+    # training precision
     cfg = resolve_config(load_config(cfg_path, sets))
-    seed_everything(cfg.train.seed)
-    model = LiquidFoundationModelOptimized(cfg.model)
+    model = LiquidFoundationModelOptimized(cfg.model, seed=cfg.train.seed)
     precision = read_metrics(run_dir, "event")[0]["precision"]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     model = model.to(device=device, dtype=dtype)

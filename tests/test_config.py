@@ -9,7 +9,7 @@ from liquid_dist.config import Config, ConfigError, config_from_dict, load_confi
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "base-moe"])
+@pytest.mark.parametrize("name", ["tiny", "small", "base-moe", "xl-moe"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, Config)

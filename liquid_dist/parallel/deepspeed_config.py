@@ -53,27 +53,34 @@ def check_supported(cfg: Config) -> None:
         check_ep_size(ep, resolve_dist_env().world_size, cfg.model.moe.num_experts)
 
 
-def zero3_working_set(model: ModelConfig) -> dict[str, int]:
+def zero3_working_set(model: ModelConfig, ep_size: int = 1) -> dict[str, int]:
     """ZeRO-3's working-set limits for ``model`` (resolved vocabulary), in parameters.
 
     The unit is the largest thing ZeRO-3 gathers at once: a whole block (a MoE
-    layer, or a compiled block, is fetched as one leaf module) or a single
-    tensor (the token embedding, gathered whole). At most two units are live
-    (the one computing and the one prefetched: ``stage3_max_live_parameters``,
-    and a parameter is kept for reuse only within that distance,
+    layer, or a compiled block, is fetched as one leaf module; with expert
+    parallelism it holds ``num_experts / ep_size`` experts) or a single tensor
+    (the token embedding, gathered whole). At most two units are live (the one
+    computing and the one prefetched: ``stage3_max_live_parameters``, and a
+    parameter is kept for reuse only within that distance,
     ``stage3_max_reuse_distance``); a prefetch or a gradient-reduction bucket
     holds one unit.
     """
-    from liquid_dist.model import LiquidFoundationModelOptimized
+    from liquid_dist.model import LiquidFoundationModelOptimized, MoELayer
     from liquid_dist.model.block import ImprovedTransformerBlock
 
     if not isinstance(model.vocab_size, int):
         raise ValueError("resolve model.vocab_size first (liquid_dist.train.resolve_config)")
     with torch.device("meta"):
         built = LiquidFoundationModelOptimized(model)
-    unit = max([sum(p.numel() for p in m.parameters()) for m in built.modules()
+    experts = {id(p) for m in built.modules() if isinstance(m, MoELayer)
+               for p in m.expert_parameters()}
+
+    def local(params) -> int:
+        return sum(p.numel() // (ep_size if id(p) in experts else 1) for p in params)
+
+    unit = max([local(m.parameters()) for m in built.modules()
                 if isinstance(m, ImprovedTransformerBlock)]
-               + [p.numel() for p in built.parameters()])
+               + [local([p]) for p in built.parameters()])
     return {"stage3_max_live_parameters": 2 * unit, "stage3_max_reuse_distance": 2 * unit,
             "stage3_prefetch_bucket_size": unit, "reduce_bucket_size": unit}
 
@@ -97,7 +104,7 @@ def build_deepspeed_config(cfg: Config, *, world_size: int, device_type: str) ->
                     # explicit so a version change cannot alter memory silently
                     stage3_param_persistence_threshold=100_000,
                     stage3_gather_16bit_weights_on_model_save=False,
-                    **zero3_working_set(cfg.model))
+                    **zero3_working_set(cfg.model, cfg.parallel.ep_size))
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,

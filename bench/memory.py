@@ -1,0 +1,248 @@
+"""Peak resident memory per rank of ZeRO-3 training on CPU, against the ideal.
+
+    python bench/memory.py                                   # the committed protocol
+    python bench/memory.py --baseline-repo /tmp/before       # + another checkout's trainer
+    python bench/memory.py --smoke [--output X.json]         # a micro model at W = 2 (the test)
+
+Each case launches the real trainer (``launch/pretrain.py`` under ``torchrun``,
+gloo, fp32, ZeRO-3) on the embedded Shakespeare data for ``--steps`` steps and
+reads every rank's kernel high-water mark (``VmHWM`` in ``/proc/PID/status``)
+from outside, polling: its value when rank 0 logs the ``start`` event is the
+peak of construction (model, engine, checkpoint restore), its last value
+before the rank exits the peak of the run. ``idle`` is the peak of the same
+run with a micro model (0.6 M parameters): a rank process with everything but
+the model (the stack's code, the process group, the data pipeline).
+
+The figures are set against ZeRO-3's ideal for fp32 AdamW: 16 bytes per
+parameter / W (weights, gradients, two moments), plus the bounded working set
+of the DeepSpeed config (``zero3_working_set``: live gathered parameters and
+one prefetch and one reduction bucket, 4 bytes each) — and, for the ``new``
+trainer, the check ``peak <= idle + ideal + working set + activations``, with
+activations the micro-batch's measured share (``--activation-allowance-mib``,
+stated in the results). ``--baseline-repo`` runs the same cases with another
+checkout's trainer (for example the construction before partitioned
+construction: ``git worktree add /tmp/before 5791898``), its ``liquid_dist``
+first on ``PYTHONPATH``.
+
+Cases (``--cases``): ``scaling`` — ``configs/base-moe.yaml`` cut to 4 + 4
+layers (about 0.37 B parameters) at W = 1, 2, 4; ``fits`` — cut to 6 + 6
+layers (0.52 B, the size that did not fit before) at W = 4 and 8. Short
+sequences (encoder 64, decoder 32 tokens, micro-batch 1) keep activations
+small and steps short on 2 cores. Results (machine, date, settings, per-rank
+figures) go to ``--output`` (default ``bench/results/memory.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MIB = 1 << 20
+SHORT = ["data.encoder_length=64", "data.decoder_length=32", "train.micro_batch_size=1",
+         "train.grad_accum=1", "train.log_every=1", "train.eval_every=1000000",
+         "train.ckpt_every=1000000", "data.num_workers=0", "model.dropout=0.0",
+         "parallel.zero_stage=3", "train.precision=fp32"]
+CASES = {
+    "scaling": {"layers": 4, "worlds": [1, 2, 4]},
+    "fits": {"layers": 6, "worlds": [4, 8]},
+}
+SMOKE = {"smoke": {"layers": 1, "worlds": [2]}}
+SMOKE_MODEL = ["model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=128",
+               "model.moe.expert_ffn_dim=64", "model.moe.num_experts=2", "model.freq_heads=2",
+               "model.hyena_filter_dim=8", "model.max_encoder_length=64",
+               "model.max_decoder_length=32", "model.window=16", "model.band_block=16"]
+
+
+def _status(pid: int) -> dict[str, int]:
+    """VmHWM / VmRSS of a process, bytes (empty once it has exited)."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return {}
+    return out
+
+
+def _ranks(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the launcher's worker processes."""
+    import psutil
+
+    found = {}
+    try:
+        for child in psutil.Process(launcher_pid).children(recursive=True):
+            try:
+                rank = child.environ().get("RANK")
+            except (psutil.Error, OSError):
+                continue
+            if rank is not None and "python" in child.name().lower():
+                found[int(rank)] = child.pid
+    except psutil.Error:
+        pass
+    return found
+
+
+def _launch(world: int, args: list[str], repo: Path, env_extra: dict[str, str],
+            events: Optional[Path], timeout: float) -> dict[str, Any]:
+    """Run ``torchrun`` (W ranks) and poll the ranks' memory; see the module doc."""
+    from liquid_dist.parallel import free_port
+
+    env = {**os.environ, **env_extra, "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world),
+           "--master_port", str(free_port()), *args]
+    start = time.monotonic()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                text=True)
+        pids: dict[int, int] = {}
+        last: dict[int, dict[str, int]] = {}
+        built: dict[int, int] = {}
+        while proc.poll() is None:
+            if time.monotonic() - start > timeout:
+                proc.kill()
+                break
+            if len(pids) < world:
+                pids.update(_ranks(proc.pid))
+            for rank, pid in pids.items():
+                status = _status(pid)
+                if status:
+                    last[rank] = status
+            if not built and events is not None and events.is_file() and any(
+                    json.loads(line).get("event") in ("start", "resume")
+                    for line in events.read_text().splitlines() if line.strip()):
+                built = {rank: s["VmHWM"] for rank, s in last.items()}
+            time.sleep(0.05)
+        log.seek(0)
+        output = log.read()
+    return {"returncode": proc.returncode, "wall_s": time.monotonic() - start,
+            "peak": [last.get(r, {}).get("VmHWM") for r in range(world)],
+            "built": [built.get(r) for r in range(world)],
+            "tail": output[-2000:] if proc.returncode else ""}
+
+
+def _model_facts(overrides: list[str], vocab: int) -> dict[str, int]:
+    import torch
+
+    from liquid_dist.config import load_config
+    from liquid_dist.model import LiquidFoundationModelOptimized
+    from liquid_dist.parallel.deepspeed_config import zero3_working_set
+
+    cfg = load_config(str(ROOT / "configs" / "base-moe.yaml"),
+                      [*overrides, f"model.vocab_size={vocab}"])
+    with torch.device("meta"):
+        model = LiquidFoundationModelOptimized(cfg.model)
+    ws = zero3_working_set(cfg.model)
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "largest_tensor": max(p.numel() for p in model.parameters()),
+            "working_set_parameters": ws["stage3_max_live_parameters"]
+            + ws["stage3_prefetch_bucket_size"] + ws["reduce_bucket_size"]}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "shakespeare")
+    p.add_argument("--baseline-repo", type=Path, default=None,
+                   help="also run every case with this checkout's trainer ('baseline')")
+    p.add_argument("--activation-allowance-mib", type=float, default=512.0,
+                   help="activations and autograd buffers of one micro-batch, per rank")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per launch")
+    p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true", help="a micro model at W = 2 (the test)")
+    args = p.parse_args(argv)
+    cases = SMOKE if args.smoke else {k: CASES[k] for k in args.cases}
+    output = args.output or (Path(tempfile.mkdtemp(prefix="memory_smoke_")) / "memory.json"
+                             if args.smoke else ROOT / "bench" / "results" / "memory.json")
+    if not (args.data / "shards").is_dir():
+        subprocess.run([sys.executable, str(ROOT / "data_prep" / "prepare_shakespeare.py"),
+                        "--output", str(args.data), "--workers", "2"], check=True)
+    from liquid_dist.data import Tokenizer
+
+    vocab = Tokenizer(str(args.data / "tokenizer" / "tokenizer.model")).vocab_size
+    trainers = {"new": ROOT}
+    if args.baseline_repo is not None:
+        trainers["baseline"] = args.baseline_repo.resolve()
+    data = [f"data.tokenizer={args.data / 'tokenizer' / 'tokenizer.model'}",
+            f"data.train_shards={args.data / 'shards'}", f"data.val_shards={args.data / 'shards'}"]
+
+    def train(world: int, model: list[str], repo: Path, trainer: str) -> dict[str, Any]:
+        run_dir = Path(tempfile.mkdtemp(prefix=f"memory_{world}_"))
+        launch_args = [str(repo / "launch" / "pretrain.py"), "--config",
+                       str(ROOT / "configs" / "base-moe.yaml"), "--resume", "none"]
+        for o in [*model, *SHORT, *data, f"train.max_steps={args.steps}",
+                  f"train.run_dir={run_dir}"]:
+            launch_args += ["--set", o]
+        env = {"PYTHONPATH": str(repo)} if trainer != "new" else {}
+        return _launch(world, launch_args, repo, env, run_dir / "metrics.jsonl", args.timeout)
+
+    rows = []
+    idle: dict[int, list] = {}
+    for name, case in cases.items():
+        model = SMOKE_MODEL if args.smoke else []
+        model = [*model, f"model.n_encoder_layers={case['layers']}",
+                 f"model.n_decoder_layers={case['layers']}"]
+        facts = _model_facts([*model, *SHORT], vocab)
+        for world in case["worlds"]:
+            if world not in idle:
+                print(f"idle rank: W={world} ...", flush=True)
+                idle[world] = train(world, [*SMOKE_MODEL, "model.n_encoder_layers=1",
+                                            "model.n_decoder_layers=1"], ROOT, "new")["peak"]
+            for trainer, repo in trainers.items():
+                print(f"{name}: W={world} {trainer} ({facts['parameters']:,} parameters) ...",
+                      flush=True)
+                run = train(world, model, repo, trainer)
+                ideal = 16 * facts["parameters"] / world
+                working = 4 * facts["working_set_parameters"]
+                row = {"case": name, "world_size": world, "trainer": trainer, **facts,
+                       "ideal_mib": ideal / MIB, "working_set_mib": working / MIB,
+                       "idle_mib": [v / MIB if v else None for v in idle[world]],
+                       "construction_peak_mib": [v / MIB if v else None for v in run["built"]],
+                       "peak_mib": [v / MIB if v else None for v in run["peak"]],
+                       "returncode": run["returncode"], "wall_s": round(run["wall_s"], 1)}
+                if trainer == "new" and run["returncode"] == 0:
+                    allowance = args.activation_allowance_mib * MIB
+                    bound = [(i or 0) + ideal + working + allowance for i in idle[world]]
+                    row["bound_mib"] = [b / MIB for b in bound]
+                    row["within_bound"] = all(pk is not None and pk <= b
+                                              for pk, b in zip(run["peak"], bound, strict=True))
+                if run["returncode"]:
+                    row["tail"] = run["tail"]
+                rows.append(row)
+                peaks = ", ".join(f"{v:.0f}" for v in row["peak_mib"] if v is not None)
+                print(f"    rc {run['returncode']}, {run['wall_s']:.0f} s; peak MiB per rank: "
+                      f"{peaks} (ideal {ideal / MIB:.0f} + working set {working / MIB:.0f})",
+                      flush=True)
+    result = {"date": datetime.date.today().isoformat(),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "python": platform.python_version()},
+              "settings": {"config": "configs/base-moe.yaml", "short": SHORT,
+                           "steps": args.steps, "vocab_size": vocab,
+                           "activation_allowance_mib": args.activation_allowance_mib,
+                           "trainers": {k: str(v) for k, v in trainers.items()}},
+              "rows": rows}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {output}")
+    failed = [r for r in rows if r["trainer"] == "new"
+              and (r["returncode"] != 0 or not r.get("within_bound"))]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Plan a run before renting the cluster: memory per GPU, communication, throughput.
+
+    python -m liquid_dist.plan configs/xl-moe.yaml --nodes 8 --gpus-per-node 8 --gpu h200
+    liquid-plan configs/base-moe.yaml --set parallel.ep_size=4 --nodes 1 --gpus-per-node 8 \\
+        --gpu h100 --mfu 0.35 --tokens 2e11
+
+Per GPU, under the config's ZeRO stage, ``ep_size`` and precision (docs/parallelism.md):
+
+* model states: parameters, gradients and AdamW state (fp32 master weights and
+  two moments under bf16/fp16; two moments under fp32), dense ones divided by
+  the world size as the stage partitions them, expert ones by ``ep_size`` and
+  then by their expert-data-parallel group; DeepSpeed's own estimate
+  (``estimate_zero3_model_states_mem_needs``, all parameters live) beside it;
+* ZeRO-3's working set (:func:`~liquid_dist.parallel.deepspeed_config.zero3_working_set`);
+* activations of one micro-batch at the config's lengths, with and without
+  ``model.activation_checkpointing``: the bytes autograd saves for backward,
+  counted on a forward of fake tensors (no memory is allocated), per block; with
+  checkpointing, what stays outside the blocks, each block's input and one
+  block's recomputation;
+* the largest micro-batch that fits (activations grow linearly with it);
+* communication per step and GPU: ZeRO-3 gathers each dense parameter for the
+  forward and again for the backward and reduce-scatters its gradient, every
+  micro-batch; the MoE all-to-all sends each routed token's activations out and
+  back, forward and backward;
+* training FLOPs per token (the trainer's own ``ModelFlops``: 3 x forward) and,
+  at ``--mfu``, tokens per second and days to ``--tokens``;
+* warnings: does not fit, ep_size does not divide, a global batch
+  (``--global-batch``) too small for the world size or not a multiple of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from liquid_dist.config import Config, ConfigError, load_config
+
+GPUS: dict[str, dict[str, float]] = {
+    # memory (bytes) and dense peak FLOP/s by precision, from the vendors' data sheets
+    "h200": {"memory": 141e9, "bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67e12},
+    "h100": {"memory": 80e9, "bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67e12},
+    "a100": {"memory": 80e9, "bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "a100-40gb": {"memory": 40e9, "bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "l40s": {"memory": 48e9, "bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+}
+RESERVED_FRACTION = 0.1
+"""Share of a GPU's memory left to the CUDA context, the allocator's fragmentation and
+the communication buffers when deciding what fits."""
+PARAM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OPTIMIZER_BYTES = {"fp32": 8, "bf16": 12, "fp16": 12}
+"""AdamW's two fp32 moments, plus the fp32 master weights under mixed precision."""
+
+
+@dataclass
+class Plan:
+    """Every figure is per GPU (bytes, FLOPs, seconds) unless its name says otherwise."""
+
+    world_size: int
+    ep_size: int
+    zero_stage: int
+    precision: str
+    micro_batch: int
+    parameters: int
+    expert_parameters: int
+    active_per_token: int
+    params_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    deepspeed_estimate_bytes: Optional[float]
+    working_set_bytes: float
+    activations_bytes: float
+    activations_checkpointed_bytes: float
+    checkpointing: bool
+    total_bytes: float
+    gpu_memory_bytes: float
+    largest_micro_batch: int
+    zero_comm_bytes: float
+    moe_comm_bytes: float
+    training_flops_per_token: float
+    tokens_per_step: int
+    tokens_per_s: float
+    days: float
+    warnings: list[str]
+
+    @property
+    def model_states_bytes(self) -> float:
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes
+
+
+def _meta_model(cfg: Config):
+    from liquid_dist.model import LiquidFoundationModelOptimized
+
+    with torch.device("meta"):
+        return LiquidFoundationModelOptimized(cfg.model)
+
+
+def activation_bytes(cfg: Config, micro_batch: int, dtype: torch.dtype) -> tuple[float, float]:
+    """Bytes saved for backward by one micro-batch's forward at the config's lengths,
+    ``(without, with)`` activation checkpointing of the blocks (see the module doc)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from liquid_dist.model.block import ImprovedTransformerBlock
+    from liquid_dist.model.init import init_parameters
+
+    model = _meta_model(dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, activation_checkpointing=False))).train()
+    blocks = [m for m in model.modules() if isinstance(m, ImprovedTransformerBlock)]
+    current: list[Optional[int]] = [None]
+    per_block = [0.0] * len(blocks)
+    block_inputs = [0.0] * len(blocks)
+    outside = [0.0]
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in seen:
+            seen.add(id(t))
+            size = t.numel() * t.element_size()
+            if current[0] is None:
+                outside[0] += size
+            else:
+                per_block[current[0]] += size
+        return t
+
+    def enter(i: int):
+        def hook(_module, args):
+            current[0] = i
+            block_inputs[i] = args[0].numel() * args[0].element_size()
+        return hook
+
+    def leave(_module, _args, _out):
+        current[0] = None
+
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(enter(i))
+        block.register_forward_hook(leave)
+    d = cfg.data
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        init_parameters(model, 0, source=lambda name, p, rule: torch.empty(p.shape))
+        enc = torch.zeros(micro_batch, d.encoder_length, dtype=torch.long)
+        dec = torch.zeros(micro_batch, d.decoder_length, dtype=torch.long)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(enc, dec, labels=dec)
+    without = outside[0] + sum(per_block)
+    checkpointed = outside[0] + sum(block_inputs) + max(per_block, default=0.0)
+    return without, checkpointed
+
+
+def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 0.4,
+         tokens: Optional[float] = None, global_batch: Optional[int] = None) -> Plan:
+    """The :class:`Plan` of ``cfg`` (resolved vocabulary) on ``nodes`` x ``gpus_per_node``.
+
+    ``global_batch`` (sequences per step) sets the gradient accumulation for this
+    world size (``train.grad_accum`` otherwise)."""
+    from liquid_dist.parallel.deepspeed_config import zero3_working_set
+    from liquid_dist.params import count_parameters
+    from liquid_dist.train.flops import ModelFlops
+
+    if not isinstance(cfg.model.vocab_size, int):
+        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                          "an integer (--vocab-size, or a config with a tokenizer)")
+    if gpu not in GPUS:
+        raise ConfigError("--gpu", gpu, f"one of {sorted(GPUS)}")
+    spec = GPUS[gpu]
+    world = nodes * gpus_per_node
+    ep, stage, t = cfg.parallel.ep_size, cfg.parallel.zero_stage, cfg.train
+    precision = "bf16" if t.precision == "auto" else t.precision
+    warnings = []
+    if world % ep or cfg.model.moe.num_experts % ep:
+        warnings.append(f"parallel.ep_size {ep} does not divide the world size {world} "
+                        f"and model.moe.num_experts {cfg.model.moe.num_experts}")
+    model = _meta_model(cfg)
+    counts = count_parameters(model)
+    dense, experts = counts["dense"], counts["experts"]
+    expert_dp = max(world // ep, 1)
+    # parameters held (or owned, under ZeRO-3) by this GPU
+    params_local = (dense / world + experts / ep / expert_dp if stage == 3
+                    else dense + experts / ep)
+    grads_local = (dense / world + experts / ep / expert_dp if stage >= 2
+                   else dense + experts / ep)
+    optim_local = dense / world + experts / ep / expert_dp
+    pb = PARAM_BYTES[precision]
+    params_bytes, grads_bytes = params_local * pb, grads_local * pb
+    optimizer_bytes = optim_local * OPTIMIZER_BYTES[precision]
+    ds_estimate = None
+    working = 0.0
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False))
+                      for m in model.modules())
+        ds_estimate = float(estimate_zero3_model_states_mem_needs(
+            counts["total"], largest, gpus_per_node, nodes, cpu_offload=False)[1])
+        ws = zero3_working_set(cfg.model, ep)
+        working = pb * (ws["stage3_max_live_parameters"] + ws["stage3_prefetch_bucket_size"]
+                        + ws["reduce_bucket_size"])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    one = activation_bytes(cfg, 1, dtype)
+    two = activation_bytes(cfg, 2, dtype)
+    per_sample = [b - a for a, b in zip(one, two, strict=True)]
+    fixed = [a - s for a, s in zip(one, per_sample, strict=True)]
+    mb = t.micro_batch_size
+    acts = [f + s * mb for f, s in zip(fixed, per_sample, strict=True)]
+    ckpt = cfg.model.activation_checkpointing
+    act = acts[1] if ckpt else acts[0]
+    states = params_bytes + grads_bytes + optimizer_bytes
+    total = states + working + act
+    budget = spec["memory"] * (1 - RESERVED_FRACTION)
+    room = budget - states - working - fixed[1 if ckpt else 0]
+    largest_mb = max(int(room // per_sample[1 if ckpt else 0]), 0) if room > 0 else 0
+    if total > budget:
+        warnings.append(f"does not fit: {total / 1e9:.1f} GB per GPU > {budget / 1e9:.1f} GB "
+                        f"({gpu} less {RESERVED_FRACTION:.0%} reserved)")
+    accum = t.grad_accum
+    if global_batch is not None:
+        accum = max(global_batch // (mb * world), 1)
+        if global_batch < mb * world:
+            warnings.append(f"global batch {global_batch} is too small for {world} GPUs at "
+                            f"micro-batch {mb}: each step needs at least {mb * world}")
+        elif global_batch % (mb * world):
+            warnings.append(f"global batch {global_batch} is not a multiple of micro-batch "
+                            f"{mb} x {world} GPUs: {accum * mb * world} per step")
+    global_batch = mb * accum * world
+    # communication per step and GPU (ring collectives move (W-1)/W of the data)
+    ring = (world - 1) / world if world > 1 else 0.0
+    zero_comm = 0.0
+    if stage == 3:
+        zero_comm = accum * 3 * (dense + experts / ep) * pb * ring
+    else:
+        zero_comm = 2 * (dense + experts / ep) * pb * ring
+    d_model = cfg.model.d_model
+    moe_layers = (cfg.model.n_encoder_layers + cfg.model.n_decoder_layers
+                  if cfg.model.keeps("moe") else 0)
+    routed = mb * (cfg.data.encoder_length + cfg.data.decoder_length) * (
+        (cfg.model.moe.top_k + cfg.model.moe.k_max) / 2)
+    moe_comm = (accum * moe_layers * 4 * routed * d_model * pb * (ep - 1) / ep
+                if ep > 1 else 0.0)
+    flops = ModelFlops(cfg.model)
+    tokens_per_sample = cfg.data.encoder_length + cfg.data.decoder_length
+    per_token = flops.forward(cfg.data.encoder_length, cfg.data.decoder_length).training \
+        / tokens_per_sample
+    tokens_per_s = world * spec[precision] * mfu / per_token
+    active = (counts["active_per_token_min"] + counts["active_per_token_max"]) // 2
+    budget_tokens = tokens if tokens is not None else 20.0 * active
+    return Plan(world_size=world, ep_size=ep, zero_stage=stage, precision=precision,
+                micro_batch=mb, parameters=counts["total"], expert_parameters=experts,
+                active_per_token=active, params_bytes=params_bytes, grads_bytes=grads_bytes,
+                optimizer_bytes=optimizer_bytes, deepspeed_estimate_bytes=ds_estimate,
+                working_set_bytes=working, activations_bytes=acts[0],
+                activations_checkpointed_bytes=acts[1], checkpointing=ckpt,
+                total_bytes=total, gpu_memory_bytes=spec["memory"],
+                largest_micro_batch=largest_mb, zero_comm_bytes=zero_comm,
+                moe_comm_bytes=moe_comm, training_flops_per_token=per_token,
+                tokens_per_step=global_batch * tokens_per_sample, tokens_per_s=tokens_per_s,
+                days=budget_tokens / tokens_per_s / 86400, warnings=warnings)
+
+
+def _gb(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x / 1e9:8.2f} GB"
+
+
+def report(p: Plan, gpu: str, mfu: float, tokens: Optional[float]) -> str:
+    lines = [
+        f"{p.parameters:,} parameters ({p.expert_parameters:,} in experts; "
+        f"{p.active_per_token:,} active per token), {p.world_size} x {gpu}, "
+        f"ZeRO-{p.zero_stage}, ep_size {p.ep_size}, {p.precision}, micro-batch {p.micro_batch}",
+        "per GPU:",
+        f"  parameters            {_gb(p.params_bytes)}",
+        f"  gradients             {_gb(p.grads_bytes)}",
+        f"  optimizer state       {_gb(p.optimizer_bytes)}",
+        f"  model states          {_gb(p.model_states_bytes)}"
+        f"   (DeepSpeed's estimate: {_gb(p.deepspeed_estimate_bytes).strip()})",
+        f"  ZeRO-3 working set    {_gb(p.working_set_bytes)}",
+        f"  activations           {_gb(p.activations_bytes)} without checkpointing, "
+        f"{_gb(p.activations_checkpointed_bytes).strip()} with"
+        f" ({'on' if p.checkpointing else 'off'} in this config)",
+        f"  total                 {_gb(p.total_bytes)} of {_gb(p.gpu_memory_bytes).strip()}",
+        f"  largest micro-batch   {p.largest_micro_batch}",
+        f"  communication / step  {_gb(p.zero_comm_bytes)} ZeRO, "
+        f"{_gb(p.moe_comm_bytes).strip()} MoE all-to-all",
+        f"training FLOPs / token  {p.training_flops_per_token:.3e}",
+        f"at MFU {mfu:.0%}: {p.tokens_per_s:,.0f} tokens/s; "
+        f"{p.days:.1f} days to {tokens if tokens is not None else 20 * p.active_per_token:.3g} "
+        f"tokens ({p.tokens_per_step:,} tokens per step)",
+    ]
+    lines += [f"WARNING: {w}" for w in p.warnings]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--nodes", type=int, required=True)
+    ap.add_argument("--gpus-per-node", type=int, required=True)
+    ap.add_argument("--gpu", required=True, choices=sorted(GPUS))
+    ap.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed")
+    ap.add_argument("--tokens", type=float, default=None,
+                    help="token budget (default: 20 x the active parameters)")
+    ap.add_argument("--global-batch", type=int, default=None,
+                    help="sequences per step; sets the gradient accumulation for this world "
+                         "(default: the config's micro-batch x grad_accum x world size)")
+    ap.add_argument("--vocab-size", type=int, default=32000,
+                    help="used when model.vocab_size is 'auto'")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if cfg.model.vocab_size == "auto":
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                cfg.model, vocab_size=args.vocab_size))
+        result = plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu,
+                      mfu=args.mfu, tokens=args.tokens, global_batch=args.global_batch)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report(result, args.gpu, args.mfu, args.tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

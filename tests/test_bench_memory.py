@@ -1,0 +1,31 @@
+"""bench/memory.py runs end to end in its smoke mode: the real trainer at W = 2 (and the
+micro-model run that measures an idle rank), every rank's peaks read, the bound checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import train_fixtures as tf
+
+
+@pytest.mark.slow
+def test_memory_benchmark_smoke_measures_every_rank() -> None:
+    data = tf.train_data()
+    out = tf.TMP / "memory_smoke.json"
+    proc = subprocess.run([sys.executable, "bench/memory.py", "--smoke",
+                           "--data", str(data.shards.parent), "--output", str(out)],
+                          cwd=tf.REPO, env=tf.env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["world_size"] == 2 and row["trainer"] == "new" and row["returncode"] == 0
+    for key in ("idle_mib", "construction_peak_mib", "peak_mib", "bound_mib"):
+        assert len(row[key]) == 2 and all(v and v > 100 for v in row[key]), (key, row[key])
+    # a rank's peak of the run includes its peak of construction
+    assert all(c <= p for c, p in zip(row["construction_peak_mib"], row["peak_mib"],
+                                      strict=True))
+    assert row["ideal_mib"] == pytest.approx(16 * row["parameters"] / 2 / 2**20)
+    assert row["within_bound"] is True

@@ -1,0 +1,85 @@
+"""The planner (liquid_dist.plan): model states against DeepSpeed's own estimate, memory
+against the CPU measurements of bench/memory.py, the xl-moe plan, and its warnings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from liquid_dist.config import load_config
+from liquid_dist.model import LiquidFoundationModelOptimized
+from liquid_dist.plan import main, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def _cfg(name: str, overrides=(), vocab: int = 32000):
+    cfg = load_config(CONFIGS / f"{name}.yaml", list(overrides))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def test_model_states_agree_with_deepspeeds_all_live_estimate():
+    from deepspeed.runtime.zero.stage3 import (
+        estimate_zero3_model_states_mem_needs,
+        model_to_params,
+    )
+
+    cfg = _cfg("tiny", ["parallel.zero_stage=3", "train.precision=bf16"], vocab=4000)
+    model = LiquidFoundationModelOptimized(cfg.model)  # a real model: DeepSpeed reads it
+    total, largest = model_to_params(model)  # what ..._all_live derives from the model
+    _, ds_gpu, largest_bytes = estimate_zero3_model_states_mem_needs(
+        total, largest, num_gpus_per_node=8, num_nodes=2, cpu_offload=False)
+    p = plan(cfg, nodes=2, gpus_per_node=8, gpu="h100")
+    assert p.deepspeed_estimate_bytes == ds_gpu
+    # DeepSpeed counts 18 bytes per parameter plus one whole largest layer in fp32;
+    # the plan 16 (bf16 weights and gradients, fp32 master and moments)
+    assert p.model_states_bytes == pytest.approx(16 * total / 16)  # 16 bytes over 16 GPUs
+    assert p.model_states_bytes == pytest.approx(ds_gpu - largest_bytes, rel=0.15)
+
+
+def test_memory_agrees_with_the_cpu_benchmark_within_15_percent():
+    """bench/results/memory.json: each rank's peak above an idle rank, against the plan."""
+    results = json.loads((ROOT / "bench" / "results" / "memory.json").read_text())
+    settings = results["settings"]
+    checked = 0
+    for row in results["rows"]:
+        if row["trainer"] != "new" or row["returncode"] != 0:
+            continue
+        layers = {"scaling": 4, "fits": 6}[row["case"]]
+        cfg = _cfg("base-moe", [*settings["short"], f"model.n_encoder_layers={layers}",
+                                f"model.n_decoder_layers={layers}"],
+                   vocab=settings["vocab_size"])
+        p = plan(cfg, nodes=1, gpus_per_node=row["world_size"], gpu="h100")
+        predicted = p.model_states_bytes + p.working_set_bytes + p.activations_checkpointed_bytes
+        for peak, idle in zip(row["peak_mib"], row["idle_mib"], strict=True):
+            measured = (peak - idle) * 2**20
+            assert predicted == pytest.approx(measured, rel=0.15), (row["case"],
+                                                                    row["world_size"])
+            checked += 1
+    assert checked >= 3
+
+
+def test_xl_moe_plan_on_8_nodes_of_8_h200_fits_with_its_micro_batch(capsys):
+    assert main([str(CONFIGS / "xl-moe.yaml"), "--nodes", "8", "--gpus-per-node", "8",
+                 "--gpu", "h200"]) == 0
+    out = capsys.readouterr().out
+    assert "13,053,071,688 parameters" in out and "WARNING" not in out
+    p = plan(_cfg("xl-moe"), nodes=8, gpus_per_node=8, gpu="h200")
+    assert p.ep_size == 8 and p.total_bytes < 0.9 * p.gpu_memory_bytes
+    assert p.largest_micro_batch >= p.micro_batch
+    assert p.activations_checkpointed_bytes < p.activations_bytes
+
+
+def test_warnings_name_what_does_not_fit_divide_or_fill(capsys):
+    p = plan(_cfg("xl-moe"), nodes=1, gpus_per_node=8, gpu="a100-40gb", global_batch=4)
+    text = " ".join(p.warnings)
+    assert "does not fit" in text and "too small for 8 GPUs" in text
+    p = plan(_cfg("xl-moe", ["parallel.ep_size=16"]), nodes=1, gpus_per_node=8, gpu="h200")
+    assert any("does not divide the world size 8" in w for w in p.warnings)
+    with pytest.raises(SystemExit) as info:  # argparse: an unknown GPU
+        main([str(CONFIGS / "tiny.yaml"), "--nodes", "1", "--gpus-per-node", "1", "--gpu", "tpu"])
+    assert info.value.code == 2
