@@ -462,14 +462,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Optional[str]:
     fig = Figure(figsize=(9, 5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for variant in VARIANTS:
+    for index, variant in enumerate(VARIANTS):
         curves = [r["curve"] for r in rows if r["variant"] == variant and r["status"] == "ok"]
         if not curves:
             continue
         steps = [p["step"] for p in curves[0]]
         values = [[c[i]["val_ce"] for c in curves] for i in range(len(steps))]
         style = "-" if variant == "full" or variant.startswith("no_") else "--"
+        # the colour cycle has 10 colours: one each, black past them
         line, = ax.plot(steps, [statistics.fmean(v) for v in values], style, label=variant,
+                        color=f"C{index}" if index < 10 else "black",
                         linewidth=2.5 if variant in HEADLINE else 1.2)
         ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values],
                         color=line.get_color(), alpha=0.15)

@@ -15,8 +15,9 @@ the model (the stack's code, the process group, the data pipeline).
 
 The figures are set against ZeRO-3's ideal for fp32 AdamW: 16 bytes per
 parameter / W (weights, gradients, two moments), plus the bounded working set
-of the DeepSpeed config (``zero3_working_set``: live gathered parameters and
-one prefetch and one reduction bucket, 4 bytes each) — and, for the ``new``
+of the DeepSpeed config (``zero3_working_set_bytes``: live gathered parameters,
+a prefetch and a reduction bucket, the optimizer step's transients of one
+sub-group) — and, for the ``new``
 trainer, the check ``peak <= idle + ideal + working set + activations``, with
 activations the micro-batch's measured share (``--activation-allowance-mib``,
 stated in the results). ``--baseline-repo`` runs the same cases with another
@@ -25,8 +26,11 @@ construction: ``git worktree add /tmp/before 5791898``), its ``liquid_dist``
 first on ``PYTHONPATH``.
 
 Cases (``--cases``): ``scaling`` — ``configs/base-moe.yaml`` cut to 4 + 4
-layers (about 0.37 B parameters) at W = 1, 2, 4; ``fits`` — cut to 6 + 6
-layers (0.52 B, the size that did not fit before) at W = 4 and 8. Short
+layers (about 0.37 B parameters) at W = 1, 2, 4, the baseline at W = 1, 2
+(at 4 its ranks would need most of this 24 GiB machine); ``fits`` — cut to
+6 + 6 layers (0.52 B, the size that did not fit before) at W = 4 and 8,
+without the baseline (about 8.3 GiB per rank there: killed for memory,
+PLATFORM_NOTES.md). Short
 sequences (encoder 64, decoder 32 tokens, micro-batch 1) keep activations
 small and steps short on 2 cores. Results (machine, date, settings, per-rank
 figures) go to ``--output`` (default ``bench/results/memory.json``).
@@ -55,10 +59,12 @@ SHORT = ["data.encoder_length=64", "data.decoder_length=32", "train.micro_batch_
          "train.ckpt_every=1000000", "data.num_workers=0", "model.dropout=0.0",
          "parallel.zero_stage=3", "train.precision=fp32"]
 CASES = {
-    "scaling": {"layers": 4, "worlds": [1, 2, 4]},
-    "fits": {"layers": 6, "worlds": [4, 8]},
+    # "baseline": the world sizes at which --baseline-repo runs too; not where it would
+    # need more than this 24 GiB machine has (the kernel's OOM killer picks its victims)
+    "scaling": {"layers": 4, "worlds": [1, 2, 4], "baseline": [1, 2]},
+    "fits": {"layers": 6, "worlds": [4, 8], "baseline": []},
 }
-SMOKE = {"smoke": {"layers": 1, "worlds": [2]}}
+SMOKE = {"smoke": {"layers": 1, "worlds": [2], "baseline": []}}
 SMOKE_MODEL = ["model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=128",
                "model.moe.expert_ffn_dim=64", "model.moe.num_experts=2", "model.freq_heads=2",
                "model.hyena_filter_dim=8", "model.max_encoder_length=64",
@@ -139,17 +145,15 @@ def _model_facts(overrides: list[str], vocab: int) -> dict[str, int]:
 
     from liquid_dist.config import load_config
     from liquid_dist.model import LiquidFoundationModelOptimized
-    from liquid_dist.parallel.deepspeed_config import zero3_working_set
+    from liquid_dist.parallel.deepspeed_config import zero3_working_set_bytes
 
     cfg = load_config(str(ROOT / "configs" / "base-moe.yaml"),
                       [*overrides, f"model.vocab_size={vocab}"])
     with torch.device("meta"):
         model = LiquidFoundationModelOptimized(cfg.model)
-    ws = zero3_working_set(cfg.model)
     return {"parameters": sum(p.numel() for p in model.parameters()),
             "largest_tensor": max(p.numel() for p in model.parameters()),
-            "working_set_parameters": ws["stage3_max_live_parameters"]
-            + ws["stage3_prefetch_bucket_size"] + ws["reduce_bucket_size"]}
+            "working_set_bytes": zero3_working_set_bytes(cfg.model, 1, "fp32")}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -191,8 +195,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         env = {"PYTHONPATH": str(repo)} if trainer != "new" else {}
         return _launch(world, launch_args, repo, env, run_dir / "metrics.jsonl", args.timeout)
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     idle: dict[int, list] = {}
+
+    def write() -> None:  # after every row: an interrupted protocol keeps what it measured
+        result = {"date": datetime.date.today().isoformat(),
+                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                              "python": platform.python_version()},
+                  "settings": {"config": "configs/base-moe.yaml", "short": SHORT,
+                               "steps": args.steps, "vocab_size": vocab,
+                               "activation_allowance_mib": args.activation_allowance_mib,
+                               "trainers": {k: str(v) for k, v in trainers.items()}},
+                  "rows": rows}
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+
     for name, case in cases.items():
         model = SMOKE_MODEL if args.smoke else []
         model = [*model, f"model.n_encoder_layers={case['layers']}",
@@ -204,11 +221,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 idle[world] = train(world, [*SMOKE_MODEL, "model.n_encoder_layers=1",
                                             "model.n_decoder_layers=1"], ROOT, "new")["peak"]
             for trainer, repo in trainers.items():
+                if trainer == "baseline" and world not in case["baseline"]:
+                    continue
                 print(f"{name}: W={world} {trainer} ({facts['parameters']:,} parameters) ...",
                       flush=True)
                 run = train(world, model, repo, trainer)
                 ideal = 16 * facts["parameters"] / world
-                working = 4 * facts["working_set_parameters"]
+                working = facts["working_set_bytes"]
                 row = {"case": name, "world_size": world, "trainer": trainer, **facts,
                        "ideal_mib": ideal / MIB, "working_set_mib": working / MIB,
                        "idle_mib": [v / MIB if v else None for v in idle[world]],
@@ -224,20 +243,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if run["returncode"]:
                     row["tail"] = run["tail"]
                 rows.append(row)
+                write()
                 peaks = ", ".join(f"{v:.0f}" for v in row["peak_mib"] if v is not None)
                 print(f"    rc {run['returncode']}, {run['wall_s']:.0f} s; peak MiB per rank: "
                       f"{peaks} (ideal {ideal / MIB:.0f} + working set {working / MIB:.0f})",
                       flush=True)
-    result = {"date": datetime.date.today().isoformat(),
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "python": platform.python_version()},
-              "settings": {"config": "configs/base-moe.yaml", "short": SHORT,
-                           "steps": args.steps, "vocab_size": vocab,
-                           "activation_allowance_mib": args.activation_allowance_mib,
-                           "trainers": {k: str(v) for k, v in trainers.items()}},
-              "rows": rows}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    write()
     print(f"wrote {output}")
     failed = [r for r in rows if r["trainer"] == "new"
               and (r["returncode"] != 0 or not r.get("within_bound"))]

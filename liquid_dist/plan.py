@@ -13,8 +13,9 @@ Per GPU, under the config's ZeRO stage, ``ep_size`` and precision (docs/parallel
   (``estimate_zero3_model_states_mem_needs``, all parameters live) beside it;
 * ZeRO-3's working set (:func:`~liquid_dist.parallel.deepspeed_config.zero3_working_set`);
 * activations of one micro-batch at the config's lengths, with and without
-  ``model.activation_checkpointing``: the bytes autograd saves for backward,
-  counted on a forward of fake tensors (no memory is allocated), per block; with
+  ``model.activation_checkpointing``: the bytes autograd saves for backward
+  (the parameters themselves aside), counted on a forward of fake tensors in
+  the training precision (no memory is allocated), per block; with
   checkpointing, what stays outside the blocks, each block's input and one
   block's recomputation;
 * the largest micro-batch that fits (activations grow linearly with it);
@@ -51,7 +52,6 @@ GPUS: dict[str, dict[str, float]] = {
 RESERVED_FRACTION = 0.1
 """Share of a GPU's memory left to the CUDA context, the allocator's fragmentation and
 the communication buffers when deciding what fits."""
-PARAM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_BYTES = {"fp32": 8, "bf16": 12, "fp16": 12}
 """AdamW's two fp32 moments, plus the fp32 master weights under mixed precision."""
 
@@ -114,11 +114,13 @@ def activation_bytes(cfg: Config, micro_batch: int, dtype: torch.dtype) -> tuple
     per_block = [0.0] * len(blocks)
     block_inputs = [0.0] * len(blocks)
     outside = [0.0]
-    seen: set[int] = set()
+    seen: dict[int, torch.Tensor] = {}  # holding each tensor keeps its id from being reused
+
+    weights: set[int] = set()  # storages of the parameters: saved, but not activations
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in seen:
-            seen.add(id(t))
+        if id(t) not in seen and t.untyped_storage()._cdata not in weights:
+            seen[id(t)] = t
             size = t.numel() * t.element_size()
             if current[0] is None:
                 outside[0] += size
@@ -140,7 +142,11 @@ def activation_bytes(cfg: Config, micro_batch: int, dtype: torch.dtype) -> tuple
         block.register_forward_hook(leave)
     d = cfg.data
     with FakeTensorMode(allow_non_fake_inputs=True):
-        init_parameters(model, 0, source=lambda name, p, rule: torch.empty(p.shape))
+        # parameters in the training dtype, as DeepSpeed holds them: autocast then saves
+        # no cast copy of a weight
+        init_parameters(model, 0, source=lambda name, p, rule: torch.empty(p.shape),
+                        dtype=dtype)
+        weights.update(p.untyped_storage()._cdata for p in model.parameters())
         enc = torch.zeros(micro_batch, d.encoder_length, dtype=torch.long)
         dec = torch.zeros(micro_batch, d.decoder_length, dtype=torch.long)
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), \
@@ -157,7 +163,7 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
 
     ``global_batch`` (sequences per step) sets the gradient accumulation for this
     world size (``train.grad_accum`` otherwise)."""
-    from liquid_dist.parallel.deepspeed_config import zero3_working_set
+    from liquid_dist.parallel.deepspeed_config import PARAM_BYTES, zero3_working_set_bytes
     from liquid_dist.params import count_parameters
     from liquid_dist.train.flops import ModelFlops
 
@@ -196,9 +202,7 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
                       for m in model.modules())
         ds_estimate = float(estimate_zero3_model_states_mem_needs(
             counts["total"], largest, gpus_per_node, nodes, cpu_offload=False)[1])
-        ws = zero3_working_set(cfg.model, ep)
-        working = pb * (ws["stage3_max_live_parameters"] + ws["stage3_prefetch_bucket_size"]
-                        + ws["reduce_bucket_size"])
+        working = zero3_working_set_bytes(cfg.model, ep, precision)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     one = activation_bytes(cfg, 1, dtype)
     two = activation_bytes(cfg, 2, dtype)

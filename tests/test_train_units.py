@@ -68,6 +68,7 @@ def test_deepspeed_config_sets_every_trap_explicitly() -> None:
     assert block > model.token_embedding.weight.numel()
     assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 2 * block
     assert zero["stage3_prefetch_bucket_size"] == zero["reduce_bucket_size"] == block
+    assert zero["sub_group_size"] == block
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # CPU: fp32
     assert build_deepspeed_config(_cfg(grad_clip=0.0), world_size=1,
                                   device_type="cpu")["gradient_clipping"] == 0.0

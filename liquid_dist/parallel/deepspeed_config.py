@@ -63,7 +63,11 @@ def zero3_working_set(model: ModelConfig, ep_size: int = 1) -> dict[str, int]:
     computing and the one prefetched: ``stage3_max_live_parameters``, and a
     parameter is kept for reuse only within that distance,
     ``stage3_max_reuse_distance``); a prefetch or a gradient-reduction bucket
-    holds one unit.
+    holds one unit, and the optimizer steps over the rank's partition one unit at
+    a time (``sub_group_size``): DeepSpeed flattens a sub-group's gradients into a
+    new fp32 buffer and AdamW allocates two more of its size, so with the default
+    (1e9) a rank of a model up to a few billion parameters would hold three more
+    fp32 copies of its whole partition during the step.
     """
     from liquid_dist.model import LiquidFoundationModelOptimized, MoELayer
     from liquid_dist.model.block import ImprovedTransformerBlock
@@ -82,7 +86,25 @@ def zero3_working_set(model: ModelConfig, ep_size: int = 1) -> dict[str, int]:
                 if isinstance(m, ImprovedTransformerBlock)]
                + [local([p]) for p in built.parameters()])
     return {"stage3_max_live_parameters": 2 * unit, "stage3_max_reuse_distance": 2 * unit,
-            "stage3_prefetch_bucket_size": unit, "reduce_bucket_size": unit}
+            "stage3_prefetch_bucket_size": unit, "reduce_bucket_size": unit,
+            "sub_group_size": unit}
+
+
+PARAM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+"""Bytes of one parameter as ZeRO-3 holds and gathers it under ``train.precision``."""
+
+
+def zero3_working_set_bytes(model: ModelConfig, ep_size: int, precision: str) -> float:
+    """The bytes a rank may hold beyond its partitions during a step, by the limits of
+    :func:`zero3_working_set`: the live gathered parameters, a prefetch bucket and a
+    gradient-reduction bucket (in the parameters' dtype, which is DeepSpeed's gradient
+    dtype too), and the optimizer step's transients of one sub-group (DeepSpeed's
+    flattened fp32 gradient and AdamW's two fp32 temporaries: 12 bytes per element)."""
+    ws = zero3_working_set(model, ep_size)
+    return (PARAM_BYTES[precision] * (ws["stage3_max_live_parameters"]
+                                      + ws["stage3_prefetch_bucket_size"]
+                                      + ws["reduce_bucket_size"])
+            + 12 * ws["sub_group_size"])
 
 
 def build_deepspeed_config(cfg: Config, *, world_size: int, device_type: str) -> dict[str, Any]:
