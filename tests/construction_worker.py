@@ -6,13 +6,15 @@ Builds ``configs/tiny.yaml`` (with the overrides) for ZeRO-3 on W ranks with
 ``parallel.ep_size=EP``, MODE:
 
 * ``partitioned``: the trainer's construction
-  (:func:`liquid_dist.parallel.construction.build_model`);
+  (:func:`liquid_dist.parallel.construction.build_model`; from ``train.init_from``
+  when an override sets it);
 * ``whole``: the construction it replaced, kept here as the negative control —
   the whole model built on every rank, then partitioned by ZeRO-3.
 
-Rank 0 writes OUT_JSON: each rank's peak resident-memory growth during the
-construction (bytes; from just before it, once a meta-device build has loaded the
-code, to the process's peak just after) and,
+Rank 0 writes OUT_JSON: each rank's peak growth of resident anonymous memory
+during the construction (bytes, sampled every millisecond from just before it,
+once a meta-device build has loaded the code; the file pages of a memory-mapped
+``init_from`` are the kernel's page cache, reclaimable, and not counted) and,
 for ``partitioned``, the SHA-256 of every parameter's full value, gathered
 from the partitions and the expert-parallel ranks.
 """
@@ -21,12 +23,38 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import sys
+import threading
+from pathlib import Path
 
-import psutil
 import torch
 import torch.distributed as dist
+
+
+def _rss_anon() -> int:
+    """This process's resident anonymous memory, bytes (not the file pages it maps)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class _PeakSampler(threading.Thread):
+    """The highest :func:`_rss_anon` seen, sampled every millisecond until stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = _rss_anon()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.001):
+            self.peak = max(self.peak, _rss_anon())
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join()
+        return max(self.peak, _rss_anon())
 
 
 def main() -> int:
@@ -47,16 +75,19 @@ def main() -> int:
     with torch.device("meta"):  # loads the code a first build imports (~80 MiB): not the model
         LiquidFoundationModelOptimized(cfg.model)
     dist.barrier()
-    before = psutil.Process().memory_info().rss
+    before = _rss_anon()
+    sampler = _PeakSampler()
+    sampler.start()
     if mode == "partitioned":
         built = build_model(cfg, seed=cfg.train.seed, device=device, precision="fp32",
-                            world_size=env.world_size, ds_config=ds_config)
+                            world_size=env.world_size, ds_config=ds_config,
+                            init_from=cfg.train.init_from)
         model, layout = built.model, built.expert_layout
     else:
         model = LiquidFoundationModelOptimized(cfg.model, seed=cfg.train.seed)
         deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
         layout = None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = sampler.stop()
     growth = torch.tensor([float(peak - before)])
     growths = [torch.zeros(1) for _ in range(env.world_size)]
     dist.all_gather(growths, growth)

@@ -114,9 +114,13 @@ def weight_source(path: Union[str, Path], expected: dict[str, tuple[int, ...]]) 
                          f"unexpected {unexpected}, shape mismatches {wrong}")
 
     def source(name: str, param: nn.Parameter, rule: Rule) -> torch.Tensor:
+        # a copy: the tensor safetensors returns lives in the file's private mapping, where
+        # a write (ZeRO-3's broadcast into it on the receiving ranks) would copy every
+        # touched page for as long as the file stays open
         if isinstance(rule, PerExpert) and param.shape[0] != shapes[name][0]:
-            return handles[name].get_slice(name)[rule.offset:rule.offset + param.shape[0]]
-        return handles[name].get_tensor(name)
+            return handles[name].get_slice(name)[
+                rule.offset:rule.offset + param.shape[0]].clone()
+        return handles[name].get_tensor(name).clone()
 
     return source
 
