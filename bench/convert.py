@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import train_fixtures as tf  # noqa: E402  (the shared Shakespeare tokenizer and shards)
+from procstatus import proc_status  # noqa: E402  (bench/, the script's own directory)
 
 DEEPSPEED_CONVERT = """
 import sys, contextlib, io
@@ -59,15 +60,7 @@ c._expected_model(model_config_from_dict(yaml.safe_load(open(sys.argv[1]))["mode
 
 
 def _status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return out
+    return proc_status(pid, ("RssAnon", "VmHWM"))
 
 
 def measure(cmd: list[str]) -> dict[str, float]:

@@ -54,6 +54,8 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from procstatus import proc_status  # noqa: E402  (bench/, the script's own directory)
+
 MIB = 1 << 20
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 """glibc's allocator, for every rank the benchmark launches: a fixed mmap threshold (64 KiB),
@@ -76,19 +78,6 @@ SMOKE_MODEL = ["model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1", "mod
                "model.moe.expert_ffn_dim=64", "model.moe.num_experts=2", "model.freq_heads=2",
                "model.hyena_filter_dim=8", "model.max_encoder_length=64",
                "model.max_decoder_length=32", "model.window=16", "model.band_block=16"]
-
-
-def _status(pid: int) -> dict[str, int]:
-    """VmHWM / VmRSS of a process, bytes (empty once it has exited)."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(value.split()[0]) * 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return {}
-    return out
 
 
 def _ranks(launcher_pid: int) -> dict[int, int]:
@@ -131,7 +120,7 @@ def _launch(world: int, args: list[str], repo: Path, env_extra: dict[str, str],
             if len(pids) < world:
                 pids.update(_ranks(proc.pid))
             for rank, pid in pids.items():
-                status = _status(pid)
+                status = proc_status(pid, ("VmHWM", "VmRSS"))
                 if status:
                     last[rank] = status
             if not built and events is not None and events.is_file() and any(

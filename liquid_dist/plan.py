@@ -41,14 +41,10 @@ import torch
 
 from liquid_dist.config import Config, ConfigError, load_config
 
-GPUS: dict[str, dict[str, float]] = {
-    # memory (bytes) and dense peak FLOP/s by precision, from the vendors' data sheets
-    "h200": {"memory": 141e9, "bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67e12},
-    "h100": {"memory": 80e9, "bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67e12},
-    "a100": {"memory": 80e9, "bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
-    "a100-40gb": {"memory": 40e9, "bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
-    "l40s": {"memory": 48e9, "bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
-}
+GPUS: dict[str, float] = {"h200": 141e9, "h100": 80e9, "a100": 80e9, "a100-40gb": 40e9,
+                          "l40s": 48e9}
+"""Memory (bytes) per GPU model, from the vendors' data sheets; the peak FLOP/s are the
+trainer's (``liquid_dist.train.flops.peak_flops_of``)."""
 RESERVED_FRACTION = 0.1
 """Share of a GPU's memory left to the CUDA context, the allocator's fragmentation and
 the communication buffers when deciding what fits."""
@@ -163,16 +159,17 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
 
     ``global_batch`` (sequences per step) sets the gradient accumulation for this
     world size (``train.grad_accum`` otherwise)."""
-    from liquid_dist.parallel.deepspeed_config import PARAM_BYTES, zero3_working_set_bytes
+    from liquid_dist.model.moe import PRECISION_DTYPES
+    from liquid_dist.parallel.deepspeed_config import zero3_working_set_bytes
     from liquid_dist.params import count_parameters
-    from liquid_dist.train.flops import ModelFlops
+    from liquid_dist.train.flops import ModelFlops, peak_flops_of
 
     if not isinstance(cfg.model.vocab_size, int):
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                           "an integer (--vocab-size, or a config with a tokenizer)")
     if gpu not in GPUS:
         raise ConfigError("--gpu", gpu, f"one of {sorted(GPUS)}")
-    spec = GPUS[gpu]
+    memory = GPUS[gpu]
     world = nodes * gpus_per_node
     ep, stage, t = cfg.parallel.ep_size, cfg.parallel.zero_stage, cfg.train
     precision = "bf16" if t.precision == "auto" else t.precision
@@ -190,7 +187,8 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
     grads_local = (dense / world + experts / ep / expert_dp if stage >= 2
                    else dense + experts / ep)
     optim_local = dense / world + experts / ep / expert_dp
-    pb = PARAM_BYTES[precision]
+    dtype = PRECISION_DTYPES[precision]
+    pb = dtype.itemsize
     params_bytes, grads_bytes = params_local * pb, grads_local * pb
     optimizer_bytes = optim_local * OPTIMIZER_BYTES[precision]
     ds_estimate = None
@@ -203,7 +201,6 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
         ds_estimate = float(estimate_zero3_model_states_mem_needs(
             counts["total"], largest, gpus_per_node, nodes, cpu_offload=False)[1])
         working = zero3_working_set_bytes(cfg.model, ep, precision)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     one = activation_bytes(cfg, 1, dtype)
     two = activation_bytes(cfg, 2, dtype)
     per_sample = [b - a for a, b in zip(one, two, strict=True)]
@@ -214,7 +211,7 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
     act = acts[1] if ckpt else acts[0]
     states = params_bytes + grads_bytes + optimizer_bytes
     total = states + working + act
-    budget = spec["memory"] * (1 - RESERVED_FRACTION)
+    budget = memory * (1 - RESERVED_FRACTION)
     room = budget - states - working - fixed[1 if ckpt else 0]
     largest_mb = max(int(room // per_sample[1 if ckpt else 0]), 0) if room > 0 else 0
     if total > budget:
@@ -248,7 +245,7 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
     tokens_per_sample = cfg.data.encoder_length + cfg.data.decoder_length
     per_token = flops.forward(cfg.data.encoder_length, cfg.data.decoder_length).training \
         / tokens_per_sample
-    tokens_per_s = world * spec[precision] * mfu / per_token
+    tokens_per_s = world * peak_flops_of(gpu, precision) * mfu / per_token
     active = (counts["active_per_token_min"] + counts["active_per_token_max"]) // 2
     budget_tokens = tokens if tokens is not None else 20.0 * active
     return Plan(world_size=world, ep_size=ep, zero_stage=stage, precision=precision,
@@ -257,7 +254,7 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
                 optimizer_bytes=optimizer_bytes, deepspeed_estimate_bytes=ds_estimate,
                 working_set_bytes=working, activations_bytes=acts[0],
                 activations_checkpointed_bytes=acts[1], checkpointing=ckpt,
-                total_bytes=total, gpu_memory_bytes=spec["memory"],
+                total_bytes=total, gpu_memory_bytes=memory,
                 largest_micro_batch=largest_mb, zero_comm_bytes=zero_comm,
                 moe_comm_bytes=moe_comm, training_flops_per_token=per_token,
                 tokens_per_step=global_batch * tokens_per_sample, tokens_per_s=tokens_per_s,

@@ -297,7 +297,8 @@ def initialised(init: Callable) -> Callable:
     has one and it is not None, else a seed taken from torch's global generator (so
     ``torch.manual_seed`` decides). Nothing is drawn for a module built on the meta
     device: whoever materialises it gives the values."""
-    takes_seed = "seed" in inspect.signature(init).parameters
+    signature = inspect.signature(init)
+    takes_seed = "seed" in signature.parameters
 
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
@@ -311,7 +312,7 @@ def initialised(init: Callable) -> Callable:
             return
         seed = None
         if takes_seed:
-            seed = inspect.signature(init).bind(self, *args, **kwargs).arguments.get("seed")
+            seed = signature.bind(self, *args, **kwargs).arguments.get("seed")
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         init_parameters(self, seed)

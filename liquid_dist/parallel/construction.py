@@ -22,6 +22,7 @@ from torch import nn
 from liquid_dist.config import Config
 from liquid_dist.model import LiquidFoundationModelOptimized
 from liquid_dist.model.init import Source, init_parameters
+from liquid_dist.model.moe import PRECISION_DTYPES
 from liquid_dist.model.pretrained import canonical_names, weight_source
 from liquid_dist.parallel.ds_compat import is_expert_parameter
 from liquid_dist.parallel.expert_parallel import (
@@ -30,9 +31,6 @@ from liquid_dist.parallel.expert_parallel import (
     check_expert_placement,
 )
 from liquid_dist.params import count_parameters
-
-PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""The dtype of a rank's parameters under ``train.precision`` (DeepSpeed's casting)."""
 
 
 @dataclass
@@ -83,6 +81,6 @@ def build_model(cfg: Config, *, seed: int, device: torch.device, precision: str,
     check_expert_placement(model, cfg.parallel.ep_size, world_size)
     zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
     init_parameters(model, seed, source=source, device=device,
-                    dtype=PARAM_DTYPES[precision] if zero3 else None,
+                    dtype=PRECISION_DTYPES[precision] if zero3 else None,
                     after_module=zero3_partitioner(ds_config) if zero3 else None)
     return BuiltModel(model=model, counts=counts, expert_layout=layout)

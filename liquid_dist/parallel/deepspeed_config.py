@@ -90,18 +90,16 @@ def zero3_working_set(model: ModelConfig, ep_size: int = 1) -> dict[str, int]:
             "sub_group_size": unit}
 
 
-PARAM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-"""Bytes of one parameter as ZeRO-3 holds and gathers it under ``train.precision``."""
-
-
 def zero3_working_set_bytes(model: ModelConfig, ep_size: int, precision: str) -> float:
     """The bytes a rank may hold beyond its partitions during a step, by the limits of
     :func:`zero3_working_set`: the live gathered parameters, a prefetch bucket and a
     gradient-reduction bucket (in the parameters' dtype, which is DeepSpeed's gradient
     dtype too), and the optimizer step's transients of one sub-group (DeepSpeed's
     flattened fp32 gradient and AdamW's two fp32 temporaries: 12 bytes per element)."""
+    from liquid_dist.model.moe import PRECISION_DTYPES
+
     ws = zero3_working_set(model, ep_size)
-    return (PARAM_BYTES[precision] * (ws["stage3_max_live_parameters"]
+    return (PRECISION_DTYPES[precision].itemsize * (ws["stage3_max_live_parameters"]
                                       + ws["stage3_prefetch_bucket_size"]
                                       + ws["reduce_bucket_size"])
             + 12 * ws["sub_group_size"])

@@ -154,8 +154,12 @@ def peak_flops_per_device(device: torch.device, precision: str) -> Optional[floa
         return float(os.environ[PEAK_ENV])
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device), precision)
+
+
+def peak_flops_of(name: str, precision: str) -> Optional[float]:
+    """Peak dense FLOP/s of the GPU model ``name`` (e.g. "NVIDIA H200", "h100"), or None."""
     for key, peaks in _PEAKS:
-        if key in name:
+        if key in name.upper():
             return peaks.get(precision)
     return None
