@@ -7,9 +7,11 @@
 Each case launches the real trainer (``launch/pretrain.py`` under ``torchrun``,
 gloo, fp32, ZeRO-3) on the embedded Shakespeare data for ``--steps`` steps and
 reads every rank's kernel high-water mark (``VmHWM`` in ``/proc/PID/status``)
-from outside, polling: its value when rank 0 logs the ``start`` event is the
-peak of construction (model, engine, checkpoint restore), its last value
-before the rank exits the peak of the run. ``idle`` is the peak of the same
+from outside, polling, at three marks of rank 0's metrics log: when it logs the
+``start`` event (the peak of construction: model, engine, checkpoint restore),
+when it logs the last step's ``train`` record (the peak of construction and the
+training steps: what the bound speaks of), and before the rank exits (the
+peak of the whole run, with the final evaluation and checkpoint save). ``idle`` is the peak of the same
 run with a micro model (0.6 M parameters): a rank process with everything but
 the model (the stack's code, the process group, the data pipeline).
 
@@ -19,7 +21,7 @@ parameter / W (weights, gradients, two moments), plus the bounded working set
 of the DeepSpeed config (``zero3_working_set_bytes``: live gathered parameters,
 a prefetch and a reduction bucket, the optimizer step's transients of one
 sub-group) — and, for the ``new``
-trainer, the check ``peak <= idle + ideal + working set + activations``, with
+trainer, the check ``steps peak <= idle + ideal + working set + activations``, with
 activations the micro-batch's measured share (``--activation-allowance-mib``,
 stated in the results). ``--baseline-repo`` runs the same cases with another
 checkout's trainer (for example the construction before partitioned
@@ -29,9 +31,12 @@ first on ``PYTHONPATH``.
 Cases (``--cases``): ``scaling`` — ``configs/base-moe.yaml`` cut to 4 + 4
 layers (about 0.37 B parameters) at W = 1, 2, 4, the baseline at W = 1, 2
 (at 4 its ranks would need most of this 24 GiB machine); ``fits`` — cut to
-6 + 6 layers (0.52 B, the size that did not fit before) at W = 4 and 8,
-without the baseline (about 8.3 GiB per rank there: killed for memory,
-PLATFORM_NOTES.md). Short
+6 + 6 layers (0.52 B, the size that did not fit before) at W = 4, without
+the baseline (about 8.3 GiB per rank there: killed for memory,
+PLATFORM_NOTES.md). W = 8 of it does not fit this machine with any
+construction: eight ranks' fixed costs (an idle rank, 0.45 GiB, and the working
+set, 1.07 GiB) and their partitions (0.98 GiB) come to 20 GiB before
+activations, out of 23 GiB. Short
 sequences (encoder 64, decoder 32 tokens, micro-batch 1) keep activations
 small and steps short on 2 cores. Results (machine, date, settings, per-rank
 figures) go to ``--output`` (default ``bench/results/memory.json``).
@@ -71,7 +76,7 @@ CASES = {
     # "baseline": the world sizes at which --baseline-repo runs too; not where it would
     # need more than this 24 GiB machine has (the kernel's OOM killer picks its victims)
     "scaling": {"layers": 4, "worlds": [1, 2, 4], "baseline": [1, 2]},
-    "fits": {"layers": 6, "worlds": [4, 8], "baseline": []},
+    "fits": {"layers": 6, "worlds": [4], "baseline": []},
 }
 SMOKE = {"smoke": {"layers": 1, "worlds": [2], "baseline": []}}
 SMOKE_MODEL = ["model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=128",
@@ -99,7 +104,7 @@ def _ranks(launcher_pid: int) -> dict[int, int]:
 
 
 def _launch(world: int, args: list[str], repo: Path, env_extra: dict[str, str],
-            events: Optional[Path], timeout: float) -> dict[str, Any]:
+            events: Optional[Path], last_step: int, timeout: float) -> dict[str, Any]:
     """Run ``torchrun`` (W ranks) and poll the ranks' memory; see the module doc."""
     from liquid_dist.parallel import free_port
 
@@ -112,7 +117,11 @@ def _launch(world: int, args: list[str], repo: Path, env_extra: dict[str, str],
                                 text=True)
         pids: dict[int, int] = {}
         last: dict[int, dict[str, int]] = {}
-        built: dict[int, int] = {}
+        # mark -> rank -> VmHWM when rank 0 logged the mark's record
+        marks: dict[str, Any] = {
+            "built": lambda r: r.get("event") in ("start", "resume"),
+            "stepped": lambda r: r.get("kind") == "train" and r.get("step") == last_step}
+        at: dict[str, dict[int, int]] = {name: {} for name in marks}
         while proc.poll() is None:
             if time.monotonic() - start > timeout:
                 proc.kill()
@@ -123,16 +132,20 @@ def _launch(world: int, args: list[str], repo: Path, env_extra: dict[str, str],
                 status = proc_status(pid, ("VmHWM", "VmRSS"))
                 if status:
                     last[rank] = status
-            if not built and events is not None and events.is_file() and any(
-                    json.loads(line).get("event") in ("start", "resume")
-                    for line in events.read_text().splitlines() if line.strip()):
-                built = {rank: s["VmHWM"] for rank, s in last.items()}
+            pending = [name for name in marks if not at[name]]
+            if pending and events is not None and events.is_file():
+                records = [json.loads(line) for line in events.read_text().splitlines()
+                           if line.strip()]
+                for name in pending:
+                    if any(marks[name](r) for r in records):
+                        at[name] = {rank: s["VmHWM"] for rank, s in last.items()}
             time.sleep(0.05)
         log.seek(0)
         output = log.read()
     return {"returncode": proc.returncode, "wall_s": time.monotonic() - start,
             "peak": [last.get(r, {}).get("VmHWM") for r in range(world)],
-            "built": [built.get(r) for r in range(world)],
+            "built": [at["built"].get(r) for r in range(world)],
+            "stepped": [at["stepped"].get(r) for r in range(world)],
             "tail": output[-2000:] if proc.returncode else ""}
 
 
@@ -189,7 +202,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"train.run_dir={run_dir}"]:
             launch_args += ["--set", o]
         env = {"PYTHONPATH": str(repo)} if trainer != "new" else {}
-        return _launch(world, launch_args, repo, env, run_dir / "metrics.jsonl", args.timeout)
+        return _launch(world, launch_args, repo, env, run_dir / "metrics.jsonl", args.steps,
+                       args.timeout)
 
     rows: list[dict[str, Any]] = []
     idle: dict[int, list] = {}
@@ -228,22 +242,25 @@ def main(argv: Optional[list[str]] = None) -> int:
                        "ideal_mib": ideal / MIB, "working_set_mib": working / MIB,
                        "idle_mib": [v / MIB if v else None for v in idle[world]],
                        "construction_peak_mib": [v / MIB if v else None for v in run["built"]],
+                       "steps_peak_mib": [v / MIB if v else None for v in run["stepped"]],
                        "peak_mib": [v / MIB if v else None for v in run["peak"]],
                        "returncode": run["returncode"], "wall_s": round(run["wall_s"], 1)}
                 if trainer == "new" and run["returncode"] == 0:
                     allowance = args.activation_allowance_mib * MIB
                     bound = [(i or 0) + ideal + working + allowance for i in idle[world]]
                     row["bound_mib"] = [b / MIB for b in bound]
-                    row["within_bound"] = all(pk is not None and pk <= b
-                                              for pk, b in zip(run["peak"], bound, strict=True))
+                    row["within_bound"] = all(
+                        pk is not None and pk <= b
+                        for pk, b in zip(run["stepped"], bound, strict=True))
                 if run["returncode"]:
                     row["tail"] = run["tail"]
                 rows.append(row)
                 write()
+                steps = ", ".join(f"{v:.0f}" for v in row["steps_peak_mib"] if v is not None)
                 peaks = ", ".join(f"{v:.0f}" for v in row["peak_mib"] if v is not None)
                 print(f"    rc {run['returncode']}, {run['wall_s']:.0f} s; peak MiB per rank: "
-                      f"{peaks} (ideal {ideal / MIB:.0f} + working set {working / MIB:.0f})",
-                      flush=True)
+                      f"steps {steps}, run {peaks} (ideal {ideal / MIB:.0f} + working set "
+                      f"{working / MIB:.0f})", flush=True)
     write()
     print(f"wrote {output}")
     failed = [r for r in rows if r["trainer"] == "new"
