@@ -201,7 +201,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for o in [*model, *SHORT, *data, f"train.max_steps={args.steps}",
                   f"train.run_dir={run_dir}"]:
             launch_args += ["--set", o]
-        env = {"PYTHONPATH": str(repo)} if trainer != "new" else {}
+        env = {"PYTHONPATH": str(repo)}  # this checkout's code, whatever is installed
         return _launch(world, launch_args, repo, env, run_dir / "metrics.jsonl", args.steps,
                        args.timeout)
 
