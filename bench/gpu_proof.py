@@ -354,7 +354,7 @@ def check_train(cfg_path: str, sets: list[str], run_dir: Path, out_dir: Path, de
     from liquid_dist.model.attention import choose_backend
     from liquid_dist.train.flops import peak_flops_per_device
     from liquid_dist.train.metrics import read_metrics
-    from liquid_dist.train.prepare import resolve_config
+    from liquid_dist.train.prepare import resolve_vocabulary
 
     cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", cfg_path,
            "--resume", "none"]
@@ -380,7 +380,7 @@ def check_train(cfg_path: str, sets: list[str], run_dir: Path, out_dir: Path, de
     # the first step's loss, recomputed with a plain forward (no DeepSpeed): the same
     # initial weights (drawn from train.seed), the same first batch, parameters in the
     # training precision
-    cfg = resolve_config(load_config(cfg_path, sets))
+    cfg = resolve_vocabulary(load_config(cfg_path, sets))
     model = LiquidFoundationModelOptimized(cfg.model, seed=cfg.train.seed)
     precision = read_metrics(run_dir, "event")[0]["precision"]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

@@ -11,7 +11,8 @@ from outside, polling, at three marks of rank 0's metrics log: when it logs the
 ``start`` event (the peak of construction: model, engine, checkpoint restore),
 when it logs the last step's ``train`` record (the peak of construction and the
 training steps: what the bound speaks of), and before the rank exits (the
-peak of the whole run, with the final evaluation and checkpoint save). ``idle`` is the peak of the same
+peak of the whole run, with the final evaluation and checkpoint save).
+``idle`` is the peak of the same
 run with a micro model (0.6 M parameters): a rank process with everything but
 the model (the stack's code, the process group, the data pipeline).
 
@@ -154,7 +155,7 @@ def _model_facts(overrides: list[str], vocab: int) -> dict[str, int]:
 
     from liquid_dist.config import load_config
     from liquid_dist.model import LiquidFoundationModelOptimized
-    from liquid_dist.parallel.deepspeed_config import zero3_working_set_bytes
+    from liquid_dist.parallel.deepspeed_config import zero3_working_set, zero3_working_set_bytes
 
     cfg = load_config(str(ROOT / "configs" / "base-moe.yaml"),
                       [*overrides, f"model.vocab_size={vocab}"])
@@ -162,7 +163,7 @@ def _model_facts(overrides: list[str], vocab: int) -> dict[str, int]:
         model = LiquidFoundationModelOptimized(cfg.model)
     return {"parameters": sum(p.numel() for p in model.parameters()),
             "largest_tensor": max(p.numel() for p in model.parameters()),
-            "working_set_bytes": zero3_working_set_bytes(cfg.model, 1, "fp32")}
+            "working_set_bytes": zero3_working_set_bytes(zero3_working_set(cfg.model), "fp32")}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

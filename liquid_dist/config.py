@@ -428,17 +428,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.batches_per_epoch", d.batches_per_epoch,
                           "an integer >= 0 (0: derived from the manifests)")
     _positive("data.worker_timeout_s", d.worker_timeout_s)
-    if d.objective in ("span_corruption", "mixture"):
-        from liquid_dist.data.objectives import span_corruption_raw_length
-
-        if d.encoder_length < 3:
-            raise ConfigError("data.encoder_length", d.encoder_length,
-                              ">= 3 for span corruption (a token, a sentinel and EOS)")
-        if span_corruption_raw_length(d.encoder_length, d.decoder_length, d.noise_density,
-                                      d.mean_noise_span_length) is None:
-            raise ConfigError("data.decoder_length", d.decoder_length,
-                              "room for span corruption targets (noise spans, sentinels and EOS) "
-                              f"of an encoder of data.encoder_length={d.encoder_length}")
+    # the room span corruption needs in the decoder depends on the tokenizer's sentinels:
+    # liquid_dist.data.stream_spec checks it (in the run plan, before any process group)
+    if d.objective in ("span_corruption", "mixture") and d.encoder_length < 3:
+        raise ConfigError("data.encoder_length", d.encoder_length,
+                          ">= 3 for span corruption (a token, a sentinel and EOS)")
     for i, s in enumerate(d.sources):
         if not isinstance(s, dict) or not {"shards"} <= set(s) <= {
                 "name", "shards", "weight", "manifest"}:
@@ -472,6 +466,15 @@ def validate(cfg: Config) -> None:
     if m.moe.num_experts % par.ep_size:
         raise ConfigError("parallel.ep_size", par.ep_size,
                           f"a divisor of model.moe.num_experts ({m.moe.num_experts})")
+    if par.ep_size > 1 and par.zero_stage != 3:
+        raise ConfigError("parallel.ep_size", par.ep_size,
+                          "1 unless parallel.zero_stage is 3 (expert parallelism is "
+                          "implemented for ZeRO-3; docs/parallelism.md)")
+    if par.ep_size > 1 and t.compile:
+        raise ConfigError("train.compile", t.compile,
+                          "false with parallel.ep_size > 1: the expert exchange reads "
+                          "its split sizes on the host and runs collectives, which a "
+                          "fullgraph-compiled block cannot hold (docs/training.md)")
 
 
 # ------------------------------------------------------------- loading

@@ -25,8 +25,11 @@ Per GPU, under the config's ZeRO stage, ``ep_size`` and precision (docs/parallel
   back, forward and backward;
 * training FLOPs per token (the trainer's own ``ModelFlops``: 3 x forward) and,
   at ``--mfu``, tokens per second and days to ``--tokens``;
-* warnings: does not fit, ep_size does not divide, a global batch
-  (``--global-batch``) too small for the world size or not a multiple of it.
+* warnings: does not fit, a global batch (``--global-batch``) too small for
+  the world size or not a multiple of it. The precision, the expert layout and
+  the DeepSpeed config are the run's own (liquid_dist.parallel.build_plan, which
+  the trainer's run plan uses): an ``ep_size`` that does not divide the world
+  size is the same error (status 2) as at launch.
 """
 
 from __future__ import annotations
@@ -160,33 +163,29 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
     ``global_batch`` (sequences per step) sets the gradient accumulation for this
     world size (``train.grad_accum`` otherwise)."""
     from liquid_dist.model.moe import PRECISION_DTYPES
+    from liquid_dist.parallel.build_plan import resolve_build
     from liquid_dist.parallel.deepspeed_config import zero3_working_set_bytes
     from liquid_dist.params import count_parameters
     from liquid_dist.train.flops import ModelFlops, peak_flops_of
 
-    if not isinstance(cfg.model.vocab_size, int):
-        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
-                          "an integer (--vocab-size, or a config with a tokenizer)")
     if gpu not in GPUS:
         raise ConfigError("--gpu", gpu, f"one of {sorted(GPUS)}")
     memory = GPUS[gpu]
     world = nodes * gpus_per_node
+    # the precision, expert layout and DeepSpeed config a run on this cluster would get
+    build = resolve_build(cfg, world_size=world, device_type="cuda")
     ep, stage, t = cfg.parallel.ep_size, cfg.parallel.zero_stage, cfg.train
-    precision = "bf16" if t.precision == "auto" else t.precision
+    precision = build.precision
     warnings = []
-    if world % ep or cfg.model.moe.num_experts % ep:
-        warnings.append(f"parallel.ep_size {ep} does not divide the world size {world} "
-                        f"and model.moe.num_experts {cfg.model.moe.num_experts}")
     model = _meta_model(cfg)
     counts = count_parameters(model)
-    dense, experts = counts["dense"], counts["experts"]
-    expert_dp = max(world // ep, 1)
+    dense = counts["dense"]
+    experts = counts["experts"] * build.local_experts / cfg.model.moe.num_experts  # a rank's
+    expert_dp = world // ep
     # parameters held (or owned, under ZeRO-3) by this GPU
-    params_local = (dense / world + experts / ep / expert_dp if stage == 3
-                    else dense + experts / ep)
-    grads_local = (dense / world + experts / ep / expert_dp if stage >= 2
-                   else dense + experts / ep)
-    optim_local = dense / world + experts / ep / expert_dp
+    params_local = dense / world + experts / expert_dp if stage == 3 else dense + experts
+    grads_local = dense / world + experts / expert_dp if stage >= 2 else dense + experts
+    optim_local = dense / world + experts / expert_dp
     dtype = PRECISION_DTYPES[precision]
     pb = dtype.itemsize
     params_bytes, grads_bytes = params_local * pb, grads_local * pb
@@ -200,7 +199,7 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
                       for m in model.modules())
         ds_estimate = float(estimate_zero3_model_states_mem_needs(
             counts["total"], largest, gpus_per_node, nodes, cpu_offload=False)[1])
-        working = zero3_working_set_bytes(cfg.model, ep, precision)
+        working = zero3_working_set_bytes(build.ds_config["zero_optimization"], precision)
     one = activation_bytes(cfg, 1, dtype)
     two = activation_bytes(cfg, 2, dtype)
     per_sample = [b - a for a, b in zip(one, two, strict=True)]
@@ -231,9 +230,9 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
     ring = (world - 1) / world if world > 1 else 0.0
     zero_comm = 0.0
     if stage == 3:
-        zero_comm = accum * 3 * (dense + experts / ep) * pb * ring
+        zero_comm = accum * 3 * (dense + experts) * pb * ring
     else:
-        zero_comm = 2 * (dense + experts / ep) * pb * ring
+        zero_comm = 2 * (dense + experts) * pb * ring
     d_model = cfg.model.d_model
     moe_layers = (cfg.model.n_encoder_layers + cfg.model.n_decoder_layers
                   if cfg.model.keeps("moe") else 0)
@@ -249,7 +248,7 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
     active = (counts["active_per_token_min"] + counts["active_per_token_max"]) // 2
     budget_tokens = tokens if tokens is not None else 20.0 * active
     return Plan(world_size=world, ep_size=ep, zero_stage=stage, precision=precision,
-                micro_batch=mb, parameters=counts["total"], expert_parameters=experts,
+                micro_batch=mb, parameters=counts["total"], expert_parameters=counts["experts"],
                 active_per_token=active, params_bytes=params_bytes, grads_bytes=grads_bytes,
                 optimizer_bytes=optimizer_bytes, deepspeed_estimate_bytes=ds_estimate,
                 working_set_bytes=working, activations_bytes=acts[0],

@@ -63,15 +63,15 @@ def main() -> int:
 
     from liquid_dist.config import load_config
     from liquid_dist.model import LiquidFoundationModelOptimized
+    from liquid_dist.parallel.build_plan import resolve_build
     from liquid_dist.parallel.construction import build_model
-    from liquid_dist.parallel.deepspeed_config import build_deepspeed_config
     from liquid_dist.parallel.distributed import init_distributed
     from liquid_dist.parallel.ds_compat import expert_parallel_group, is_expert_parameter
 
     env, device = init_distributed()
     cfg = load_config("configs/tiny.yaml", [*overrides, "parallel.zero_stage=3",
                                             f"parallel.ep_size={ep_size}"])
-    ds_config = build_deepspeed_config(cfg, world_size=env.world_size, device_type="cpu")
+    plan = resolve_build(cfg, world_size=env.world_size, device_type="cpu")
     with torch.device("meta"):  # loads the code a first build imports (~80 MiB): not the model
         LiquidFoundationModelOptimized(cfg.model)
     dist.barrier()
@@ -79,13 +79,11 @@ def main() -> int:
     sampler = _PeakSampler()
     sampler.start()
     if mode == "partitioned":
-        built = build_model(cfg, seed=cfg.train.seed, device=device, precision="fp32",
-                            world_size=env.world_size, ds_config=ds_config,
-                            init_from=cfg.train.init_from)
+        built = build_model(plan, device=device, init_from=cfg.train.init_from)
         model, layout = built.model, built.expert_layout
     else:
         model = LiquidFoundationModelOptimized(cfg.model, seed=cfg.train.seed)
-        deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+        deepspeed.zero.Init(module=model, config_dict_or_path=plan.ds_config)
         layout = None
     peak = sampler.stop()
     growth = torch.tensor([float(peak - before)])

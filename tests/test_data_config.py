@@ -21,7 +21,6 @@ def test_defaults_and_new_keys_are_accepted():
 @pytest.mark.parametrize("data, key", [
     ({"batches_per_epoch": -1}, "data.batches_per_epoch"),
     ({"worker_timeout_s": 0}, "data.worker_timeout_s"),
-    ({"objective": "span_corruption", "decoder_length": 2}, "data.decoder_length"),
     ({"objective": "mixture", "encoder_length": 2}, "data.encoder_length"),
     ({"sources": [{"shards": "x", "url": "y"}]}, "data.sources[0]"),
     ({"bad_sample_policy": "ignore"}, "data.bad_sample_policy"),

@@ -172,10 +172,10 @@ def test_a_resume_that_cannot_keep_the_global_batch_is_refused_before_any_proces
 
 def _config(run_dir: Path, layout: str, *extra: str):
     from liquid_dist.config import load_config
-    from liquid_dist.train.prepare import resolve_config
+    from liquid_dist.train.prepare import resolve_vocabulary
 
-    return resolve_config(load_config(str(tf.REPO / "configs/tiny.yaml"),
-                                      overrides(run_dir, layout) + list(extra)))
+    return resolve_vocabulary(load_config(str(tf.REPO / "configs/tiny.yaml"),
+                                          overrides(run_dir, layout) + list(extra)))
 
 
 @pytest.mark.slow

@@ -74,12 +74,15 @@ def test_xl_moe_plan_on_8_nodes_of_8_h200_fits_with_its_micro_batch(capsys):
     assert p.activations_checkpointed_bytes < p.activations_bytes
 
 
-def test_warnings_name_what_does_not_fit_divide_or_fill(capsys):
+def test_warnings_name_what_does_not_fit_or_fill_and_a_layout_error_is_the_runs(capsys):
     p = plan(_cfg("xl-moe"), nodes=1, gpus_per_node=8, gpu="a100-40gb", global_batch=4)
     text = " ".join(p.warnings)
     assert "does not fit" in text and "too small for 8 GPUs" in text
-    p = plan(_cfg("xl-moe", ["parallel.ep_size=16"]), nodes=1, gpus_per_node=8, gpu="h200")
-    assert any("does not divide the world size 8" in w for w in p.warnings)
+    # the run plan's own refusal (the same message a launch on 8 GPUs gives, status 2)
+    assert main([str(CONFIGS / "xl-moe.yaml"), "--set", "parallel.ep_size=16", "--nodes", "1",
+                 "--gpus-per-node", "8", "--gpu", "h200"]) == 2
+    assert "'parallel.ep_size' = 16: expected a divisor of the world size (8)" in (
+        capsys.readouterr().err)
     with pytest.raises(SystemExit) as info:  # argparse: an unknown GPU
         main([str(CONFIGS / "tiny.yaml"), "--nodes", "1", "--gpus-per-node", "1", "--gpu", "tpu"])
     assert info.value.code == 2

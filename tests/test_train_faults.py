@@ -100,10 +100,13 @@ def _pretrain_direct(overrides: list[str], timeout: float = 60) -> subprocess.Co
     ("model.vocab_size=100", "model.vocab_size' = 100: expected 'auto' or an integer >= the "
                              "tokenizer's vocabulary (600"),
     ("parallel.ep_size=2 parallel.zero_stage=2", "1 unless parallel.zero_stage is 3"),
-    ("model.moe.num_experts=4 parallel.ep_size=4",
-     "a divisor of the data-parallel world size (2)"),
+    ("model.moe.num_experts=4 parallel.ep_size=4", "a divisor of the world size (2)"),
     ("train.micro_batch_size=0", "train.micro_batch_size"),
     ("train.precision=fp16", "fp16 loss scaling is for GPUs"),
+    # what only the data streams can tell (the tokenizer's sentinels, the shards)
+    ("data.objective=span_corruption data.decoder_length=2",
+     "'data.decoder_length' = 2: expected room for span corruption targets"),
+    ("data.train_shards=/nonexistent/shards", "/nonexistent/shards"),
 ])
 def test_invalid_config_fails_before_any_process_group(override: str, message: str) -> None:
     proc = _pretrain_direct(tf.base_overrides(tf.TMP / "bad") + override.split())

@@ -22,7 +22,8 @@ from liquid_dist.checkpoint_format import (
 )
 from liquid_dist.config import Config, ConfigError, ModelConfig, WandbConfig, load_config
 from liquid_dist.model import LiquidFoundationModelOptimized
-from liquid_dist.parallel import build_deepspeed_config, check_supported, resolve_dist_env
+from liquid_dist.parallel import build_deepspeed_config, resolve_dist_env
+from liquid_dist.parallel.build_plan import resolve_build
 from liquid_dist.train.checkpoint import CheckpointManager, check_resumable
 from liquid_dist.train.flops import forward_flops
 from liquid_dist.train.metrics import (
@@ -31,7 +32,7 @@ from liquid_dist.train.metrics import (
     truncate_metrics,
     wandb_sent_through,
 )
-from liquid_dist.train.prepare import resolve_config
+from liquid_dist.train.prepare import resolve_vocabulary
 from liquid_dist.train.schedule import lr_at
 from liquid_dist.train.signals import StopFlag
 
@@ -55,7 +56,7 @@ def _cfg(**train: object) -> Config:
 
 def test_deepspeed_config_sets_every_trap_explicitly() -> None:
     cfg = _cfg(micro_batch_size=3, grad_accum=4, grad_clip=0.5)
-    ds = build_deepspeed_config(cfg, world_size=2, device_type="cpu")
+    ds = build_deepspeed_config(cfg, world_size=2, precision="fp32")
     assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_clipping"] == 0.5
@@ -71,27 +72,12 @@ def test_deepspeed_config_sets_every_trap_explicitly() -> None:
     assert zero["sub_group_size"] == block
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # CPU: fp32
     assert build_deepspeed_config(_cfg(grad_clip=0.0), world_size=1,
-                                  device_type="cpu")["gradient_clipping"] == 0.0
-    assert build_deepspeed_config(cfg, world_size=1, device_type="cuda")["bf16"]["enabled"]
+                                  precision="fp32")["gradient_clipping"] == 0.0
+    # the run's precision, decided once by the build plan: bf16 on GPU by default
+    cuda = resolve_build(cfg, world_size=1, device_type="cuda")
+    assert cuda.precision == "bf16" and cuda.ds_config["bf16"]["enabled"]
     with pytest.raises(ConfigError, match="train.precision"):
-        build_deepspeed_config(_cfg(precision="fp16"), world_size=1, device_type="cpu")
-
-
-def test_expert_parallel_size_must_divide_the_launched_world_and_need_zero3(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = Config()  # 4 experts
-    with_ep = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep_size=2))
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    check_supported(cfg)
-    check_supported(with_ep)
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ConfigError, match=r"divisor of the data-parallel world size \(3\)"):
-        check_supported(with_ep)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="unless parallel.zero_stage is 3"):
-        check_supported(dataclasses.replace(with_ep, parallel=dataclasses.replace(
-            with_ep.parallel, zero_stage=2)))
+        resolve_build(_cfg(precision="fp16"), world_size=1, device_type="cpu")
 
 
 def test_rank_discovery_from_launcher_slurm_and_nothing() -> None:
@@ -222,12 +208,12 @@ def test_vocab_auto_takes_the_tokenizers_size_and_smaller_is_refused(tmp_path: P
     def cfg(*extra: str) -> Config:
         return load_config(REPO_TINY, tf.base_overrides(tmp_path) + list(extra))
 
-    assert resolve_config(cfg()).model.vocab_size == 600
-    assert resolve_config(cfg("model.vocab_size=640")).model.vocab_size == 640
+    assert resolve_vocabulary(cfg()).model.vocab_size == 600
+    assert resolve_vocabulary(cfg("model.vocab_size=640")).model.vocab_size == 640
     with pytest.raises(ConfigError, match="tokenizer's vocabulary"):
-        resolve_config(cfg("model.vocab_size=599"))
+        resolve_vocabulary(cfg("model.vocab_size=599"))
     with pytest.raises(ConfigError, match="model.eos_token_id"):
-        resolve_config(cfg("model.eos_token_id=2"))
+        resolve_vocabulary(cfg("model.eos_token_id=2"))
 
 
 REPO_TINY = tf.REPO / "configs" / "tiny.yaml"

@@ -24,6 +24,7 @@ rank, continues with exactly the examples of every later step (see docs/data.md)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -365,8 +366,14 @@ def _sources(cfg: DataConfig, split: str, tok: Tokenizer) -> tuple[list[SourceSp
     return specs, sets
 
 
-def _build(cfg: DataConfig, split: str, *, rank: int, world_size: int, batch_size: int,
-           seed: int, num_steps: Optional[int], grad_accum: int = 1) -> PretrainingLoader:
+def stream_spec(cfg: DataConfig, split: str, *, world_size: int, batch_size: int, seed: int,
+                num_steps: Optional[int] = None, grad_accum: int = 1,
+                rank: int = 0) -> StreamSpec:
+    """The stream of ``split`` (``train`` / ``val``) for ``rank`` of ``world_size``: the
+    tokenizer, the objectives' shapes, the shards and the epoch length resolved and
+    checked (ConfigError / DataError naming the key or file). Everything a run's data
+    needs from files, read once: the run plan (liquid_dist.train.prepare) resolves it
+    before any process group, and :func:`open_loader` opens it on each rank."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
     if batch_size < 1:
@@ -382,10 +389,13 @@ def _build(cfg: DataConfig, split: str, *, rank: int, world_size: int, batch_siz
                               noise_density=cfg.noise_density,
                               mean_noise_span_length=cfg.mean_noise_span_length,
                               max_spans=tok.num_sentinels)
-        if shape is None or (name == "span_corruption" and tok.num_sentinels == 0):
+        if name == "span_corruption" and tok.num_sentinels == 0:
+            raise ConfigError("data.tokenizer", cfg.tokenizer,
+                              "a tokenizer with sentinels for span corruption")
+        if shape is None:
             raise ConfigError("data.decoder_length", cfg.decoder_length,
-                              "room for span corruption targets, and a tokenizer with "
-                              "sentinels")
+                              "room for span corruption targets (noise spans, sentinels and "
+                              f"EOS) of an encoder of data.encoder_length={cfg.encoder_length}")
         shapes.append(shape)
     sources, sets = _sources(cfg, split, tok)
     if num_steps is None and split == "train" and cfg.batches_per_epoch > 0:
@@ -400,7 +410,7 @@ def _build(cfg: DataConfig, split: str, *, rank: int, world_size: int, batch_siz
         mean_raw = sum(p * sh.raw for p, sh in zip(probs, shapes, strict=True))
         global_batch = batch_size * grad_accum * world_size
         num_steps = max(1, math.floor(stream_tokens / mean_raw / global_batch))
-    spec = StreamSpec(
+    return StreamSpec(
         sources=tuple(sources), objectives=objectives, objective_probs=probs,
         shapes=tuple(shapes), noise_density=cfg.noise_density,
         mean_noise_span_length=cfg.mean_noise_span_length, encoder_length=cfg.encoder_length,
@@ -411,8 +421,18 @@ def _build(cfg: DataConfig, split: str, *, rank: int, world_size: int, batch_siz
         shuffle_buffer=cfg.shuffle_buffer if split == "train" else 0,
         policy=cfg.bad_sample_policy, seed=seed, rank=rank, world_size=world_size,
         grad_accum=grad_accum)
-    return PretrainingLoader(spec, num_workers=cfg.num_workers, timeout_s=cfg.worker_timeout_s,
-                             restart_each_iter=split == "val")
+
+
+def open_loader(cfg: DataConfig, spec: StreamSpec, rank: int) -> PretrainingLoader:
+    """The loader of ``rank`` on a resolved :func:`stream_spec` (of any rank): the training
+    stream (shuffled) resumable across epochs, the validation stream the same batches on
+    every pass."""
+    if not 0 <= rank < spec.world_size:
+        raise ValueError(f"rank {rank} / world_size {spec.world_size}: need 0 <= rank < "
+                         "world_size")
+    return PretrainingLoader(dataclasses.replace(spec, rank=rank), num_workers=cfg.num_workers,
+                             timeout_s=cfg.worker_timeout_s,
+                             restart_each_iter=not spec.shuffle)
 
 
 def build_train_loader(data_cfg: DataConfig, *, rank: int, world_size: int, batch_size: int,
@@ -426,8 +446,9 @@ def build_train_loader(data_cfg: DataConfig, *, rank: int, world_size: int, batc
     one pass over the manifests' tokens, ``floor(tokens / mean chunk / S)``
     steps; ``len(loader)`` = steps x grad_accum.
     """
-    return _build(data_cfg, "train", rank=rank, world_size=world_size, batch_size=batch_size,
-                  seed=seed, num_steps=None, grad_accum=grad_accum)
+    return open_loader(data_cfg, stream_spec(data_cfg, "train", world_size=world_size,
+                                             batch_size=batch_size, seed=seed,
+                                             grad_accum=grad_accum), rank)
 
 
 def build_val_loader(data_cfg: DataConfig, *, rank: int, world_size: int, batch_size: int,
@@ -441,5 +462,7 @@ def build_val_loader(data_cfg: DataConfig, *, rank: int, world_size: int, batch_
     examples for any layout of the same global batch; ``len(loader)`` =
     num_batches x grad_accum.
     """
-    return _build(data_cfg, "val", rank=rank, world_size=world_size, batch_size=batch_size,
-                  seed=seed, num_steps=num_batches, grad_accum=grad_accum)
+    return open_loader(data_cfg, stream_spec(data_cfg, "val", world_size=world_size,
+                                             batch_size=batch_size, seed=seed,
+                                             num_steps=num_batches, grad_accum=grad_accum),
+                       rank)

@@ -400,9 +400,3 @@ class LiquidFoundationModelOptimized(nn.Module):
         from .pretrained import load_pretrained
 
         return load_pretrained(cls, path, device=device, dtype=dtype)
-
-    def num_parameters(self) -> dict[str, int]:
-        """Total and active-per-token parameter counts (tied weights counted once)."""
-        from ..params import count_parameters
-
-        return count_parameters(self)

@@ -345,7 +345,7 @@ def resolve_moe_backend(moe_cfg: MoEConfig, device_type: str, precision: str) ->
     if precision not in PRECISION_DTYPES:
         raise ConfigError("train.precision", precision,
                           f"a resolved precision, one of {sorted(PRECISION_DTYPES)} "
-                          "(liquid_dist.parallel.resolve_precision)")
+                          "(liquid_dist.parallel.build_plan.resolve_precision)")
     backend = moe_cfg.backend
     if backend not in MOE_BACKENDS:
         raise ConfigError("model.moe.backend", backend, f"one of {list(MOE_BACKENDS)}")

@@ -14,22 +14,19 @@ its expert-data-parallel group, as ``mark_expert_parameter`` says.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from liquid_dist.config import Config
 from liquid_dist.model import LiquidFoundationModelOptimized
 from liquid_dist.model.init import Source, init_parameters
 from liquid_dist.model.moe import PRECISION_DTYPES
 from liquid_dist.model.pretrained import canonical_names, weight_source
+from liquid_dist.parallel.build_plan import BuildPlan
 from liquid_dist.parallel.ds_compat import is_expert_parameter
-from liquid_dist.parallel.expert_parallel import (
-    ExpertLayout,
-    apply_expert_parallel,
-    check_expert_placement,
-)
+from liquid_dist.parallel.expert_parallel import ExpertLayout, apply_expert_parallel
 from liquid_dist.params import count_parameters
 
 
@@ -61,26 +58,21 @@ def zero3_partitioner(ds_config: dict[str, Any]):
     return partition
 
 
-def build_model(cfg: Config, *, seed: int, device: torch.device, precision: str,
-                world_size: int, ds_config: Optional[dict[str, Any]] = None,
-                init_from: Optional[str] = None) -> BuiltModel:
-    """The run's model on this rank: this rank's experts (``parallel.ep_size``, their
-    placement checked before any value exists), valued from ``init_from`` (a converted
-    model directory) or drawn with ``seed``, and, when ``ds_config`` asks for ZeRO-3,
-    partitioned module by module. Needs the process group under expert parallelism
-    or ZeRO-3."""
+def build_model(plan: BuildPlan, *, device: torch.device,
+                init_from: Optional[Union[str, Path]] = None) -> BuiltModel:
+    """The run's model on this rank: this rank's experts (``parallel.ep_size``), valued
+    from ``init_from`` (a converted model directory) or drawn with ``train.seed``, and,
+    under ZeRO-3, partitioned module by module with the plan's DeepSpeed config. Needs
+    the process group under expert parallelism or ZeRO-3."""
     with torch.device("meta"):
-        model = LiquidFoundationModelOptimized(cfg.model)
+        model = LiquidFoundationModelOptimized(plan.model_config)
     counts = count_parameters(model)
     source: Optional[Source] = None
     if init_from is not None:
         source = weight_source(init_from, canonical_names(model))
-    layout = None
-    if cfg.parallel.ep_size > 1:
-        layout = apply_expert_parallel(model, cfg.parallel.ep_size)
-    check_expert_placement(model, cfg.parallel.ep_size, world_size)
-    zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
-    init_parameters(model, seed, source=source, device=device,
-                    dtype=PRECISION_DTYPES[precision] if zero3 else None,
-                    after_module=zero3_partitioner(ds_config) if zero3 else None)
+    ep = plan.config.parallel.ep_size
+    layout = apply_expert_parallel(model, ep) if ep > 1 else None
+    init_parameters(model, plan.config.train.seed, source=source, device=device,
+                    dtype=PRECISION_DTYPES[plan.precision] if plan.zero3 else None,
+                    after_module=zero3_partitioner(plan.ds_config) if plan.zero3 else None)
     return BuiltModel(model=model, counts=counts, expert_layout=layout)

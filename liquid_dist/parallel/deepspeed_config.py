@@ -15,42 +15,7 @@ from typing import Any
 
 import torch
 
-from liquid_dist.config import Config, ConfigError, ModelConfig, TrainConfig
-
-
-def resolve_precision(train: TrainConfig, device_type: str) -> str:
-    """``fp32`` / ``bf16`` / ``fp16`` for this device; ``auto`` is bf16 on GPU, fp32 on CPU."""
-    if train.precision == "auto":
-        return "bf16" if device_type == "cuda" else "fp32"
-    if train.precision == "fp16" and device_type != "cuda":
-        raise ConfigError("train.precision", train.precision,
-                          "fp32 or bf16 on CPU (fp16 loss scaling is for GPUs)")
-    return train.precision
-
-
-def check_supported(cfg: Config) -> None:
-    """Raise ConfigError for settings this engine cannot run (before any process starts).
-
-    ``parallel.ep_size`` must divide the world size the launcher announces
-    (``WORLD_SIZE`` / ``SLURM_NTASKS``; 1 without a launcher) and
-    ``model.moe.num_experts``, and expert parallelism needs ZeRO stage 3
-    (docs/parallelism.md) and eager blocks (no ``train.compile``).
-    """
-    from liquid_dist.parallel.distributed import resolve_dist_env
-    from liquid_dist.parallel.expert_parallel import check_ep_size
-
-    ep = cfg.parallel.ep_size
-    if ep != 1:
-        if cfg.train.compile:
-            raise ConfigError("train.compile", cfg.train.compile,
-                              "false with parallel.ep_size > 1: the expert exchange reads "
-                              "its split sizes on the host and runs collectives, which a "
-                              "fullgraph-compiled block cannot hold (docs/training.md)")
-        if cfg.parallel.zero_stage != 3:
-            raise ConfigError("parallel.ep_size", ep,
-                              "1 unless parallel.zero_stage is 3 (expert parallelism is "
-                              "implemented for ZeRO-3; docs/parallelism.md)")
-        check_ep_size(ep, resolve_dist_env().world_size, cfg.model.moe.num_experts)
+from liquid_dist.config import Config, ModelConfig
 
 
 def zero3_working_set(model: ModelConfig, ep_size: int = 1) -> dict[str, int]:
@@ -73,7 +38,7 @@ def zero3_working_set(model: ModelConfig, ep_size: int = 1) -> dict[str, int]:
     from liquid_dist.model.block import ImprovedTransformerBlock
 
     if not isinstance(model.vocab_size, int):
-        raise ValueError("resolve model.vocab_size first (liquid_dist.train.resolve_config)")
+        raise ValueError("resolve model.vocab_size first (liquid_dist.train.prepare)")
     with torch.device("meta"):
         built = LiquidFoundationModelOptimized(model)
     experts = {id(p) for m in built.modules() if isinstance(m, MoELayer)
@@ -90,33 +55,33 @@ def zero3_working_set(model: ModelConfig, ep_size: int = 1) -> dict[str, int]:
             "sub_group_size": unit}
 
 
-def zero3_working_set_bytes(model: ModelConfig, ep_size: int, precision: str) -> float:
-    """The bytes a rank may hold beyond its partitions during a step, by the limits of
-    :func:`zero3_working_set`: the live gathered parameters, a prefetch bucket and a
+def zero3_working_set_bytes(limits: dict[str, int], precision: str) -> float:
+    """The bytes a rank may hold beyond its partitions during a step under ZeRO-3's
+    working-set ``limits`` (:func:`zero3_working_set`, or a DeepSpeed config's
+    ``zero_optimization``): the live gathered parameters, a prefetch bucket and a
     gradient-reduction bucket (in the parameters' dtype, which is DeepSpeed's gradient
     dtype too), and the optimizer step's transients of one sub-group (DeepSpeed's
     flattened fp32 gradient and AdamW's two fp32 temporaries: 12 bytes per element)."""
     from liquid_dist.model.moe import PRECISION_DTYPES
 
-    ws = zero3_working_set(model, ep_size)
-    return (PRECISION_DTYPES[precision].itemsize * (ws["stage3_max_live_parameters"]
-                                      + ws["stage3_prefetch_bucket_size"]
-                                      + ws["reduce_bucket_size"])
-            + 12 * ws["sub_group_size"])
+    return (PRECISION_DTYPES[precision].itemsize * (limits["stage3_max_live_parameters"]
+                                                    + limits["stage3_prefetch_bucket_size"]
+                                                    + limits["reduce_bucket_size"])
+            + 12 * limits["sub_group_size"])
 
 
-def build_deepspeed_config(cfg: Config, *, world_size: int, device_type: str) -> dict[str, Any]:
+def build_deepspeed_config(cfg: Config, *, world_size: int, precision: str) -> dict[str, Any]:
     """The ``config`` dict for ``deepspeed.initialize``.
 
     ZeRO stage from ``parallel.zero_stage``; ``train_batch_size`` =
-    micro batch x gradient accumulation x world size; precision from
-    :func:`resolve_precision`; clipping from ``train.grad_clip`` (0 = off).
+    micro batch x gradient accumulation x world size; ``precision`` resolved
+    (``fp32`` / ``bf16`` / ``fp16``: liquid_dist.parallel.build_plan.resolve_precision);
+    clipping from ``train.grad_clip`` (0 = off).
     The optimizer and the learning-rate schedule are the trainer's own
     (a torch AdamW, no compilation), so the config names neither. ZeRO-3's
     working set: :func:`zero3_working_set`.
     """
     t = cfg.train
-    precision = resolve_precision(t, device_type)
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage == 3:
         zero.update(memory_efficient_linear=False,

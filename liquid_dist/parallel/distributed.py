@@ -84,9 +84,14 @@ def resolve_dist_env(environ: Optional[Mapping[str, str]] = None,
                    master_port=int(env.get("MASTER_PORT", 29500)))
 
 
+def device_type() -> str:
+    """``cuda`` when CUDA is available, else ``cpu``: the device every rank trains on."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def select_device(local_rank: int) -> torch.device:
-    """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
+    """``cuda:LOCAL_RANK`` when CUDA is available (:func:`device_type`), else the CPU."""
+    if device_type() == "cuda":
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -21,9 +21,9 @@ The model stays parallelism-agnostic; this module plugs into it from outside
   over the expert-data-parallel group only, divides their gradients by the
   global data-parallel size and adds their norm into the one gradient norm
   used for clipping and reporting.
-* :func:`check_expert_placement` refuses, before training, any set-up that
-  would let ZeRO mix different experts (the silent failure of
-  PLATFORM_NOTES.md, "Mixture of experts under ZeRO-3").
+  Unmarked, ZeRO-3 would broadcast rank 0's experts to every rank and average
+  different experts' gradients, and training would run, wrongly (the silent
+  failure of PLATFORM_NOTES.md, "Mixture of experts under ZeRO-3").
 
 Groups and markings are DeepSpeed's, reached through
 :mod:`liquid_dist.parallel.ds_compat` (legacy layout): with W ranks and
@@ -40,13 +40,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from liquid_dist.config import ConfigError
 from liquid_dist.model.init import expert_slice
 from liquid_dist.parallel.ds_compat import (
     create_expert_groups,
     expert_parallel_group,
     expert_parallel_rank,
-    is_expert_parameter,
     mark_expert_parameter,
 )
 
@@ -55,16 +53,6 @@ def expert_range(num_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int
     """Global expert indices ``[start, stop)`` held by expert-parallel rank ``ep_rank``."""
     local = num_experts // ep_size
     return ep_rank * local, (ep_rank + 1) * local
-
-
-def check_ep_size(ep_size: int, world_size: int, num_experts: int) -> None:
-    """Raise ConfigError unless ``ep_size`` divides both the world size and the experts."""
-    if ep_size < 1 or world_size % ep_size:
-        raise ConfigError("parallel.ep_size", ep_size,
-                          f"a divisor of the data-parallel world size ({world_size})")
-    if num_experts % ep_size:
-        raise ConfigError("parallel.ep_size", ep_size,
-                          f"a divisor of model.moe.num_experts ({num_experts})")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -180,13 +168,13 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> ExpertLayout:
     experts :func:`expert_range` of its expert-parallel rank, whose values
     (drawn or loaded, liquid_dist.model.init) are exactly the corresponding
     slice of a single-process model. Needs the default process group
-    (collective: creates the groups).
+    (collective: creates the groups) and an ``ep_size`` dividing the experts and the
+    world size (the run plan checks it: liquid_dist.train.prepare).
     """
     layers = _moe_layers(model)
     if not layers:
-        raise ConfigError("parallel.ep_size", ep_size, "1 for a model without MoE layers")
+        raise ValueError("expert parallelism needs a model with MoE layers")
     num_experts = layers[0][1].cfg.num_experts
-    check_ep_size(ep_size, dist.get_world_size(), num_experts)
     name = create_expert_groups(ep_size)
     ep_rank = expert_parallel_rank(name)
     start, stop = expert_range(num_experts, ep_size, ep_rank)
@@ -201,47 +189,6 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> ExpertLayout:
         layer.expert_parallel = hook
     return ExpertLayout(ep_size=ep_size, ep_rank=ep_rank, num_experts=num_experts,
                         group_name=name, layers=tuple(n for n, _ in layers))
-
-
-def check_expert_placement(model: nn.Module, ep_size: int, world_size: int) -> None:
-    """Refuse a set-up in which ZeRO would mix different experts; call before ``initialize``.
-
-    Under ``ep_size > 1`` every MoE layer must hold ``num_experts / ep_size``
-    experts, carry the exchange hook, and have every expert tensor marked
-    (:func:`mark_expert_parameter`); no other parameter may be marked. Without
-    the marking ZeRO-3 would broadcast rank 0's experts to every rank and
-    average different experts' gradients, and training would run, wrongly.
-    """
-    layers = _moe_layers(model)
-    if ep_size == 1:
-        for name, layer in layers:
-            if layer.expert_parallel is not None or layer.w1.shape[0] != layer.cfg.num_experts:
-                raise ConfigError("parallel.ep_size", ep_size,
-                                  f"> 1: MoE layer {name} holds a slice of the experts")
-        return
-    if not layers:
-        raise ConfigError("parallel.ep_size", ep_size, "1 for a model without MoE layers")
-    check_ep_size(ep_size, world_size, layers[0][1].cfg.num_experts)
-    expert_ids = set()
-    for name, layer in layers:
-        want = layer.cfg.num_experts // ep_size
-        params = {"w1": layer.w1, "b1": layer.b1, "w2": layer.w2, "b2": layer.b2}
-        for attr, p in params.items():
-            if p is None:
-                continue
-            if p.shape[0] != want or not is_expert_parameter(p) or layer.expert_parallel is None:
-                raise ConfigError(
-                    "parallel.ep_size", ep_size,
-                    f"a model prepared by liquid_dist.parallel.apply_expert_parallel: "
-                    f"{name}.{attr} has {p.shape[0]} experts (want {want}), marked="
-                    f"{is_expert_parameter(p)}, hook={layer.expert_parallel is not None}; "
-                    "unmarked per-rank experts would be broadcast from rank 0 and their "
-                    "gradients averaged across different experts")
-            expert_ids.add(id(p))
-    for pname, p in model.named_parameters():
-        if is_expert_parameter(p) and id(p) not in expert_ids:
-            raise ConfigError("parallel.ep_size", ep_size,
-                              f"expert marking only on MoE expert tensors, not on {pname}")
 
 
 def split_expert_param_groups(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:

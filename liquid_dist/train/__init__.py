@@ -1,7 +1,7 @@
 """The training engine (DESIGN.md section 3; docs/training.md).
 
 * :mod:`.entry` — ``pretrain(config_path, overrides, resume=...)``, exit statuses;
-* :mod:`.prepare` — launch-time checks (``model.vocab_size: auto`` from the tokenizer);
+* :mod:`.prepare` — the run plan: the config resolved once, before any process group;
 * :mod:`.trainer` — the loop (:class:`Trainer`), NaN skipping, preemption;
 * :mod:`.checkpoint` — atomic checkpoints, ``latest``, exact resume;
 * :mod:`.schedule`, :mod:`.metrics`, :mod:`.monitor`, :mod:`.signals`, :mod:`.flops`;

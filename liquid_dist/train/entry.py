@@ -3,7 +3,8 @@
 Exit statuses (also in docs/training.md):
 
 * 0  — trained to ``train.max_steps`` (final checkpoint written);
-* 2  — bad configuration or missing input, found before any process group exists;
+* 2  — bad configuration or missing input (config, tokenizer, shards, the checkpoint to
+  resume or start from), found before any process group exists;
 * 3  — stopped: non-finite loss on more than ``train.max_nan_skips`` steps in a row;
 * 75 — preempted (SIGTERM / SIGUSR1): checkpoint written, requeue and ``--resume auto``;
 * 1  — anything else (traceback on stderr).
@@ -16,12 +17,17 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
-from liquid_dist.checkpoint_format import CheckpointError, find_checkpoint
+from liquid_dist.checkpoint_format import CheckpointError
 from liquid_dist.config import Config, ConfigError, load_config
-from liquid_dist.parallel.distributed import DistEnv, init_distributed, resolve_dist_env
+from liquid_dist.data.errors import DataError
+from liquid_dist.parallel.distributed import (
+    DistEnv,
+    device_type,
+    init_distributed,
+    resolve_dist_env,
+)
 from liquid_dist.parallel.ds_compat import DeepSpeedVersionError, check_deepspeed_version
-from liquid_dist.train.checkpoint import check_resumable
-from liquid_dist.train.prepare import resolve_config
+from liquid_dist.train.prepare import resolve_run
 from liquid_dist.train.signals import StopFlag
 from liquid_dist.train.trainer import NonFiniteLossError, Trainer
 
@@ -38,7 +44,8 @@ def _say(message: str) -> None:
 def pretrain(config_path: str, overrides: Iterable[str] = (), *, resume: str = "auto",
              local_rank: Optional[int] = None,
              train_loader_factory: Optional[Callable[[Config, DistEnv], Any]] = None) -> int:
-    """Load and check the config, create the process group, train; returns the exit status.
+    """Load the config and resolve it into the run plan (liquid_dist.train.prepare), create
+    the process group, train; returns the exit status.
 
     The stop handlers are installed first: a SIGTERM / SIGUSR1 that comes while the
     process starts (Slurm may send the time-limit warning that early) is kept and
@@ -58,19 +65,19 @@ def _pretrain(config_path: str, overrides: Iterable[str], resume: str,
               stop: StopFlag) -> int:
     try:
         check_deepspeed_version()
-        cfg = resolve_config(load_config(config_path, list(overrides)))
-        ref = find_checkpoint(resume, cfg.train.run_dir)
-        if ref is not None:
-            check_resumable(cfg, ref, resolve_dist_env(local_rank_arg=local_rank).world_size)
-    except (ConfigError, FileNotFoundError, CheckpointError, DeepSpeedVersionError) as exc:
+        plan = resolve_run(load_config(config_path, list(overrides)),
+                           world_size=resolve_dist_env(local_rank_arg=local_rank).world_size,
+                           device_type=device_type(), resume=resume)
+    except (ConfigError, FileNotFoundError, CheckpointError, DataError,
+            DeepSpeedVersionError) as exc:
         _say(f"error: {exc}")
         return EXIT_CONFIG
     import torch.distributed as dist
 
     env, device = init_distributed(local_rank)
     try:
-        loader = train_loader_factory(cfg, env) if train_loader_factory else None
-        return Trainer(cfg, env, device, resume=resume, train_loader=loader).run(stop)
+        loader = train_loader_factory(plan.config, env) if train_loader_factory else None
+        return Trainer(plan, env, device, train_loader=loader).run(stop)
     except NonFiniteLossError as exc:
         _say(f"error: {exc}")
         return EXIT_NONFINITE

@@ -1,42 +1,61 @@
-"""Launch-time checks that need files: the tokenizer decides ``model.vocab_size: auto``.
+"""The run plan: a config resolved, once and before any process group, into everything
+the build needs (docs/training.md, "From a config to a running engine").
 
-Everything here runs before any process group exists, so a bad config or a
-missing file stops every rank with one clear message and nothing to clean up.
+:func:`resolve_run` takes what depends on the config, the world size and the
+device only — the precision, the MoE backend, the expert layout and the
+DeepSpeed config — from liquid_dist.parallel.build_plan.resolve_build (which
+the planner, liquid_dist.plan, calls too), and adds what needs files: the
+vocabulary from the tokenizer, the data streams (shards, epoch length), the
+checkpoint to resume and the model to start from, each checked against the
+config. Every problem is a
+ConfigError, DataError or CheckpointError naming the key or file, raised while
+there is nothing to clean up; the trainer reads only the plan.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-import torch
-
-from liquid_dist.checkpoint_format import find_checkpoint, read_config
+from liquid_dist.checkpoint_format import CheckpointRef, find_checkpoint, read_config
 from liquid_dist.config import Config, ConfigError, check_same_architecture, validate
-from liquid_dist.model.moe import resolve_moe_backend
-from liquid_dist.model.pretrained import check_compatible, is_pretrained_dir
-from liquid_dist.parallel.deepspeed_config import check_supported, resolve_precision
+from liquid_dist.data.stream import StreamSpec
+from liquid_dist.parallel.build_plan import BuildPlan, resolve_build
 
 
-def resolve_config(cfg: Config) -> Config:
+@dataclass(frozen=True)
+class RunPlan:
+    """A launch: the build, the data streams and where the weights come from."""
+
+    build: BuildPlan
+    train_data: StreamSpec
+    """The training stream (of rank 0; liquid_dist.data.open_loader opens any rank's)."""
+    val_data: Optional[StreamSpec]
+    resume: Optional[CheckpointRef]
+    """The checkpoint to continue (``--resume``), checked resumable on this layout."""
+    init_from_pretrained: Optional[Path]
+    """``train.init_from`` when it is a converted model directory (weights only)."""
+    init_from_checkpoint: Optional[CheckpointRef]
+    """``train.init_from`` when it is a training checkpoint (weights only)."""
+
+    @property
+    def config(self) -> Config:
+        return self.build.config
+
+
+def resolve_vocabulary(cfg: Config) -> Config:
     """A copy of ``cfg`` with ``model.vocab_size`` an integer, checked against the tokenizer.
 
     ``auto`` takes the tokenizer's size; an explicit size below it is a
     ConfigError (ids past the embedding would crash mid-run), as are special
-    token ids that differ from the tokenizer's and settings this engine does
-    not run (an ``ep_size`` that does not divide the world size, fp16 without a
-    GPU, an MoE backend without a kernel for this device and precision).
+    token ids that differ from the tokenizer's.
     """
     from liquid_dist.data import Tokenizer
     from liquid_dist.data.tokenizer import DECODER_START_IDS
 
-    check_supported(cfg)
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    resolve_moe_backend(cfg.model.moe, device_type, resolve_precision(cfg.train, device_type))
-    if cfg.train.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("train.wandb.mode", cfg.train.wandb.mode,
-                          "'disabled' unless wandb is installed (pip install wandb)")
     tok_path = Path(cfg.data.tokenizer)
     if not tok_path.is_file():
         raise ConfigError("data.tokenizer", cfg.data.tokenizer,
@@ -59,12 +78,42 @@ def resolve_config(cfg: Config) -> Config:
                               f"{tok_id}, the id the tokenizer and the data loader use")
     out = dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=vocab))
     validate(out)
-    # the model to start from must have this architecture (ConfigError)
-    if out.train.init_from and is_pretrained_dir(out.train.init_from):
-        check_compatible(out.model, out.train.init_from)
-    elif out.train.init_from:
-        ref = find_checkpoint(out.train.init_from, out.train.init_from)
-        assert ref is not None
-        check_same_architecture(read_config(ref)["model"], out.model,
-                                f"the train.init_from checkpoint {ref.path}")
     return out
+
+
+def resolve_run(cfg: Config, *, world_size: int, device_type: str,
+                resume: str = "none") -> RunPlan:
+    """The :class:`RunPlan` of ``cfg`` on ``world_size`` ranks of ``device_type``,
+    resuming ``resume`` (``auto``, ``none`` or a checkpoint path; see
+    liquid_dist.checkpoint_format.find_checkpoint). See the module doc."""
+    from liquid_dist.data.loader import stream_spec
+    from liquid_dist.model.pretrained import check_compatible, is_pretrained_dir
+    from liquid_dist.train.checkpoint import check_resumable
+
+    cfg = resolve_vocabulary(cfg)
+    build = resolve_build(cfg, world_size=world_size, device_type=device_type)
+    t = cfg.train
+    if t.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.wandb.mode", t.wandb.mode,
+                          "'disabled' unless wandb is installed (pip install wandb)")
+    train_data = stream_spec(cfg.data, "train", world_size=world_size,
+                             batch_size=t.micro_batch_size, seed=t.seed, grad_accum=t.grad_accum)
+    val_data = None
+    if cfg.data.val_shards is not None:
+        val_data = stream_spec(cfg.data, "val", world_size=world_size,
+                               batch_size=t.micro_batch_size, seed=t.seed,
+                               num_steps=t.eval_steps, grad_accum=t.grad_accum)
+    ref = find_checkpoint(resume, t.run_dir)
+    if ref is not None:
+        check_resumable(cfg, ref, world_size)
+    pretrained = checkpoint = None
+    if t.init_from and is_pretrained_dir(t.init_from):
+        pretrained = Path(t.init_from)
+        check_compatible(cfg.model, pretrained)
+    elif t.init_from:
+        checkpoint = find_checkpoint(t.init_from, t.init_from)
+        assert checkpoint is not None  # a path, never "none"
+        check_same_architecture(read_config(checkpoint)["model"], cfg.model,
+                                f"the train.init_from checkpoint {checkpoint.path}")
+    return RunPlan(build=build, train_data=train_data, val_data=val_data, resume=ref,
+                   init_from_pretrained=pretrained, init_from_checkpoint=checkpoint)

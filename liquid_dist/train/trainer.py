@@ -43,12 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from liquid_dist.checkpoint_format import find_checkpoint
-from liquid_dist.config import Config
-from liquid_dist.model.pretrained import is_pretrained_dir
 from liquid_dist.model.utils import param_groups as model_param_groups
 from liquid_dist.parallel.construction import build_model
-from liquid_dist.parallel.deepspeed_config import build_deepspeed_config, resolve_precision
 from liquid_dist.parallel.distributed import DistEnv
 from liquid_dist.parallel.expert_parallel import split_expert_param_groups
 from liquid_dist.train import testhooks
@@ -63,6 +59,7 @@ from liquid_dist.train.metrics import (
     wandb_sent_through,
 )
 from liquid_dist.train.monitor import BlockMonitor
+from liquid_dist.train.prepare import RunPlan
 from liquid_dist.train.schedule import lr_at
 from liquid_dist.train.signals import EXIT_PREEMPTED, StopFlag
 
@@ -154,23 +151,26 @@ class _Window:
 
 
 class Trainer:
-    """Trains ``cfg`` (resolved: see prepare.resolve_config) on the current process group.
+    """Trains a run plan (prepare.resolve_run) on the current process group.
 
-    ``train_loader`` replaces the loader built from ``cfg.data`` (tests use it
-    to feed one process the union of several ranks' batches); it must yield
+    ``train_loader`` replaces the loader of the plan's training stream (tests use
+    it to feed one process the union of several ranks' batches); it must yield
     the same batch dicts and offer ``state_dict`` / ``load_state_dict``.
     """
 
-    def __init__(self, cfg: Config, dist_env: DistEnv, device: torch.device, *,
-                 resume: str = "auto", train_loader: Any = None):
-        if not isinstance(cfg.model.vocab_size, int):
-            raise ValueError("resolve the config first (liquid_dist.train.resolve_config)")
-        self.cfg = cfg
+    def __init__(self, plan: RunPlan, dist_env: DistEnv, device: torch.device, *,
+                 train_loader: Any = None):
+        if (dist_env.world_size, device.type) != (plan.build.world_size,
+                                                  plan.build.device_type):
+            raise ValueError(f"the plan is for {plan.build.world_size} rank(s) of "
+                             f"{plan.build.device_type}, the process group has "
+                             f"{dist_env.world_size} of {device.type}")
+        self.plan = plan
+        self.cfg = plan.config
         self.env = dist_env
         self.device = device
-        self.resume = resume
-        self.run_dir = Path(cfg.train.run_dir)
-        self.precision = resolve_precision(cfg.train, device.type)
+        self.run_dir = Path(self.cfg.train.run_dir)
+        self.precision = plan.build.precision
         self._train_loader = train_loader
         self.step = 0
         self.resharded_from: Optional[tuple[int, int]] = None  # (world size, ep_size)
@@ -184,7 +184,7 @@ class Trainer:
         import deepspeed
         from deepspeed.utils import set_z3_leaf_modules
 
-        from liquid_dist.data import build_train_loader, build_val_loader
+        from liquid_dist.data.loader import open_loader
         from liquid_dist.model import MoELayer
         from liquid_dist.model.block import ImprovedTransformerBlock
 
@@ -192,15 +192,12 @@ class Trainer:
         # DeepSpeed 0.19 calls torch.distributed functions that torch 2.13 deprecates
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
                                 category=FutureWarning)
-        ds_config = build_deepspeed_config(cfg, world_size=self.env.world_size,
-                                           device_type=self.device.type)
+        plan = self.plan
         # built on the meta device, valued module by module (drawn from t.seed, the
-        # same on every layout, or read from a converted model: prepare.py checked
-        # its config) and partitioned as it goes under ZeRO-3
-        built = build_model(cfg, seed=t.seed, device=self.device, precision=self.precision,
-                            world_size=self.env.world_size, ds_config=ds_config,
-                            init_from=t.init_from if t.init_from and is_pretrained_dir(
-                                t.init_from) else None)
+        # same on every layout, or read from a converted model the plan checked) and
+        # partitioned as it goes under ZeRO-3
+        built = build_model(plan.build, device=self.device,
+                            init_from=plan.init_from_pretrained)
         self.model, self.parameter_counts = built.model, built.counts
         self.expert_layout = built.expert_layout
         if t.compile:
@@ -219,18 +216,14 @@ class Trainer:
         self.optimizer = SkippableAdamW(param_groups, lr=t.lr,
                                         betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer,
-                                                    config=ds_config, dist_init_required=False)
+                                                    config=plan.build.ds_config,
+                                                    dist_init_required=False)
         seed_everything(t.seed + self.env.rank)  # per-rank dropout streams
         if self._train_loader is None:
-            self._train_loader = build_train_loader(
-                cfg.data, rank=self.env.rank, world_size=self.env.world_size,
-                batch_size=t.micro_batch_size, seed=t.seed, grad_accum=t.grad_accum)
+            self._train_loader = open_loader(cfg.data, plan.train_data, self.env.rank)
         self.val_loader = None
-        if cfg.data.val_shards is not None:
-            self.val_loader = build_val_loader(
-                cfg.data, rank=self.env.rank, world_size=self.env.world_size,
-                batch_size=t.micro_batch_size, seed=t.seed, num_batches=t.eval_steps,
-                grad_accum=t.grad_accum)
+        if plan.val_data is not None:
+            self.val_loader = open_loader(cfg.data, plan.val_data, self.env.rank)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=t.keep_last, rank=self.env.rank,
                                       world_size=self.env.world_size,
                                       expert_layout=self.expert_layout, seed=t.seed)
@@ -241,7 +234,7 @@ class Trainer:
     def _restore(self) -> Optional[str]:
         """Resume (``--resume``) or initialise from ``train.init_from``; returns the run id."""
         self.ckpt.remove_incomplete()
-        ref = find_checkpoint(self.resume, self.run_dir)
+        ref = self.plan.resume
         if ref is not None:
             state = self.ckpt.load(self.engine, ref)
             self.step = state["step"]
@@ -254,10 +247,8 @@ class Trainer:
                 self.resharded_from = (state["world_size"], state["ep_size"])
             return state.get("run_id")
         self.resumed_from = None
-        if self.cfg.train.init_from and not is_pretrained_dir(self.cfg.train.init_from):
-            init_ref = find_checkpoint(self.cfg.train.init_from, self.cfg.train.init_from)
-            assert init_ref is not None
-            load_weights(self.engine, init_ref, self.expert_layout)
+        if self.plan.init_from_checkpoint is not None:
+            load_weights(self.engine, self.plan.init_from_checkpoint, self.expert_layout)
         return None
 
     # ------------------------------------------------------------------- loop

@@ -1,0 +1,91 @@
+"""Fault injection: the one seam through which a test makes a run fail on purpose.
+
+A :class:`Faults` is built once, at entry (:meth:`Faults.from_environment`), and
+handed to the trainer and the checkpoint manager; its methods are the points
+where a fault may enter a run, and with its defaults (a normal run) each does
+nothing. Nothing in the step loop or the checkpoint protocol reads the
+environment. The variables, read once at start-up (inert when unset):
+
+* ``LIQUID_TEST_NAN_STEPS=3,4`` — on rank 0 the loss of those (1-based)
+  optimizer steps is replaced by NaN (after the forward, before backward), to
+  exercise non-finite detection, skipping and the ``train.max_nan_skips`` stop.
+* ``LIQUID_TEST_STOP_AT_STEP=n`` — rank 0 raises the stop flag after step n,
+  exactly as if it had received SIGTERM there (a deterministic preemption).
+* ``LIQUID_TEST_CKPT_PAUSE=step:rank`` — while writing the checkpoint of that
+  step, that rank stops after its DeepSpeed files are written and before it
+  marks its part complete, writes its pid to ``RUN_DIR/ckpt_pause.pid`` and
+  sleeps (up to 10 minutes), so a test can ``kill -9`` it mid-write.
+* ``LIQUID_TEST_HOLD_AT_STEP=n`` — after step n (and its checkpoint, if one is
+  due) every rank writes its pid to ``RUN_DIR/held.rank<r>`` and waits (up to
+  10 minutes) until a stop signal raises its flag; the run then preempts after
+  step n+1. Once per run directory: a rank whose ``held.rank<r>`` exists (a
+  requeued or resubmitted attempt) does not hold again. A test signals a job
+  from outside at a known step this way (tests/test_slurm_real.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from liquid_dist.train.signals import StopFlag
+
+PAUSE_S = 600.0
+"""The longest a paused or held rank waits."""
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The faults of one run; the defaults inject none."""
+
+    nan_steps: frozenset[int] = frozenset()
+    stop_at_step: Optional[int] = None
+    checkpoint_pause: Optional[tuple[int, int]] = None
+    """(step, rank)"""
+    hold_at_step: Optional[int] = None
+
+    @classmethod
+    def from_environment(cls, environ: Optional[Mapping[str, str]] = None) -> Faults:
+        """The faults the ``LIQUID_TEST_*`` variables ask for (see the module doc)."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str:
+            return env.get(f"LIQUID_TEST_{name}", "").strip()
+
+        pause = get("CKPT_PAUSE")
+        return cls(
+            nan_steps=frozenset(int(s) for s in get("NAN_STEPS").split(",") if s.strip()),
+            stop_at_step=int(get("STOP_AT_STEP")) if get("STOP_AT_STEP") else None,
+            checkpoint_pause=tuple(int(x) for x in pause.split(":")) if pause else None,
+            hold_at_step=int(get("HOLD_AT_STEP")) if get("HOLD_AT_STEP") else None)
+
+    def nan_loss(self, step: int, rank: int) -> bool:
+        """Whether ``rank`` replaces its loss of (1-based) ``step`` by NaN."""
+        return rank == 0 and step in self.nan_steps
+
+    def stop_after(self, step: int, rank: int) -> bool:
+        """Whether ``rank`` raises the stop flag after ``step``, as a signal would."""
+        return rank == 0 and self.stop_at_step is not None and step >= self.stop_at_step
+
+    def in_checkpoint_write(self, step: int, rank: int, run_dir: Path) -> None:
+        """Called by every rank between its DeepSpeed files and its completion marker."""
+        if self.checkpoint_pause != (step, rank):
+            return
+        tmp = run_dir / "ckpt_pause.pid.tmp"
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, run_dir / "ckpt_pause.pid")
+        time.sleep(PAUSE_S)
+
+    def after_step(self, step: int, rank: int, run_dir: Path, stop: StopFlag) -> None:
+        """Called by every rank after a step and its checkpoint."""
+        marker = run_dir / f"held.rank{rank}"
+        if self.hold_at_step != step or marker.exists():
+            return
+        marker.write_text(str(os.getpid()))
+        deadline = time.monotonic() + PAUSE_S
+        while not stop.requested and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -1,0 +1,105 @@
+"""The run plan (liquid_dist.train.prepare, liquid_dist.parallel.build_plan): a config
+resolved once, before any process group, into everything the build reads; and the
+module layering it leaves (no back-arrows into data/ from the config, nor into
+params.py from the model)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+import train_fixtures as tf
+
+from liquid_dist.checkpoint_format import CheckpointError
+from liquid_dist.config import ConfigError, load_config
+from liquid_dist.data.errors import DataError
+from liquid_dist.parallel.build_plan import resolve_build
+from liquid_dist.parallel.deepspeed_config import build_deepspeed_config
+from liquid_dist.train.prepare import resolve_run
+
+TINY = tf.REPO / "configs" / "tiny.yaml"
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config(TINY, tf.base_overrides(tmp_path / "run") + list(extra))
+
+
+def test_the_plan_holds_every_decision_of_the_build(tmp_path: Path) -> None:
+    plan = resolve_run(_cfg(tmp_path), world_size=2, device_type="cpu", resume="auto")
+    cfg, build = plan.config, plan.build
+    assert cfg.model.vocab_size == 600  # from the tokenizer ('auto' in tiny.yaml)
+    assert (build.world_size, build.device_type, build.precision) == (2, "cpu", "fp32")
+    # the model is built with the decided backend; the config (saved with every
+    # checkpoint) keeps what the user wrote
+    assert cfg.model.moe.backend == "auto" and build.moe_backend == "grouped_mm"
+    assert build.model_config.moe.backend == "grouped_mm"
+    assert build.ds_config == build_deepspeed_config(cfg, world_size=2, precision="fp32")
+    assert build.local_experts == cfg.model.moe.num_experts
+    # both data streams resolved for this world size (a rank opens its own)
+    assert plan.train_data.world_size == plan.val_data.world_size == 2
+    assert plan.val_data.steps_per_epoch == cfg.train.eval_steps and not plan.val_data.shuffle
+    assert plan.resume is None  # --resume auto on an empty run directory
+    assert plan.init_from_pretrained is None and plan.init_from_checkpoint is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.resume = None  # type: ignore[misc]
+
+
+def test_the_build_plan_decides_precision_backend_and_layout_for_the_device() -> None:
+    cfg = load_config(TINY, ["model.vocab_size=600", "parallel.ep_size=2",
+                             "parallel.zero_stage=3"])
+    gpu = resolve_build(cfg, world_size=4, device_type="cuda")
+    assert (gpu.precision, gpu.moe_backend, gpu.local_experts) == (
+        "bf16", "grouped_mm", cfg.model.moe.num_experts // 2)
+    fp32 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32"))
+    assert resolve_build(fp32, world_size=4, device_type="cuda").moe_backend == "loop"
+    with pytest.raises(ConfigError, match=r"'parallel.ep_size' = 2: expected a divisor of the "
+                                          r"world size \(3\)"):
+        resolve_build(cfg, world_size=3, device_type="cpu")
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        resolve_build(load_config(TINY), world_size=1, device_type="cpu")
+
+
+def test_expert_parallelism_rules_of_the_config_alone_are_the_configs() -> None:
+    with pytest.raises(ConfigError, match="1 unless parallel.zero_stage is 3"):
+        load_config(TINY, ["parallel.ep_size=2", "parallel.zero_stage=2"])
+    with pytest.raises(ConfigError, match="divisor of model.moe.num_experts"):
+        load_config(TINY, ["parallel.ep_size=3", "parallel.zero_stage=3"])
+
+
+def test_files_are_read_and_checked_by_the_plan(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="room for span corruption targets"):
+        resolve_run(_cfg(tmp_path, "data.objective=span_corruption", "data.decoder_length=2"),
+                    world_size=1, device_type="cpu")
+    with pytest.raises(DataError, match="/nonexistent/shards"):
+        resolve_run(_cfg(tmp_path, "data.val_shards=/nonexistent/shards"), world_size=1,
+                    device_type="cpu")
+    with pytest.raises(CheckpointError, match="no such run or checkpoint directory"):
+        resolve_run(_cfg(tmp_path), world_size=1, device_type="cpu",
+                    resume=str(tmp_path / "nothing"))
+    with pytest.raises(CheckpointError, match="no such run or checkpoint directory"):
+        resolve_run(_cfg(tmp_path, f"train.init_from={tmp_path / 'nothing'}"), world_size=1,
+                    device_type="cpu")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports (at any depth), relative imports made absolute."""
+    package = ".".join(path.relative_to(tf.REPO).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
+    return found
+
+
+def test_no_back_arrows_from_the_config_into_data_or_from_the_model_into_params() -> None:
+    root = tf.REPO / "liquid_dist"
+    assert not {m for m in _imports(root / "config.py") if m.startswith("liquid_dist.")}
+    for path in (root / "model").glob("*.py"):
+        assert "liquid_dist.params" not in _imports(path), path.name
