@@ -10,7 +10,7 @@ The #SBATCH GPU and CPU requests are overridden on the command line
 Slurm is an error, not a skip (.ci/run installs it).
 
 A test signals a job at a known step through ``LIQUID_TEST_HOLD_AT_STEP``
-(liquid_dist/train/testhooks.py): the ranks wait after that step until a
+(liquid_dist/train/faults.py): the ranks wait after that step until a
 stop signal arrives, so the preemption checkpoint is the next step's.
 
 Requeue delay: Slurm lets a requeued job start again only after the

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -56,11 +58,28 @@ def test_sigterm_to_one_rank_checkpoints_on_every_rank_and_exits_75() -> None:
     assert max(r["step"] for r in read_metrics(run, "train")) == step
 
 
+def _shards_with_a_corrupt_sample_each(out: Path) -> Path:
+    """A copy of the training shards in which every shard's first sample fails its
+    checksum (the loader skips and counts it: ``corrupt``)."""
+    from test_data_bad_shards import _flip_ids_byte, _members, _write
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(tf.train_data().shards, out)
+    for tar in sorted(out.glob("*.tar")):
+        _write(tar, _flip_ids_byte(_members(tar)))
+    return out
+
+
 @pytest.mark.slow
 def test_nan_loss_is_skipped_and_counted_and_repeated_nans_stop_the_run() -> None:
+    """(The run reads shards with bad samples too: the skipped samples, counted by the
+    loaders of both ranks, reach the metrics.)"""
     run = tf.TMP / "nan"
+    shards = _shards_with_a_corrupt_sample_each(tf.TMP / "nan_shards")
     overrides = tf.base_overrides(run) + ["train.ckpt_every=1", "train.keep_last=10",
-                                          "train.max_nan_skips=2"]
+                                          "train.max_nan_skips=2",
+                                          f"data.train_shards={shards}"]
     # rank 0 only: the skip decision must still be the same on both ranks
     proc = tf.launch(2, overrides, extra_env={"LIQUID_TEST_NAN_STEPS": "2,4,5,6"})
     assert proc.returncode == EXIT_NONFINITE, tf.tail(proc)
@@ -72,6 +91,13 @@ def test_nan_loss_is_skipped_and_counted_and_repeated_nans_stop_the_run() -> Non
     train = {r["step"]: r for r in read_metrics(run, "train")}
     assert train[2]["loss"] == "nan" and train[3]["nan_skips"] == 1
     assert all(isinstance(train[s]["loss"], float) for s in (1, 3))
+    # the loaders' counters, summed over the ranks, since the start of training
+    last = train[max(train)]
+    assert last["bad_samples"] >= 1 and last["bad_samples/corrupt"] == last["bad_samples"]
+    assert [train[s]["bad_samples"] for s in sorted(train)] == sorted(
+        train[s]["bad_samples"] for s in train)
+    assert last["data_tokens/train"] > 0 and f"bad samples skipped {last['bad_samples']}" in (
+        proc.stdout)
 
     def weights(step: int) -> dict[str, torch.Tensor]:
         return open_checkpoint(run / CHECKPOINTS / tag_for(step)).state_dict()

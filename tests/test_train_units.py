@@ -35,6 +35,7 @@ from liquid_dist.train.metrics import (
 from liquid_dist.train.prepare import resolve_vocabulary
 from liquid_dist.train.schedule import lr_at
 from liquid_dist.train.signals import StopFlag
+from liquid_dist.train.state import TrainerState
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:
@@ -159,8 +160,9 @@ def test_checkpoints_keep_last_k_and_resolve_resume_paths(tmp_path: Path) -> Non
     mgr = CheckpointManager(tmp_path / "run", keep_last=2, rank=0, world_size=1)
     assert find_checkpoint("auto", tmp_path / "run") is None
     for step in (5, 10, 15):
-        ref = mgr.save(_FakeEngine(), step, rank_state={"loader": {"pos": step}},
-                       shared_state={"run_id": "abc"}, config={"train": {}}, tokenizer_path=tok)
+        ref = mgr.save(_FakeEngine(), TrainerState(step=step, run_id="abc"),
+                       rank_state={"loader": {"pos": step}}, config={"train": {}},
+                       tokenizer_path=tok)
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [
         "step_00000010", "step_00000015"]
@@ -168,6 +170,11 @@ def test_checkpoints_keep_last_k_and_resolve_resume_paths(tmp_path: Path) -> Non
     assert ref == CheckpointRef(ckpts, "step_00000015")
     state = torch.load(ref.path / TRAINER_STATE, weights_only=True)
     assert state["step"] == 15 and state["ranks"][0]["loader"] == {"pos": 15}
+    restored = TrainerState()
+    restored.load_state_dict(state)
+    assert restored == TrainerState(step=15, run_id="abc")
+    with pytest.raises(CheckpointError, match="trainer state without \\['run_id'\\]"):
+        TrainerState().load_state_dict({k: v for k, v in state.items() if k != "run_id"})
     assert (ref.path / "tokenizer.model").read_bytes() == b"tokenizer"
     assert find_checkpoint("auto", tmp_path / "run") == ref
     assert find_checkpoint(str(tmp_path / "run"), "elsewhere") == ref
@@ -190,7 +197,7 @@ def test_resuming_with_another_model_is_a_config_error(tmp_path: Path) -> None:
     tok.write_bytes(b"tokenizer")
     cfg = Config()
     mgr = CheckpointManager(tmp_path / "run", keep_last=1, rank=0, world_size=1)
-    ref = mgr.save(_FakeEngine(), 1, rank_state={}, shared_state={}, config=cfg.to_dict(),
+    ref = mgr.save(_FakeEngine(), TrainerState(step=1), rank_state={}, config=cfg.to_dict(),
                    tokenizer_path=tok)
     check_resumable(cfg, ref, world_size=1)
     # training and run settings may change (the trainer's NaN message advises check_finite)

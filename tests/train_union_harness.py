@@ -79,6 +79,9 @@ class _Wrapped:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
 
+    def stats(self) -> dict[str, Any]:
+        return self.loader.stats()
+
 
 def _pad(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)

@@ -5,7 +5,8 @@
 * :mod:`.trainer` — the loop (:class:`Trainer`), NaN skipping, preemption;
 * :mod:`.checkpoint` — atomic checkpoints, ``latest``, exact resume;
 * :mod:`.schedule`, :mod:`.metrics`, :mod:`.monitor`, :mod:`.signals`, :mod:`.flops`;
-* :mod:`.testhooks` — fault injection for the tests (environment variables).
+* :mod:`.state` — what a checkpoint keeps of the trainer (:class:`TrainerState`);
+* :mod:`.faults` — fault injection, one seam built at entry (the tests' environment variables).
 
 Submodules import DeepSpeed lazily where they can; import what you need from them.
 """

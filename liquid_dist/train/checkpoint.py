@@ -53,7 +53,8 @@ from liquid_dist.checkpoint_format import (
     read_trainer_state,
     tag_for,
 )
-from liquid_dist.train import testhooks
+from liquid_dist.train.faults import NO_FAULTS, Faults
+from liquid_dist.train.state import TrainerState
 
 
 def _fsync_dir(path: Path) -> None:
@@ -113,10 +114,11 @@ class CheckpointManager:
 
     ``expert_layout``: this rank's experts (parallel.ep_size > 1), None without.
     ``seed``: the run's seed, for the RNG of a rank that did not exist before.
+    ``faults``: where a test makes a checkpoint write fail (liquid_dist.train.faults).
     """
 
     def __init__(self, run_dir: str | Path, *, keep_last: int, rank: int, world_size: int,
-                 expert_layout: Any = None, seed: int = 0):
+                 expert_layout: Any = None, seed: int = 0, faults: Faults = NO_FAULTS):
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / CHECKPOINTS
         self.keep_last = keep_last
@@ -124,6 +126,7 @@ class CheckpointManager:
         self.world_size = world_size
         self.expert_layout = expert_layout
         self.seed = seed
+        self.faults = faults
 
     @property
     def ep_size(self) -> int:
@@ -140,14 +143,15 @@ class CheckpointManager:
         _barrier()
         return removed
 
-    def save(self, engine: Any, step: int, rank_state: dict[str, Any],
-             shared_state: dict[str, Any], config: dict[str, Any],
-             tokenizer_path: str | Path) -> CheckpointRef:
-        """Write the checkpoint of ``step`` (every rank calls this; see the protocol above).
+    def save(self, engine: Any, state: TrainerState, rank_state: dict[str, Any],
+             config: dict[str, Any], tokenizer_path: str | Path) -> CheckpointRef:
+        """Write the checkpoint of ``state.step`` (every rank calls this; see the protocol
+        above).
 
-        ``rank_state``: this rank's part (data-loader state); RNG states are
-        added here. ``shared_state``: the same on every rank (counters, run id).
+        ``state``: the trainer's (the same on every rank). ``rank_state``: this
+        rank's part (data-loader state); RNG states are added here.
         """
+        step = state.step
         tag = tag_for(step)
         tmp_tag = tag + TMP_SUFFIX
         tmp = self.dir / tmp_tag
@@ -158,7 +162,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
         _barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
-        testhooks.maybe_pause_checkpoint(step, self.rank, self.run_dir)
+        self.faults.in_checkpoint_write(step, self.rank, self.run_dir)
         _write_atomic(tmp / f"done.rank{self.rank}", str(step))
         _barrier()
         if self.rank == 0:
@@ -167,9 +171,9 @@ class CheckpointManager:
                 raise RuntimeError(f"checkpoint {tmp}: ranks {missing} did not write their "
                                    "part (is the run directory on a filesystem every node "
                                    "shares?)")
-            state = {"version": STATE_VERSION, "step": step, "world_size": self.world_size,
-                     "ep_size": self.ep_size, "ranks": per_rank, **shared_state}
-            torch.save(state, tmp / TRAINER_STATE)
+            torch.save({"version": STATE_VERSION, "world_size": self.world_size,
+                        "ep_size": self.ep_size, "ranks": per_rank, **state.state_dict()},
+                       tmp / TRAINER_STATE)
             (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
             shutil.copy2(tokenizer_path, tmp / TOKENIZER_FILE)
             final = self.dir / tag
@@ -190,7 +194,8 @@ class CheckpointManager:
     def load(self, engine: Any, ref: CheckpointRef) -> dict[str, Any]:
         """Load weights, optimizer state, RNG and data position (every rank calls this).
 
-        Returns the trainer state with ``rank_state`` = this rank's part
+        Returns the checkpoint's ``trainer_state.pt`` (the :class:`TrainerState`
+        fields, ``world_size``, ``ep_size``) with ``rank_state`` = this rank's part
         (``loader``: the state its data loader takes; ``resharded``: whether the
         checkpoint came from another world size or ep_size).
         """

@@ -27,6 +27,7 @@ from liquid_dist.parallel.distributed import (
     resolve_dist_env,
 )
 from liquid_dist.parallel.ds_compat import DeepSpeedVersionError, check_deepspeed_version
+from liquid_dist.train.faults import Faults
 from liquid_dist.train.prepare import resolve_run
 from liquid_dist.train.signals import StopFlag
 from liquid_dist.train.trainer import NonFiniteLossError, Trainer
@@ -77,7 +78,8 @@ def _pretrain(config_path: str, overrides: Iterable[str], resume: str,
     env, device = init_distributed(local_rank)
     try:
         loader = train_loader_factory(plan.config, env) if train_loader_factory else None
-        return Trainer(plan, env, device, train_loader=loader).run(stop)
+        return Trainer(plan, env, device, train_loader=loader,
+                       faults=Faults.from_environment()).run(stop)
     except NonFiniteLossError as exc:
         _say(f"error: {exc}")
         return EXIT_NONFINITE

@@ -89,3 +89,7 @@ class Faults:
         deadline = time.monotonic() + PAUSE_S
         while not stop.requested and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+NO_FAULTS = Faults()
+"""A normal run."""

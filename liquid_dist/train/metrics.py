@@ -192,4 +192,6 @@ def human_line(r: dict[str, Any], max_steps: int, eta_s: float) -> str:
              f"mem {r['memory_gb']:.2f}GB", f"eta {format_duration(eta_s)}"]
     if r.get("nan_skips"):
         parts.append(f"nan-skips {r['nan_skips']}")
+    if r.get("bad_samples"):
+        parts.append(f"bad samples skipped {r['bad_samples']}")
     return " | ".join(parts)

@@ -1,17 +1,18 @@
 """The training loop: DeepSpeed engine, data, logging, evaluation, checkpoints, preemption.
 
-One optimizer step = ``train.grad_accum`` micro-batches of
-``train.micro_batch_size`` on every rank. The cross-entropy is token-weighted
-over the whole step: before the first forward all ranks sum the step's real
-target tokens N (one all-reduce of a scalar, left on the device), and each
-micro-batch back-propagates ``ce_sum * (grad_accum * world_size / N) +
-aux_loss``; DeepSpeed's division by ``grad_accum`` and its averaging over the
-ranks then leave exactly ``sum of per-token CE / N`` plus the mean auxiliary
-loss, whatever the number of targets of each micro-batch. Losses, counts and
-expert usage accumulate on the device. After the last backward of a step all
-ranks sum one small vector (the step's loss sums and token counts, a
-non-finite flag and the stop flag) in a single all-reduce, read once on the
-host, so they all take the same decisions:
+One optimizer step (:meth:`Trainer.train_step`) = ``train.grad_accum``
+micro-batches of ``train.micro_batch_size`` on every rank. The cross-entropy
+is token-weighted over the whole step: before the first forward all ranks sum
+the step's real target tokens N (one all-reduce of a scalar, left on the
+device), and each micro-batch back-propagates ``ce_sum * (grad_accum *
+world_size / N) + aux_loss``; DeepSpeed's division by ``grad_accum`` and its
+averaging over the ranks then leave exactly ``sum of per-token CE / N`` plus
+the mean auxiliary loss, whatever the number of targets of each micro-batch.
+Losses, counts and expert usage accumulate on the device. After the last
+backward all ranks sum one vector of named values (the step's loss sums and
+token counts, a non-finite flag and the stop flag: :meth:`Trainer.sum_over_ranks`)
+in a single all-reduce, read once on the host, so they all take the same
+decisions:
 
 * non-finite loss on any rank, or a non-finite activation that a block had to
   replace (``nonfinite_activations`` > 0): the optimizer update is skipped (the
@@ -20,9 +21,12 @@ host, so they all take the same decisions:
 * a stop signal on any rank: the step completes, every rank saves a
   checkpoint, and :meth:`Trainer.run` returns :data:`EXIT_PREEMPTED`.
 
-The learning rate is a function of the step (schedule.py), set on the
-optimizer before each update; the optimizer is a torch AdamW (no
-compilation), whose ``skip`` flag turns an update into a no-op.
+The step returns a :class:`StepResult`; the loop (:meth:`Trainer._loop`) does
+the rest: counting skips, logging, evaluation, preemption, checkpoints. The
+learning rate is a function of the step (schedule.py), set on the optimizer
+before each update; the optimizer is a torch AdamW (no compilation), whose
+``skip`` flag turns an update into a no-op. What a checkpoint keeps of the
+trainer is a :class:`~liquid_dist.train.state.TrainerState`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,9 +52,9 @@ from liquid_dist.model.utils import param_groups as model_param_groups
 from liquid_dist.parallel.construction import build_model
 from liquid_dist.parallel.distributed import DistEnv
 from liquid_dist.parallel.expert_parallel import split_expert_param_groups
-from liquid_dist.train import testhooks
 from liquid_dist.train.checkpoint import CheckpointManager, load_weights
 from liquid_dist.train.compile import compile_blocks
+from liquid_dist.train.faults import NO_FAULTS, Faults
 from liquid_dist.train.flops import ModelFlops, peak_flops_per_device
 from liquid_dist.train.metrics import (
     MetricsLogger,
@@ -62,15 +67,16 @@ from liquid_dist.train.monitor import BlockMonitor
 from liquid_dist.train.prepare import RunPlan
 from liquid_dist.train.schedule import lr_at
 from liquid_dist.train.signals import EXIT_PREEMPTED, StopFlag
+from liquid_dist.train.state import TrainerState
 
 EXIT_OK = 0
 PREEMPTED_MARKER = "PREEMPTED"
 """Written to RUN_DIR by rank 0 after a preemption checkpoint (the Slurm script requeues on it)."""
-LOSS_KEYS = ("loss", "ce", "recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse",
-             "moe_mean_k")
-MEAN_KEYS = ("aux_loss", "recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse",
-             "moe_mean_k")
-"""Per-micro-batch means, averaged over a step's micro-batches and ranks."""
+AUX_KEYS = ("recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse", "moe_mean_k")
+"""The auxiliary terms the model reports, per-micro-batch means averaged over a step's
+micro-batches and ranks (``aux_loss`` is their weighted sum)."""
+LOSS_KEYS = ("loss", "ce", *AUX_KEYS)
+"""A step's losses: ``loss`` = ``ce`` (token-weighted) + ``aux_loss``."""
 COUNT_KEYS = ("encoder_tokens", "target_tokens", "positions", "flops_positions",
               "flops_real_tokens")
 """Per-step sums over micro-batches and ranks: real encoder tokens, real decoder targets,
@@ -133,6 +139,27 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
 
 
+@dataclass
+class StepResult:
+    """One optimizer step, summed over the ranks (the expert usage and monitor: this rank)."""
+
+    losses: dict[str, float]
+    """:data:`LOSS_KEYS`"""
+    counts: dict[str, float]
+    """:data:`COUNT_KEYS`"""
+    lr: float
+    grad_norm: float
+    skipped: bool
+    """The update was not applied: non-finite loss, gradient or activation."""
+    replaced: int
+    """Non-finite activations the blocks replaced (on any rank)."""
+    stop: bool
+    """A rank asked to stop (signal) during the step."""
+    usage: Optional[torch.Tensor]
+    """(MoE layers, experts) routing counts of this rank's micro-batches, or None."""
+    monitor: Optional[dict[str, Any]]
+
+
 class _Window:
     """Sums over the steps since the last log line."""
 
@@ -143,11 +170,24 @@ class _Window:
         self.start = now
         self.steps = 0
         self.good = 0
-        self.losses = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        self.losses = dict.fromkeys(LOSS_KEYS, 0.0)
         self.grad_norm = 0.0
-        self.counts = torch.zeros(len(COUNT_KEYS), dtype=torch.float64)
+        self.counts = dict.fromkeys(COUNT_KEYS, 0.0)
         self.usage: Optional[torch.Tensor] = None
         self.micro = 0
+
+    def add(self, r: StepResult, micro_batches: int) -> None:
+        self.steps += 1
+        self.micro += micro_batches
+        for k, v in r.counts.items():
+            self.counts[k] += v
+        if r.usage is not None:
+            self.usage = r.usage if self.usage is None else self.usage + r.usage
+        if not r.skipped:
+            self.good += 1
+            self.grad_norm += r.grad_norm
+            for k, v in r.losses.items():
+                self.losses[k] += v
 
 
 class Trainer:
@@ -155,11 +195,13 @@ class Trainer:
 
     ``train_loader`` replaces the loader of the plan's training stream (tests use
     it to feed one process the union of several ranks' batches); it must yield
-    the same batch dicts and offer ``state_dict`` / ``load_state_dict``.
+    the same batch dicts and offer ``state_dict`` / ``load_state_dict`` /
+    ``stats``. ``faults``: the run's fault injection (liquid_dist.train.faults;
+    none by default).
     """
 
     def __init__(self, plan: RunPlan, dist_env: DistEnv, device: torch.device, *,
-                 train_loader: Any = None):
+                 train_loader: Any = None, faults: Faults = NO_FAULTS):
         if (dist_env.world_size, device.type) != (plan.build.world_size,
                                                   plan.build.device_type):
             raise ValueError(f"the plan is for {plan.build.world_size} rank(s) of "
@@ -172,10 +214,9 @@ class Trainer:
         self.run_dir = Path(self.cfg.train.run_dir)
         self.precision = plan.build.precision
         self._train_loader = train_loader
-        self.step = 0
+        self.faults = faults
+        self.state = TrainerState()
         self.resharded_from: Optional[tuple[int, int]] = None  # (world size, ep_size)
-        self.nan_skips_total = 0
-        self.nan_skips_in_row = 0
         self._last_saved_step = -1
 
     # ------------------------------------------------------------------ build
@@ -226,30 +267,28 @@ class Trainer:
             self.val_loader = open_loader(cfg.data, plan.val_data, self.env.rank)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=t.keep_last, rank=self.env.rank,
                                       world_size=self.env.world_size,
-                                      expert_layout=self.expert_layout, seed=t.seed)
+                                      expert_layout=self.expert_layout, seed=t.seed,
+                                      faults=self.faults)
         self.monitor = BlockMonitor(self.model, cfg.parallel.zero_stage)
         self.flops = ModelFlops(cfg.model)
         self.peak_flops = peak_flops_per_device(self.device, self.precision)
 
-    def _restore(self) -> Optional[str]:
-        """Resume (``--resume``) or initialise from ``train.init_from``; returns the run id."""
+    def _restore(self) -> None:
+        """Resume (``--resume``: the trainer state too) or initialise from
+        ``train.init_from``."""
         self.ckpt.remove_incomplete()
         ref = self.plan.resume
+        self.resumed_from = None
         if ref is not None:
             state = self.ckpt.load(self.engine, ref)
-            self.step = state["step"]
-            self._last_saved_step = self.step
+            self.state.load_state_dict(state)
+            self._last_saved_step = self.state.step
             self._train_loader.load_state_dict(state["rank_state"]["loader"])
-            self.nan_skips_total = state.get("nan_skips_total", 0)
-            self.nan_skips_in_row = state.get("nan_skips_in_row", 0)
             self.resumed_from = str(ref.path)
             if state["rank_state"]["resharded"]:
                 self.resharded_from = (state["world_size"], state["ep_size"])
-            return state.get("run_id")
-        self.resumed_from = None
-        if self.plan.init_from_checkpoint is not None:
+        elif self.plan.init_from_checkpoint is not None:
             load_weights(self.engine, self.plan.init_from_checkpoint, self.expert_layout)
-        return None
 
     # ------------------------------------------------------------------- loop
 
@@ -294,26 +333,28 @@ class Trainer:
         from tqdm import tqdm
 
         self._build()
-        run_id = self._restore()
+        self._restore()
         t = self.cfg.train
         rank0 = self.env.rank == 0
+        run_id = self.state.run_id if self.resumed_from else None
         sent_through, replay = None, []
         if rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             if run_id is not None:  # what this wandb run got from earlier attempts
                 sent_through = wandb_sent_through(read_metrics(self.run_dir))
-            truncate_metrics(self.run_dir, self.step)
+            truncate_metrics(self.run_dir, self.state.step)
             if run_id is not None:  # up to the checkpoint: what it never got
                 replay = [r for r in read_metrics(self.run_dir)
                           if sent_through is None or r.get("step", 0) > sent_through]
-        bar = tqdm(total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=t.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                    disable=not (rank0 and sys.stderr.isatty()))
         printer = bar.write if not bar.disable else None
         self.logger = MetricsLogger(self.run_dir, rank=self.env.rank, wandb_cfg=t.wandb,
                                     config=self.cfg.to_dict(), run_id=run_id,
                                     sent_through=sent_through, replay=replay,
                                     printer=printer)
+        self.state.run_id = self.logger.run_id
         own = stop is None
         if stop is None:
             stop = StopFlag().install()
@@ -330,14 +371,14 @@ class Trainer:
     def _log_start(self) -> None:
         counts = self.parameter_counts
         event = "resume" if self.resumed_from else "start"
-        self.logger.log({"kind": "event", "event": event, "step": self.step,
+        self.logger.log({"kind": "event", "event": event, "step": self.state.step,
                          "wandb": self.cfg.train.wandb.mode, "world_size": self.env.world_size,
                          "precision": self.precision,
                          "zero_stage": self.cfg.parallel.zero_stage,
                          "parameters": counts["total"], "device": str(self.device),
                          "checkpoint": self.resumed_from,
                          "resharded_from": self.resharded_from},
-                        f"{event} at step {self.step}: {counts['total']:,} parameters, "
+                        f"{event} at step {self.state.step}: {counts['total']:,} parameters, "
                         f"{self.env.world_size} rank(s) on {self.device.type}, "
                         f"{self.precision}, ZeRO-{self.cfg.parallel.zero_stage}"
                         + (f", from {self.resumed_from}" if self.resumed_from else "")
@@ -345,96 +386,104 @@ class Trainer:
                            if self.resharded_from else ""))
 
     def _loop(self, stop: StopFlag, bar: Any) -> int:
-        t = self.cfg.train
-        nan_steps = testhooks.nan_steps()
-        stop_at = testhooks.stop_at_step()
+        t, st, rank = self.cfg.train, self.state, self.env.rank
         batches = self._batches()
         window = _Window()
-        while self.step < t.max_steps:
-            monitoring = t.monitor_every > 0 and (self.step + 1) % t.monitor_every == 0
-            if monitoring:
-                self.monitor.arm()
-            host = [next(batches) for _ in range(t.grad_accum)]
-            counts = torch.tensor([self._counts(b) for b in host], dtype=torch.float64).sum(0)
-            targets = self._all_reduce(counts[COUNT_KEYS.index("target_tokens")].clone())
-            ce_scale = (t.grad_accum * self.env.world_size) / targets.clamp(min=1.0)
-            # [ce_sum, MEAN_KEYS..., non-finite activations replaced], summed on the device
-            sums = torch.zeros(2 + len(MEAN_KEYS), dtype=torch.float64, device=self.device)
-            for micro, batch in enumerate(host):
-                if monitoring:
-                    self.monitor.resume()
-                with self._autocast():
-                    out = self.engine(**self._to_device(batch))
-                if monitoring:
-                    self.monitor.pause()
-                ce_sum = out["ce_sum"]
-                if self.env.rank == 0 and self.step + 1 in nan_steps:
-                    ce_sum = ce_sum * float("nan")
-                sums += torch.stack([ce_sum.detach()] + [out[k].detach() for k in MEAN_KEYS]
-                                    + [out["nonfinite_activations"]]).double()
-                if "expert_usage" in out:
-                    u = out["expert_usage"].detach().double()
-                    window.usage = u if window.usage is None else window.usage + u
-                window.micro += 1
-                self.engine.backward(ce_sum * ce_scale + out["aux_loss"])
-                if micro < t.grad_accum - 1:
-                    self.engine.step()
-            # a non-finite loss term, or an activation the blocks had to replace: skip
-            bad = (~torch.isfinite(sums[:-1])).any() | (sums[-1] > 0)
-            raise_stop = stop.requested or (self.env.rank == 0 and stop_at is not None
-                                            and self.step + 1 >= stop_at)
-            flags = torch.stack([bad.double(), sums.new_tensor(float(raise_stop))])
-            # the step's one host read: every rank's decision vector, after the last backward
-            total = self._all_reduce(torch.cat([sums, flags, counts.to(self.device)])).cpu()
-            n_sums = len(sums)
-            ce = total[0] / targets.cpu().clamp(min=1.0)
-            means = total[1:n_sums - 1] / (t.grad_accum * self.env.world_size)
-            losses = torch.cat([(ce + means[0]).view(1), ce.view(1), means[1:]])
-            replaced = int(total[n_sums - 1])
-            skip = bool(total[n_sums] > 0)
-            stop_now = bool(total[n_sums + 1] > 0)
-            step_counts = total[n_sums + 2:]
-            lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
-                       max_steps=t.max_steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            monitor_stats = self.monitor.collect(self.device) if monitoring else None
-            # without ZeRO, DeepSpeed (fp32) computes no norm: take it before the update
-            own_norm = self._plain_grad_norm() if self.cfg.parallel.zero_stage == 0 else None
-            self.optimizer.skip = skip
-            self.engine.step()
-            self.optimizer.skip = False
-            self.step += 1
+        while st.step < t.max_steps:
+            result = self.train_step([next(batches) for _ in range(t.grad_accum)], stop)
+            st.step += 1
             bar.update(1)
-            ds_norm = self.engine.get_global_grad_norm()
-            grad_norm = float(ds_norm if ds_norm is not None else (own_norm or 0.0))
-            # DeepSpeed's ZeRO-3 also skips an update whose gradient norm is not finite
-            skip = skip or not math.isfinite(grad_norm)
-            self._count_nan(skip, losses, replaced)
-            if not skip:
-                window.good += 1
-                window.losses += losses
-                window.grad_norm += grad_norm
-            window.steps += 1
-            window.counts += step_counts
-            if monitor_stats is not None:
-                self.logger.log({"kind": "monitor", "step": self.step, **monitor_stats})
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                self._log_train(window, lr, bar)
-            if self.val_loader is not None and (self.step % t.eval_every == 0
-                                                or self.step == t.max_steps):
+            self._count_nan(result)
+            window.add(result, t.grad_accum)
+            if result.monitor is not None:
+                self.logger.log({"kind": "monitor", "step": st.step, **result.monitor})
+            last = st.step == t.max_steps
+            if st.step % t.log_every == 0 or last:
+                self._log_train(window, result.lr)
+            if self.val_loader is not None and (st.step % t.eval_every == 0 or last):
                 self._evaluate()
-            if stop_now and self.step < t.max_steps:  # at the last step: just finish
+            if result.stop and not last:  # at the last step: just finish
                 return self._preempt(stop)
-            if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+            if st.step % t.ckpt_every == 0 or last:
                 self._save()
-            testhooks.maybe_hold(self.step, stop, self.run_dir, self.env.rank)
-        if self._last_saved_step != self.step:
+            self.faults.after_step(st.step, rank, self.run_dir, stop)
+        if self._last_saved_step != st.step:
             self._save()
-        self.logger.log({"kind": "event", "event": "done", "step": self.step,
-                         "nan_skips_total": self.nan_skips_total},
-                        f"done at step {self.step}")
+        self.logger.log({"kind": "event", "event": "done", "step": st.step,
+                         "nan_skips_total": st.nan_skips_total},
+                        f"done at step {st.step}")
         return EXIT_OK
+
+    def train_step(self, host: list[dict[str, torch.Tensor]], stop: StopFlag) -> StepResult:
+        """One optimizer step on this step's micro-batches (host tensors); see the module doc.
+        Collective: every rank calls it."""
+        t, rank = self.cfg.train, self.env.rank
+        step = self.state.step + 1  # 1-based: the step this call takes
+        monitoring = t.monitor_every > 0 and step % t.monitor_every == 0
+        if monitoring:
+            self.monitor.arm()
+        counts = torch.tensor([self._counts(b) for b in host], dtype=torch.float64).sum(0)
+        targets = self._all_reduce(counts[COUNT_KEYS.index("target_tokens")].clone())
+        ce_scale = (t.grad_accum * self.env.world_size) / targets.clamp(min=1.0)
+        sums = {k: torch.zeros((), dtype=torch.float64, device=self.device)
+                for k in ("ce_sum", "aux_loss", *AUX_KEYS, "nonfinite_activations")}
+        usage = None
+        for micro, batch in enumerate(host):
+            if monitoring:
+                self.monitor.resume()
+            with self._autocast():
+                out = self.engine(**self._to_device(batch))
+            if monitoring:
+                self.monitor.pause()
+            ce_sum = out["ce_sum"]
+            if self.faults.nan_loss(step, rank):
+                ce_sum = ce_sum * float("nan")
+            for k in sums:
+                sums[k] += (ce_sum if k == "ce_sum" else out[k]).detach().double()
+            if "expert_usage" in out:
+                u = out["expert_usage"].detach().double()
+                usage = u if usage is None else usage + u
+            self.engine.backward(ce_sum * ce_scale + out["aux_loss"])
+            if micro < t.grad_accum - 1:
+                self.engine.step()
+        # a non-finite loss term, or an activation the blocks had to replace: skip
+        bad = ~torch.isfinite(torch.stack([v for k, v in sums.items()
+                                           if k != "nonfinite_activations"])).all()
+        bad = bad | (sums["nonfinite_activations"] > 0)
+        asks_stop = stop.requested or self.faults.stop_after(step, rank)
+        # the step's one host read: every rank's sums and decisions, after the last backward
+        total = self.sum_over_ranks({**sums, "bad": bad, "stop": float(asks_stop),
+                                     **dict(zip(COUNT_KEYS, counts.to(self.device),
+                                                strict=True))})
+        micro_batches = t.grad_accum * self.env.world_size
+        ce = total["ce_sum"] / max(total["target_tokens"], 1.0)
+        losses = {"loss": ce + total["aux_loss"] / micro_batches, "ce": ce,
+                  **{k: total[k] / micro_batches for k in AUX_KEYS}}
+        lr = lr_at(self.state.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
+                   max_steps=t.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        monitor = self.monitor.collect(self.device) if monitoring else None
+        # without ZeRO, DeepSpeed (fp32) computes no norm: take it before the update
+        own_norm = self._plain_grad_norm() if self.cfg.parallel.zero_stage == 0 else None
+        skip = total["bad"] > 0
+        self.optimizer.skip = skip
+        self.engine.step()
+        self.optimizer.skip = False
+        ds_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(ds_norm if ds_norm is not None else (own_norm or 0.0))
+        # DeepSpeed's ZeRO-3 also skips an update whose gradient norm is not finite
+        return StepResult(losses=losses, counts={k: total[k] for k in COUNT_KEYS}, lr=lr,
+                          grad_norm=grad_norm, skipped=skip or not math.isfinite(grad_norm),
+                          replaced=int(total["nonfinite_activations"]),
+                          stop=total["stop"] > 0, usage=usage, monitor=monitor)
+
+    def sum_over_ranks(self, named: dict[str, Any]) -> dict[str, float]:
+        """Each named scalar (a 0-d tensor or a number) summed over the ranks, in one
+        all-reduce and one host read."""
+        vector = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
+                              .reshape(()) for v in named.values()])
+        return dict(zip(named, self._all_reduce(vector).cpu().tolist(), strict=True))
 
     def _plain_grad_norm(self) -> Optional[float]:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
@@ -443,36 +492,57 @@ class Trainer:
         return float(torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
-    def _count_nan(self, skip: bool, losses: torch.Tensor, replaced: int) -> None:
-        limit = self.cfg.train.max_nan_skips
-        if not skip:
-            self.nan_skips_in_row = 0
+    def _count_nan(self, r: StepResult) -> None:
+        st, limit = self.state, self.cfg.train.max_nan_skips
+        if not r.skipped:
+            st.nan_skips_in_row = 0
             return
-        self.nan_skips_total += 1
-        self.nan_skips_in_row += 1
-        self.logger.log({"kind": "event", "event": "nan_skip", "step": self.step,
-                         "loss": float(losses[0]), "nonfinite_activations": replaced,
-                         "nan_skips_in_row": self.nan_skips_in_row,
-                         "nan_skips_total": self.nan_skips_total},
-                        f"step {self.step}: non-finite loss or gradient"
-                        + (f", {replaced} non-finite activations replaced" if replaced else "")
-                        + f", update skipped ({self.nan_skips_in_row} in a row, "
-                        f"{self.nan_skips_total} in all)")
-        if self.nan_skips_in_row > limit:
+        st.nan_skips_total += 1
+        st.nan_skips_in_row += 1
+        self.logger.log({"kind": "event", "event": "nan_skip", "step": st.step,
+                         "loss": r.losses["loss"], "nonfinite_activations": r.replaced,
+                         "nan_skips_in_row": st.nan_skips_in_row,
+                         "nan_skips_total": st.nan_skips_total},
+                        f"step {st.step}: non-finite loss or gradient"
+                        + (f", {r.replaced} non-finite activations replaced" if r.replaced
+                           else "")
+                        + f", update skipped ({st.nan_skips_in_row} in a row, "
+                        f"{st.nan_skips_total} in all)")
+        if st.nan_skips_in_row > limit:
             raise NonFiniteLossError(
-                f"non-finite loss or gradients on {self.nan_skips_in_row} consecutive steps "
-                f"(up to step {self.step}; train.max_nan_skips={limit}): stopping. The last "
+                f"non-finite loss or gradients on {st.nan_skips_in_row} consecutive steps "
+                f"(up to step {st.step}; train.max_nan_skips={limit}): stopping. The last "
                 f"checkpoint is in {self.run_dir / 'checkpoints'}; lower train.lr, check the "
                 "data, or set model.check_finite=true to name the first non-finite module")
 
-    def _log_train(self, w: _Window, lr: float, bar: Any) -> None:
-        t = self.cfg.train
+    def _data_counters(self) -> dict[str, int]:
+        """What the training loaders counted since the start of training, summed over the
+        ranks: tokens drawn per source, bad samples skipped per reason (docs/data.md)."""
+        stats = self._train_loader.stats()
+        mine: dict[str, int] = {f"data_tokens/{name}": n
+                                for name, n in stats["tokens_per_source"].items()}
+        for reasons in stats["bad_samples"].values():
+            for reason, n in reasons.items():
+                mine[f"bad_samples/{reason}"] = mine.get(f"bad_samples/{reason}", 0) + n
+        everyone = [mine]
+        if self.env.world_size > 1:  # ranks may count different reasons: gather the dicts
+            everyone = [{} for _ in range(self.env.world_size)]
+            dist.all_gather_object(everyone, mine)
+        total: dict[str, int] = {}
+        for counts in everyone:
+            for k, n in counts.items():
+                total[k] = total.get(k, 0) + n
+        return dict(sorted(total.items()))
+
+    def _log_train(self, w: _Window, lr: float) -> None:
+        t, step = self.cfg.train, self.state.step
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         elapsed = max(now - w.start, 1e-9)
         usage = self._all_reduce(w.usage).cpu() if w.usage is not None else None
-        c = dict(zip(COUNT_KEYS, w.counts.tolist(), strict=True))
+        data = self._data_counters()
+        c = w.counts
         real = c["encoder_tokens"] + c["target_tokens"]
         devices = self.env.world_size
 
@@ -480,9 +550,10 @@ class Trainer:
             return flops / elapsed / (self.peak_flops * devices) if self.peak_flops else None
 
         good = max(w.good, 1)
-        losses = (w.losses / good).tolist() if w.good else [float("nan")] * len(LOSS_KEYS)
-        record: dict[str, Any] = {"kind": "train", "step": self.step,
-                                  **dict(zip(LOSS_KEYS, losses, strict=True)),
+        losses = ({k: v / good for k, v in w.losses.items()} if w.good
+                  else dict.fromkeys(LOSS_KEYS, float("nan")))
+        bad = {k: n for k, n in data.items() if k.startswith("bad_samples/")}
+        record: dict[str, Any] = {"kind": "train", "step": step, **losses,
                                   "lr": lr, "grad_norm": w.grad_norm / good,
                                   "real_tokens_per_s": real / elapsed,
                                   "target_tokens_per_s": c["target_tokens"] / elapsed,
@@ -495,8 +566,9 @@ class Trainer:
                                   "mfu_positions": mfu(c["flops_positions"]),
                                   "mfu_real_tokens": mfu(c["flops_real_tokens"]),
                                   "memory_gb": _peak_memory_gb(self.device),
-                                  "nan_skips": self.nan_skips_total,
-                                  "epoch": getattr(self._train_loader, "epoch", None)}
+                                  "nan_skips": self.state.nan_skips_total,
+                                  "epoch": getattr(self._train_loader, "epoch", None),
+                                  **data, "bad_samples": sum(bad.values())}
         if usage is not None:
             usage = usage / (w.micro * self.env.world_size)
             names = ([f"encoder.blocks.{i}" for i in range(self.cfg.model.n_encoder_layers)]
@@ -504,7 +576,7 @@ class Trainer:
             for name, row in zip(names, usage, strict=True):
                 for e, frac in enumerate(row.tolist()):
                     record[f"expert_usage/{name}/e{e}"] = frac
-        eta = (t.max_steps - self.step) * elapsed / w.steps
+        eta = (t.max_steps - step) * elapsed / w.steps
         self.logger.log(record, human_line(record, t.max_steps, eta))
         w.reset(time.perf_counter())
 
@@ -523,32 +595,30 @@ class Trainer:
         sums = self._all_reduce(sums).cpu()
         val_ce = float(sums[0] / sums[1].clamp(min=1))
         val_loss = val_ce + float(sums[2]) / max(1, batches * self.env.world_size)
-        self.logger.log({"kind": "eval", "step": self.step, "val_ce": val_ce,
+        self.logger.log({"kind": "eval", "step": self.state.step, "val_ce": val_ce,
                          "val_loss": val_loss,
                          "val_ppl": math.exp(val_ce) if val_ce < 50 else float("inf")},
-                        f"eval step {self.step}: val ce {val_ce:.4f} "
+                        f"eval step {self.state.step}: val ce {val_ce:.4f} "
                         f"(ppl {math.exp(min(val_ce, 50)):.1f}), val loss {val_loss:.4f}")
 
     def _save(self) -> None:
-        self.ckpt.save(self.engine, self.step,
+        step = self.state.step
+        self.ckpt.save(self.engine, self.state,
                        rank_state={"loader": self._train_loader.state_dict()},
-                       shared_state={"run_id": self.logger.run_id,
-                                     "nan_skips_total": self.nan_skips_total,
-                                     "nan_skips_in_row": self.nan_skips_in_row},
                        config=self.cfg.to_dict(), tokenizer_path=self.cfg.data.tokenizer)
-        self._last_saved_step = self.step
-        self.logger.log({"kind": "event", "event": "checkpoint", "step": self.step},
-                        f"checkpoint step {self.step} -> {self.run_dir / 'checkpoints'}")
+        self._last_saved_step = step
+        self.logger.log({"kind": "event", "event": "checkpoint", "step": step},
+                        f"checkpoint step {step} -> {self.run_dir / 'checkpoints'}")
 
     def _preempt(self, stop: StopFlag) -> int:
-        if self._last_saved_step != self.step:
+        step = self.state.step
+        if self._last_saved_step != step:
             self._save()
         reason = stop.received or "stop requested on another rank"
         if self.env.rank == 0:
-            (self.run_dir / PREEMPTED_MARKER).write_text(f"{self.step} {reason}\n")
-        self.logger.log({"kind": "event", "event": "preempted", "step": self.step,
+            (self.run_dir / PREEMPTED_MARKER).write_text(f"{step} {reason}\n")
+        self.logger.log({"kind": "event", "event": "preempted", "step": step,
                          "reason": reason},
-                        f"preempted at step {self.step} ({reason}): checkpoint saved, "
+                        f"preempted at step {step} ({reason}): checkpoint saved, "
                         f"exiting with {EXIT_PREEMPTED}")
         return EXIT_PREEMPTED
-
