@@ -2,6 +2,7 @@
 
     python bench/memory.py                                   # the committed protocol
     python bench/memory.py --baseline-repo /tmp/before       # + another checkout's trainer
+    python bench/memory.py --cases fits                      # re-measure one case (others kept)
     python bench/memory.py --smoke [--output X.json]         # a micro model at W = 2 (the test)
 
 Each case launches the real trainer (``launch/pretrain.py`` under ``torchrun``,
@@ -50,6 +51,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -203,10 +205,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"train.run_dir={run_dir}"]:
             launch_args += ["--set", o]
         env = {"PYTHONPATH": str(repo)}  # this checkout's code, whatever is installed
-        return _launch(world, launch_args, repo, env, run_dir / "metrics.jsonl", args.steps,
-                       args.timeout)
+        try:
+            return _launch(world, launch_args, repo, env, run_dir / "metrics.jsonl",
+                           args.steps, args.timeout)
+        finally:  # a run's checkpoint is GBs: never leave it behind
+            shutil.rmtree(run_dir, ignore_errors=True)
 
     rows: list[dict[str, Any]] = []
+    if not args.smoke and output.is_file():  # the cases not run now keep their rows
+        rows = [r for r in json.loads(output.read_text())["rows"] if r["case"] not in cases]
     idle: dict[int, list] = {}
 
     def write() -> None:  # after every row: an interrupted protocol keeps what it measured
