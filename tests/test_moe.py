@@ -510,3 +510,27 @@ def test_expert_forward_rejects_unknown_backend():
     w1, b1 = torch.randn(E, D, D), torch.zeros(E, D)
     with pytest.raises(ValueError, match="unknown MoE backend"):
         expert_forward(x_sorted, torch.tensor([3, 0, 0, 0]), w1, b1, None, None, "dense")
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
+def test_a_step_is_bitwise_repeatable_with_two_threads(backend: str) -> None:
+    """Run to run with the same thread count, the forward and every gradient are the same
+    bits (the expert biases' gradients once were not: indexing's backward on the CPU
+    accumulates rows in the order the threads reach them)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = randomize_biases(make_layer(d_model=64, expert_ffn_dim=64, backend=backend))
+        x = torch.randn(4, 512, 64, generator=torch.Generator().manual_seed(0))
+        runs = []
+        for _ in range(8):
+            layer.zero_grad(set_to_none=True)
+            y, aux = layer(x)
+            (y.square().mean() + aux["moe_entropy"]).backward()
+            runs.append([y.detach()] + [p.grad.clone() for p in layer.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    names = ["y"] + [n for n, _ in layer.named_parameters()]
+    differ = {n for run in runs[1:] for n, a, b in zip(names, runs[0], run, strict=True)
+              if not torch.equal(a, b)}
+    assert not differ, sorted(differ)

@@ -176,12 +176,14 @@ def dispatch(
     # Non-assignments get the sentinel expert E: sorted after every real group.
     keys = torch.where(flat_weights != 0, experts.reshape(-1), num_experts)
     expert_index, slot_index = torch.sort(keys, stable=True)
-    x_sorted = x[torch.div(slot_index, k_max, rounding_mode="floor")]
+    # index_select: a deterministic backward for any thread count (see _grouped_experts)
+    x_sorted = x.index_select(0, torch.div(slot_index, k_max, rounding_mode="floor"))
     bounds = torch.searchsorted(
         expert_index, torch.arange(num_experts + 1, device=keys.device, dtype=keys.dtype)
     )
     tokens_per_expert = bounds.diff()
-    info = DispatchInfo(slot_index, flat_weights[slot_index], expert_index, num_tokens, k_max)
+    info = DispatchInfo(slot_index, flat_weights.index_select(0, slot_index), expert_index,
+                        num_tokens, k_max)
     return x_sorted, tokens_per_expert, info
 
 
@@ -403,11 +405,15 @@ def _grouped_experts(x: torch.Tensor, tokens_per_expert: torch.Tensor,
         dims["expert_ffn_dim"] = w1.shape[2]
     _check_grouped_mm_alignment(dims, x.dtype)
     offs = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
-    # Row E of the padded biases is 0: rows past the groups stay exactly 0.
-    h = grouped_mm(x.contiguous(), w1, offs) + F.pad(b1, (0, 0, 0, 1))[row_expert]
+    # Row E of the padded biases is 0: rows past the groups stay exactly 0. index_select,
+    # not x[index]: its backward (index_add_) sums a bias's rows in a fixed order on the
+    # CPU with any number of threads; indexing's (index_put_ with accumulate) does not.
+    h = grouped_mm(x.contiguous(), w1, offs) + F.pad(b1, (0, 0, 0, 1)).index_select(
+        0, row_expert)
     if w2 is None:
         return h
-    return grouped_mm(F.gelu(h), w2, offs) + F.pad(b2, (0, 0, 0, 1))[row_expert]
+    return grouped_mm(F.gelu(h), w2, offs) + F.pad(b2, (0, 0, 0, 1)).index_select(
+        0, row_expert)
 
 
 def expert_forward(
