@@ -185,6 +185,11 @@ class TrainConfig:
     compile: bool = False
     """Compile every ImprovedTransformerBlock with ``torch.compile(fullgraph=True)``."""
     seed: int = 1234
+    deterministic: bool = False
+    """Deterministic algorithms only (``torch.use_deterministic_algorithms``; on GPU also
+    cuBLAS's fixed workspace and no cuDNN autotuning): a GPU run replays the same bits
+    on a requeue or a rewind. CPU runs are bitwise repeatable without it
+    (docs/training.md, "Bitwise with any number of threads")."""
     init_from: Union[str, None] = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -10,6 +11,7 @@ import pytest
 import train_fixtures as tf
 
 from liquid_dist.checkpoint_format import CHECKPOINTS, LATEST, TRAINER_STATE
+from liquid_dist.train.metrics import read_metrics
 from liquid_dist.train.signals import EXIT_PREEMPTED
 from liquid_dist.train.trainer import PREEMPTED_MARKER
 
@@ -71,22 +73,37 @@ def test_kill_9_during_checkpoint_write_keeps_previous_latest_and_resumes() -> N
         assert losses[step] == pytest.approx(ref[step], rel=1e-6, abs=0), step
 
 
+@functools.cache
+def _tiny_on_two_threads(name: str, *extra: str) -> dict[int, float]:
+    """configs/tiny.yaml (its MoE on the default CPU path, grouped_mm), 12 steps on 2 ranks
+    of 2 threads each; the losses by step."""
+    data = tf.train_data()
+    run = tf.TMP / name
+    proc = tf.launch(2, [f"data.tokenizer={data.tokenizer}", f"data.train_shards={data.shards}",
+                         "data.val_shards=null", "data.num_workers=0", f"train.run_dir={run}",
+                         "train.max_steps=12", "train.log_every=1", "train.ckpt_every=12",
+                         *extra], extra_env={"OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, tf.tail(proc)
+    losses = tf.train_losses(run)
+    assert sorted(losses) == list(range(1, 13))
+    return losses
+
+
 @pytest.mark.slow
 def test_two_runs_with_two_threads_per_rank_give_bitwise_equal_losses() -> None:
-    """Exact with more than one thread: configs/tiny.yaml (its MoE on the default CPU path,
-    grouped_mm) from the same seed on 2 ranks of 2 threads each gives the same bits at
-    every step. (Before its expert biases' backward was made order-fixed, two such runs
-    parted at step 2.)"""
-    data = tf.train_data()
-    losses = []
-    for name in ("threads_a", "threads_b"):
-        run = tf.TMP / name
-        proc = tf.launch(2, [f"data.tokenizer={data.tokenizer}",
-                             f"data.train_shards={data.shards}", "data.val_shards=null",
-                             "data.num_workers=0", f"train.run_dir={run}",
-                             "train.max_steps=12", "train.log_every=1", "train.ckpt_every=12"],
-                         extra_env={"OMP_NUM_THREADS": "2"})
-        assert proc.returncode == 0, tf.tail(proc)
-        losses.append(tf.train_losses(run))
-    assert sorted(losses[0]) == list(range(1, 13))
-    assert losses[0] == losses[1]
+    """Exact with more than one thread: the same seed and data give the same bits at every
+    step. (Before the MoE gathers' backward was made order-fixed, two such runs parted at
+    step 2.)"""
+    assert _tiny_on_two_threads("threads_a") == _tiny_on_two_threads("threads_b")
+
+
+@pytest.mark.slow
+def test_deterministic_switch_changes_nothing_on_the_cpu() -> None:
+    """``train.deterministic`` (deterministic algorithms only) runs the whole step on the CPU
+    (no operation without a deterministic implementation) and gives the same bits."""
+    assert _tiny_on_two_threads("threads_deterministic", "train.deterministic=true") == (
+        _tiny_on_two_threads("threads_a"))
+    starts = [read_metrics(tf.TMP / name, "event")[0] for name in ("threads_deterministic",
+                                                                    "threads_a")]
+    assert [(e["event"], e["deterministic"]) for e in starts] == [("start", True),
+                                                                  ("start", False)]

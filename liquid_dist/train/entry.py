@@ -36,6 +36,17 @@ EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 
 
+def use_deterministic_algorithms() -> None:
+    """``train.deterministic``: every operation's deterministic implementation (an error
+    names an operation that has none), cuBLAS's fixed workspace (set before CUDA starts:
+    cuBLAS reads it once) and no cuDNN autotuning."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def _say(message: str) -> None:
     # every rank reads the config; one copy of the message is enough
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
@@ -75,6 +86,8 @@ def _pretrain(config_path: str, overrides: Iterable[str], resume: str,
         return EXIT_CONFIG
     import torch.distributed as dist
 
+    if plan.config.train.deterministic:
+        use_deterministic_algorithms()
     env, device = init_distributed(local_rank)
     try:
         loader = train_loader_factory(plan.config, env) if train_loader_factory else None

@@ -374,6 +374,7 @@ class Trainer:
         self.logger.log({"kind": "event", "event": event, "step": self.state.step,
                          "wandb": self.cfg.train.wandb.mode, "world_size": self.env.world_size,
                          "precision": self.precision,
+                         "deterministic": torch.are_deterministic_algorithms_enabled(),
                          "zero_stage": self.cfg.parallel.zero_stage,
                          "parameters": counts["total"], "device": str(self.device),
                          "checkpoint": self.resumed_from,
