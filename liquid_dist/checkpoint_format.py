@@ -14,6 +14,8 @@ Layout of ``RUN_DIR/checkpoints/`` (written by liquid_dist.train.checkpoint)::
         config.yaml          the resolved config (model.vocab_size an integer)
         tokenizer.model      copy of the tokenizer the data was made with
         done.rank<r>         each rank's "my part is written" marker
+        checksums.json       size and SHA-256 of every other file, written last
+                             before the checkpoint is renamed into place
     step_00000200.tmp/       a checkpoint being written (or abandoned by a crash)
 
 Everything that reads these files goes through this module:
@@ -25,14 +27,20 @@ any parameter — or its AdamW moments — whole, whatever the world size and
 ``ep_size`` that wrote it: dense ZeRO-3 parameters are joined from every
 rank's slice, expert tensors (partitioned over the expert-data-parallel
 group only) are joined per expert-parallel rank and stacked by global expert
-index. Nothing here imports DeepSpeed or ``torch.distributed``.
+index. :func:`verify_checkpoint` checks every file against ``checksums.json``
+(``python -m liquid_dist.checkpoint_format verify RUN_DIR`` for every
+checkpoint of a run). Nothing here imports DeepSpeed or ``torch.distributed``.
 """
 
 from __future__ import annotations
 
+import argparse
 import bisect
+import hashlib
+import json
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +62,8 @@ TRAINER_STATE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
 TMP_SUFFIX = ".tmp"
+CHECKSUMS = "checksums.json"
+DONE_PREFIX = "done.rank"
 STATE_VERSION = 2
 """Version of ``trainer_state.pt`` (2: weights-only contents, ``ep_size``)."""
 WRAPPER_PREFIX = "model."
@@ -100,23 +110,18 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
                   if p.is_dir() and _TAG.match(p.name) and (p / TRAINER_STATE).is_file())
 
 
-def find_checkpoint(spec: Union[str, Path], run_dir: Union[str, Path, None] = None, *,
+def find_checkpoint(spec: Union[str, Path], *,
                     step: Optional[int] = None) -> Optional[CheckpointRef]:
     """The checkpoint ``spec`` names.
 
-    ``none`` -> None; ``auto`` -> the ``latest`` of ``run_dir``, None when it has
-    none yet. Any other ``spec`` is a path: a checkpoint directory, a
+    ``none`` -> None. Any other ``spec`` is a path: a checkpoint directory, a
     directory of checkpoints or a run directory, and names its checkpoint of
     ``step`` (default: ``latest``). CheckpointError when that is not a
-    complete checkpoint, naming what is there.
+    complete checkpoint, naming what is there. (``--resume auto``, the newest
+    checkpoint of ``run_dir`` that verifies: :func:`newest_valid_checkpoint`.)
     """
     if str(spec) == "none":
         return None
-    if str(spec) == "auto":
-        ckpt_dir = Path(run_dir if run_dir is not None else ".") / CHECKPOINTS
-        if not (ckpt_dir / LATEST).exists():
-            return None
-        return _from_latest(ckpt_dir)
     path = Path(spec)
     if (path / TRAINER_STATE).is_file() and (step is None or CheckpointRef(
             path.parent, path.name).step == step):
@@ -148,6 +153,85 @@ def _from_latest(ckpt_dir: Path) -> CheckpointRef:
         raise CheckpointError(f"{ckpt_dir / LATEST} names {tag}, which is not a complete "
                               f"checkpoint (no {TRAINER_STATE})")
     return ref
+
+
+# ------------------------------------------------------------ checksums
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of one file, read in 8 MiB pieces."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while piece := fh.read(8 << 20):
+            h.update(piece)
+            size += len(piece)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def checksummed_files(path: Path) -> list[str]:
+    """The files of a checkpoint directory that ``checksums.json`` covers (relative names,
+    sorted): every file but the completion markers and the checksums themselves."""
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*")
+                  if f.is_file() and f.name != CHECKSUMS and not f.name.startswith(DONE_PREFIX))
+
+
+def verify_checkpoint(path: Union[str, Path]) -> None:
+    """CheckpointError naming every file of the checkpoint at ``path`` that is missing,
+    truncated or changed since it was written (against its ``checksums.json``), or that
+    was not there; a checkpoint without ``checksums.json`` cannot be verified (also a
+    CheckpointError, saying so)."""
+    path = Path(path)
+    try:
+        recorded = json.loads((path / CHECKSUMS).read_text())["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {CHECKSUMS}, so its files cannot be verified "
+                              "(written before checksums were recorded, or not by this "
+                              "trainer)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / CHECKSUMS}: unreadable ({exc})") from None
+    problems = []
+    for name, want in sorted(recorded.items()):
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        have = file_digest(f)
+        if have["size"] != want["size"]:
+            problems.append(f"{name}: {have['size']} bytes, {want['size']} written")
+        elif have["sha256"] != want["sha256"]:
+            problems.append(f"{name}: contents changed (sha256 {have['sha256'][:12]}..., "
+                            f"{want['sha256'][:12]}... written)")
+    problems += [f"{name}: not written with the checkpoint"
+                 for name in checksummed_files(path) if name not in recorded]
+    if problems:
+        raise CheckpointError(f"{path} is damaged: " + "; ".join(problems))
+
+
+def newest_valid_checkpoint(run_dir: Union[str, Path]
+                            ) -> tuple[Optional[CheckpointRef], list[str]]:
+    """``--resume auto``: the newest checkpoint of ``run_dir`` (``latest`` or older) whose
+    files verify (:func:`verify_checkpoint`), and the messages of the newer ones skipped,
+    newest first. ``(None, [])`` for a run without checkpoints; CheckpointError, naming
+    every checkpoint's damage, when none verifies."""
+    ckpt_dir = Path(run_dir) / CHECKPOINTS
+    if not (ckpt_dir / LATEST).exists():
+        return None, []
+    latest = (ckpt_dir / LATEST).read_text().strip()
+    tags = sorted((p.name for p in ckpt_dir.iterdir()
+                   if p.is_dir() and _TAG.match(p.name) and p.name <= latest), reverse=True)
+    skipped = []
+    for tag in tags:
+        try:
+            verify_checkpoint(ckpt_dir / tag)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        return CheckpointRef(ckpt_dir, tag), skipped
+    raise CheckpointError(f"{ckpt_dir}: no checkpoint to resume verifies ("
+                          + "; ".join(skipped or [f"'{LATEST}' names {latest}, not there"])
+                          + "); resume from a copy, or start anew with --resume none or "
+                          "another train.run_dir")
 
 
 # ------------------------------------------------------- the trainer's files
@@ -481,3 +565,39 @@ def _expert_holders(optims: list[dict[str, Any]], group: int, world: int,
                               f"expert-parallel groups of ep_size {ep_size} do not cover every "
                               f"expert once ({info})")
     return tuple(tuple(r for _, r in sorted(holders[e])) for e in range(ep_size))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``verify PATH``: every complete checkpoint of a run directory (or a checkpoints
+    directory, or one checkpoint) against its checksums. Exit 0 when all verify, 1 when
+    any is damaged or unverifiable, 2 when PATH holds no checkpoint."""
+    ap = argparse.ArgumentParser(prog="python -m liquid_dist.checkpoint_format",
+                                 description=main.__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser("verify", help="check every file of the checkpoints of PATH")
+    verify.add_argument("path", type=Path)
+    args = ap.parse_args(argv)
+    path: Path = args.path
+    if (path / TRAINER_STATE).is_file() or (path / CHECKSUMS).is_file():
+        checkpoints = [path]
+    else:
+        ckpt_dir = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+        # every checkpoint directory, the ones a damage left without their trainer state too
+        checkpoints = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and _TAG.match(p.name)
+                             ) if ckpt_dir.is_dir() else []
+    if not checkpoints:
+        print(f"error: {path}: no complete checkpoint", file=sys.stderr)
+        return 2
+    bad = 0
+    for ckpt in checkpoints:
+        try:
+            verify_checkpoint(ckpt)
+            print(f"ok       {ckpt}")
+        except CheckpointError as exc:
+            bad += 1
+            print(f"FAILED   {exc}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

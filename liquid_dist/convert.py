@@ -40,6 +40,7 @@ from liquid_dist.checkpoint_format import (
     open_checkpoint,
     read_config,
     strip_wrapper,
+    verify_checkpoint,
 )
 from liquid_dist.config import ConfigError, ModelConfig, model_config_from_dict
 from liquid_dist.data.tokenizer import Tokenizer
@@ -204,6 +205,7 @@ def convert(run_dir: Union[str, Path], output: Union[str, Path], *, step: Option
     ref = find_checkpoint(str(run_dir), step=step)
     assert ref is not None
     path = ref.path
+    verify_checkpoint(path)  # a damaged file is refused, naming it
     if not (path / TOKENIZER_NAME).is_file():
         raise CheckpointError(f"{path}: missing {TOKENIZER_NAME}")
     run_cfg = read_config(ref)

@@ -19,7 +19,12 @@ import train_fixtures as tf
 import yaml
 from safetensors.torch import load_file
 
-from liquid_dist.checkpoint_format import CheckpointError
+from liquid_dist.checkpoint_format import (
+    CHECKSUMS,
+    CheckpointError,
+    checksummed_files,
+    file_digest,
+)
 from liquid_dist.config import ModelConfig
 from liquid_dist.convert import convert, parse_size
 from liquid_dist.model import LiquidFoundationModelOptimized
@@ -52,6 +57,14 @@ def copy_run(tmp_path: Path) -> Path:
     shutil.copytree(src / STEP, run / "checkpoints" / STEP)
     shutil.copy(src / "latest", run / "checkpoints" / "latest")
     return run
+
+
+def reseal(run: Path) -> None:
+    """Record the checkpoint's files as they are now: a checkpoint written inconsistent,
+    not one damaged after it was written (what the converter's own checks are for)."""
+    ckpt = run / "checkpoints" / STEP
+    files = {name: file_digest(ckpt / name) for name in checksummed_files(ckpt)}
+    (ckpt / CHECKSUMS).write_text(json.dumps({"algorithm": "sha256", "files": files}))
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -216,6 +229,7 @@ def test_from_pretrained_imports_no_deepspeed() -> None:
 def test_refuses_a_missing_rank_file(tmp_path: Path) -> None:
     run = copy_run(tmp_path)
     (run / "checkpoints" / STEP / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    reseal(run)
     with pytest.raises(CheckpointError,
                        match=r"missing rank file.*zero_pp_rank_1_mp_rank_00_optim_states\.pt "
                              r"\(rank 1 of 2\)"):
@@ -230,6 +244,7 @@ def test_refuses_rank_files_of_another_deepspeed_version(tmp_path: Path) -> None
         state = torch.load(f, weights_only=False)  # the test's own file
         state["ds_version"] = "0.20.1"
         torch.save(state, f)
+    reseal(run)
     with pytest.raises(CheckpointError,
                        match=r"DeepSpeed 0\.20\.1 \(of checkpoint .*step_00000008\)"):
         convert(run, tmp_path / "out", progress=False)
@@ -243,6 +258,7 @@ def test_refuses_a_shape_mismatch_and_a_wrong_expert_count(tmp_path: Path) -> No
     changed = json.loads(json.dumps(original))
     changed["model"]["ffn_dim"] = 48
     cfg_file.write_text(yaml.safe_dump(changed))
+    reseal(run)
     with pytest.raises(CheckpointError,
                        match=r"shape mismatch encoder\.blocks\.0\.ffn\.fc1\.weight: "
                              r"checkpoint \(64, 32\), config \(48, 32\)"):
@@ -250,9 +266,36 @@ def test_refuses_a_shape_mismatch_and_a_wrong_expert_count(tmp_path: Path) -> No
     changed = json.loads(json.dumps(original))
     changed["model"]["moe"]["num_experts"] = 3
     cfg_file.write_text(yaml.safe_dump(changed))
+    reseal(run)
     with pytest.raises(CheckpointError, match=r"wrong expert count in .*moe\.w1: checkpoint "
                                               r"has 2 experts, model\.moe\.num_experts = 3"):
         convert(run, tmp_path / "out", progress=False)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_damaged_after_it_was_written_is_refused_naming_the_file(
+        tmp_path: Path) -> None:
+    """One flipped byte, a truncated file, a deleted file: the converter and the offline
+    verifier (``python -m liquid_dist.checkpoint_format verify``) name each."""
+    run = copy_run(tmp_path)
+    ckpt = run / "checkpoints" / STEP
+    ok = cli("liquid_dist.checkpoint_format", "verify", str(run))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok "), ok.stdout + ok.stderr
+    optim = ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    optim.write_bytes(bytes(data))
+    model_states = ckpt / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    model_states.write_bytes(model_states.read_bytes()[:100])
+    (ckpt / "config.yaml").unlink()
+    expected = (r"zero_pp_rank_0_mp_rank_00_optim_states\.pt: contents changed.*"
+                r"zero_pp_rank_1_mp_rank_00_model_states\.pt: 100 bytes, \d+ written")
+    with pytest.raises(CheckpointError, match=r"config\.yaml: missing; " + expected):
+        convert(run, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    bad = cli("liquid_dist.checkpoint_format", "verify", str(run))
+    assert bad.returncode == 1 and "FAILED" in bad.stdout and "config.yaml: missing" in (
+        bad.stdout)
 
 
 @pytest.mark.slow

@@ -86,7 +86,7 @@ def test_trained_experts_and_consolidated_weights_equal_the_reference() -> None:
     # every expert by its global index: rank 0's experts 0-1, rank 1's 2-3, stacked
     merged = ckpt.state_dict()
     experts = {n: t for n, t in merged.items() if n.endswith(EXPERT_TENSORS)}
-    ref = consolidated(find_checkpoint("auto", reference_run()))
+    ref = consolidated(find_checkpoint(str(reference_run())))
     assert len(experts) == 8  # w1 b1 w2 b2 of the encoder's and the decoder's MoE layer
     for name, full in experts.items():
         assert full.shape == ref[name].shape and full.shape[0] == 4, name

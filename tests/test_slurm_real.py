@@ -205,7 +205,7 @@ def events(run_dir: Path, name: str) -> list[dict]:
 
 def latest_step(run_dir: Path) -> int:
     """The step of ``latest``, which must name a complete checkpoint."""
-    ref = find_checkpoint("auto", run_dir)
+    ref = find_checkpoint(str(run_dir))
     assert ref is not None, "no latest checkpoint"
     assert (ref.path / TRAINER_STATE).exists()
     assert (run_dir / CHECKPOINTS / LATEST).read_text().strip() == ref.tag

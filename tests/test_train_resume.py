@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import train_fixtures as tf
 
 from liquid_dist.checkpoint_format import CHECKPOINTS, LATEST, TRAINER_STATE
+from liquid_dist.train.entry import EXIT_CONFIG
 from liquid_dist.train.metrics import read_metrics
 from liquid_dist.train.signals import EXIT_PREEMPTED
 from liquid_dist.train.trainer import PREEMPTED_MARKER
@@ -107,3 +110,58 @@ def test_deterministic_switch_changes_nothing_on_the_cpu() -> None:
                                                                     "threads_a")]
     assert [(e["event"], e["deterministic"]) for e in starts] == [("start", True),
                                                                   ("start", False)]
+
+
+def _flip_a_byte(ckpt: Path) -> str:
+    f = ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+    return "zero_pp_rank_1_mp_rank_00_optim_states.pt: contents changed"
+
+
+def _truncate(ckpt: Path) -> str:
+    f = ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    return "zero_pp_rank_0_mp_rank_00_model_states.pt: 100 bytes"
+
+
+def _delete(ckpt: Path) -> str:
+    (ckpt / TRAINER_STATE).unlink()
+    return "trainer_state.pt: missing"
+
+
+@pytest.mark.slow
+def test_resume_auto_falls_back_past_a_damaged_checkpoint_and_refuses_when_none_verifies(
+        ) -> None:
+    """A flipped byte, a truncated file or a deleted file in the newest checkpoint: the run
+    resumes from the one before, saying which file, and its losses are those of an
+    uninterrupted run; with every checkpoint damaged it stops before any process group."""
+    ref = tf.train_losses(tf.reference_run())
+    base = tf.TMP / "damaged_base"
+    overrides = ["train.ckpt_every=2"]
+    first = tf.launch(2, tf.base_overrides(base) + overrides,
+                      extra_env={"LIQUID_TEST_STOP_AT_STEP": "4"})
+    assert first.returncode == EXIT_PREEMPTED, tf.tail(first)
+    newest, previous = (Path(CHECKPOINTS) / tag for tag in ("step_00000004", "step_00000002"))
+    for damage in (_flip_a_byte, _truncate, _delete):
+        run = tf.TMP / f"damaged{damage.__name__}"
+        shutil.copytree(base, run)
+        what = damage(run / newest)
+        proc = tf.launch(2, tf.base_overrides(run) + overrides)
+        assert proc.returncode == 0, tf.tail(proc)
+        assert "resume at step 2" in proc.stdout and what in proc.stdout
+        (skipped,) = [e for e in read_metrics(run, "event") if e["event"] == "checkpoint_skipped"]
+        assert what in skipped["reason"] and "step_00000004" in skipped["reason"]
+        resumed = tf.train_losses(run)
+        assert sorted(resumed) == list(range(1, 9))
+        for step in range(3, 9):
+            assert resumed[step] == pytest.approx(ref[step], rel=1e-6, abs=0), (damage, step)
+    run = tf.TMP / "damaged_all"
+    shutil.copytree(base, run)
+    _truncate(run / newest)
+    _delete(run / previous)
+    proc = tf.launch(2, tf.base_overrides(run) + overrides)
+    assert proc.returncode == EXIT_CONFIG, tf.tail(proc)
+    assert "no checkpoint to resume verifies" in proc.stdout
+    assert "Initializing TorchBackend" not in proc.stdout

@@ -19,6 +19,8 @@ from liquid_dist.checkpoint_format import (
     CheckpointError,
     CheckpointRef,
     find_checkpoint,
+    newest_valid_checkpoint,
+    verify_checkpoint,
 )
 from liquid_dist.config import Config, ConfigError, ModelConfig, WandbConfig, load_config
 from liquid_dist.model import LiquidFoundationModelOptimized
@@ -158,7 +160,7 @@ def test_checkpoints_keep_last_k_and_resolve_resume_paths(tmp_path: Path) -> Non
     tok = tmp_path / "tok.model"
     tok.write_bytes(b"tokenizer")
     mgr = CheckpointManager(tmp_path / "run", keep_last=2, rank=0, world_size=1)
-    assert find_checkpoint("auto", tmp_path / "run") is None
+    assert newest_valid_checkpoint(tmp_path / "run") == (None, [])
     for step in (5, 10, 15):
         ref = mgr.save(_FakeEngine(), TrainerState(step=step, run_id="abc"),
                        rank_state={"loader": {"pos": step}}, config={"train": {}},
@@ -176,12 +178,19 @@ def test_checkpoints_keep_last_k_and_resolve_resume_paths(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match="trainer state without \\['run_id'\\]"):
         TrainerState().load_state_dict({k: v for k, v in state.items() if k != "run_id"})
     assert (ref.path / "tokenizer.model").read_bytes() == b"tokenizer"
-    assert find_checkpoint("auto", tmp_path / "run") == ref
-    assert find_checkpoint(str(tmp_path / "run"), "elsewhere") == ref
-    assert find_checkpoint(str(ckpts / "step_00000010"), "x").tag == "step_00000010"
-    assert find_checkpoint("none", tmp_path / "run") is None
+    verify_checkpoint(ref.path)  # every file as written, the rank files included
+    assert "zero_pp_rank_0_mp_rank_00_model_states.pt" in json.loads(
+        (ref.path / "checksums.json").read_text())["files"]
+    (ref.path / "stray.pt").write_bytes(b"?")
+    with pytest.raises(CheckpointError, match="stray.pt: not written with the checkpoint"):
+        verify_checkpoint(ref.path)
+    (ref.path / "stray.pt").unlink()
+    assert newest_valid_checkpoint(tmp_path / "run") == (ref, [])
+    assert find_checkpoint(str(tmp_path / "run")) == ref
+    assert find_checkpoint(str(ckpts / "step_00000010")).tag == "step_00000010"
+    assert find_checkpoint("none") is None
     with pytest.raises(CheckpointError, match="has no 'latest' file"):
-        find_checkpoint(str(tmp_path), "x")
+        find_checkpoint(str(tmp_path))
     assert find_checkpoint(str(tmp_path / "run"), step=10).tag == "step_00000010"
     with pytest.raises(CheckpointError, match=r"no checkpoint of step 5; complete ones: "
                                               r"\['step_00000010', 'step_00000015'\]"):

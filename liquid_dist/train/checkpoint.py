@@ -6,8 +6,10 @@ this module writes them and loads them into a DeepSpeed engine.
 
 Protocol (:meth:`CheckpointManager.save`, called by every rank): rank 0
 removes a stale ``.tmp`` of the same tag; every rank writes its DeepSpeed
-files into ``<tag>.tmp``, then its marker; a barrier; rank 0 checks every
-marker, writes the trainer state, config and tokenizer, renames ``<tag>.tmp``
+files into ``<tag>.tmp``, then its marker; a barrier; every rank hashes one in
+W of the files written; rank 0 checks every marker, writes the trainer state,
+config and tokenizer and then ``checksums.json`` (size and SHA-256 of every
+file: liquid_dist.checkpoint_format.verify_checkpoint), renames ``<tag>.tmp``
 to ``<tag>`` and atomically replaces ``latest``, then deletes all but the
 newest ``train.keep_last`` checkpoints; a final barrier. A rank killed at any
 point leaves ``latest`` on the previous checkpoint; the ``.tmp`` is deleted by
@@ -24,6 +26,7 @@ ranks (docs/parallelism.md, "Elastic resume").
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -37,7 +40,9 @@ import yaml
 
 from liquid_dist.checkpoint_format import (
     CHECKPOINTS,
+    CHECKSUMS,
     CONFIG_FILE,
+    DONE_PREFIX,
     LATEST,
     STATE_VERSION,
     STATES,
@@ -47,7 +52,9 @@ from liquid_dist.checkpoint_format import (
     CheckpointError,
     CheckpointRef,
     ZeroCheckpoint,
+    checksummed_files,
     complete_tags,
+    file_digest,
     open_checkpoint,
     read_config,
     read_trainer_state,
@@ -163,10 +170,15 @@ class CheckpointManager:
         _barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
         self.faults.in_checkpoint_write(step, self.rank, self.run_dir)
-        _write_atomic(tmp / f"done.rank{self.rank}", str(step))
+        _write_atomic(tmp / f"{DONE_PREFIX}{self.rank}", str(step))
         _barrier()
+        # every rank hashes its share of DeepSpeed's files (one file in W each)
+        files = checksummed_files(tmp)
+        digests = _gather({name: file_digest(tmp / name)
+                           for name in files[self.rank::self.world_size]})
         if self.rank == 0:
-            missing = [r for r in range(self.world_size) if not (tmp / f"done.rank{r}").exists()]
+            missing = [r for r in range(self.world_size)
+                       if not (tmp / f"{DONE_PREFIX}{r}").exists()]
             if missing:
                 raise RuntimeError(f"checkpoint {tmp}: ranks {missing} did not write their "
                                    "part (is the run directory on a filesystem every node "
@@ -176,6 +188,11 @@ class CheckpointManager:
                        tmp / TRAINER_STATE)
             (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
             shutil.copy2(tokenizer_path, tmp / TOKENIZER_FILE)
+            recorded = {name: d for part in digests for name, d in part.items()}
+            for name in (TRAINER_STATE, CONFIG_FILE, TOKENIZER_FILE):
+                recorded[name] = file_digest(tmp / name)
+            _write_atomic(tmp / CHECKSUMS, json.dumps(
+                {"algorithm": "sha256", "files": dict(sorted(recorded.items()))}, indent=1))
             final = self.dir / tag
             if final.exists():
                 shutil.rmtree(final)

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from liquid_dist.checkpoint_format import CheckpointRef, find_checkpoint, read_config
+from liquid_dist.checkpoint_format import (
+    CheckpointRef,
+    find_checkpoint,
+    newest_valid_checkpoint,
+    read_config,
+    verify_checkpoint,
+)
 from liquid_dist.config import Config, ConfigError, check_same_architecture, validate
 from liquid_dist.data.stream import StreamSpec
 from liquid_dist.parallel.build_plan import BuildPlan, resolve_build
@@ -35,7 +41,10 @@ class RunPlan:
     """The training stream (of rank 0; liquid_dist.data.open_loader opens any rank's)."""
     val_data: Optional[StreamSpec]
     resume: Optional[CheckpointRef]
-    """The checkpoint to continue (``--resume``), checked resumable on this layout."""
+    """The checkpoint to continue (``--resume``): its files verified, checked resumable
+    on this layout."""
+    resume_skipped: tuple[str, ...]
+    """``--resume auto``: why each newer checkpoint was passed over (a damaged file)."""
     init_from_pretrained: Optional[Path]
     """``train.init_from`` when it is a converted model directory (weights only)."""
     init_from_checkpoint: Optional[CheckpointRef]
@@ -103,7 +112,14 @@ def resolve_run(cfg: Config, *, world_size: int, device_type: str,
         val_data = stream_spec(cfg.data, "val", world_size=world_size,
                                batch_size=t.micro_batch_size, seed=t.seed,
                                num_steps=t.eval_steps, grad_accum=t.grad_accum)
-    ref = find_checkpoint(resume, t.run_dir)
+    # every file verified before anything is read: auto takes the newest that verifies
+    skipped: list[str] = []
+    if resume == "auto":
+        ref, skipped = newest_valid_checkpoint(t.run_dir)
+    else:
+        ref = find_checkpoint(resume)
+        if ref is not None:
+            verify_checkpoint(ref.path)
     if ref is not None:
         check_resumable(cfg, ref, world_size)
     pretrained = checkpoint = None
@@ -111,9 +127,11 @@ def resolve_run(cfg: Config, *, world_size: int, device_type: str,
         pretrained = Path(t.init_from)
         check_compatible(cfg.model, pretrained)
     elif t.init_from:
-        checkpoint = find_checkpoint(t.init_from, t.init_from)
+        checkpoint = find_checkpoint(t.init_from)
         assert checkpoint is not None  # a path, never "none"
+        verify_checkpoint(checkpoint.path)
         check_same_architecture(read_config(checkpoint)["model"], cfg.model,
                                 f"the train.init_from checkpoint {checkpoint.path}")
     return RunPlan(build=build, train_data=train_data, val_data=val_data, resume=ref,
-                   init_from_pretrained=pretrained, init_from_checkpoint=checkpoint)
+                   resume_skipped=tuple(skipped), init_from_pretrained=pretrained,
+                   init_from_checkpoint=checkpoint)

@@ -27,7 +27,7 @@ def load_trained_model(checkpoint: str | Path) -> tuple[nn.Module, Config]:
     """
     from liquid_dist.model import LiquidFoundationModelOptimized
 
-    ref = find_checkpoint(str(checkpoint), checkpoint)
+    ref = find_checkpoint(str(checkpoint))
     assert ref is not None
     cfg = config_from_dict(read_config(ref))
     model = LiquidFoundationModelOptimized(cfg.model)

@@ -359,6 +359,10 @@ class Trainer:
         if stop is None:
             stop = StopFlag().install()
         try:
+            for message in self.plan.resume_skipped:
+                self.logger.log({"kind": "event", "event": "checkpoint_skipped",
+                                 "step": self.state.step, "reason": message},
+                                f"passed over a damaged checkpoint: {message}")
             self._log_start()
             code = self._loop(stop, bar)
         finally:
