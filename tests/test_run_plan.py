@@ -103,3 +103,30 @@ def test_no_back_arrows_from_the_config_into_data_or_from_the_model_into_params(
     assert not {m for m in _imports(root / "config.py") if m.startswith("liquid_dist.")}
     for path in (root / "model").glob("*.py"):
         assert "liquid_dist.params" not in _imports(path), path.name
+
+
+def test_resume_verifies_a_checkpoint_before_reading_it(tmp_path: Path) -> None:
+    """auto passes over a damaged newest checkpoint to the one before (saying why); a
+    checkpoint named explicitly is refused instead, naming the file."""
+    from test_train_units import _FakeEngine
+
+    from liquid_dist.train.checkpoint import CheckpointManager
+    from liquid_dist.train.prepare import resolve_vocabulary
+    from liquid_dist.train.state import TrainerState
+
+    cfg = _cfg(tmp_path)
+    resolved = resolve_vocabulary(cfg)
+    manager = CheckpointManager(tmp_path / "run", keep_last=3, rank=0, world_size=1)
+    for step in (2, 4):
+        manager.save(_FakeEngine(), TrainerState(step=step), rank_state={"loader": {}},
+                     config=resolved.to_dict(), tokenizer_path=resolved.data.tokenizer)
+    shard = (tmp_path / "run" / "checkpoints" / "step_00000004"
+             / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    shard.write_bytes(b"y")
+    plan = resolve_run(cfg, world_size=1, device_type="cpu", resume="auto")
+    assert plan.resume is not None and plan.resume.tag == "step_00000002"
+    (why,) = plan.resume_skipped
+    assert "step_00000004 is damaged: zero_pp_rank_0_mp_rank_00_model_states.pt: contents " \
+           "changed" in why
+    with pytest.raises(CheckpointError, match="step_00000004 is damaged"):
+        resolve_run(cfg, world_size=1, device_type="cpu", resume=str(shard.parent))
