@@ -191,3 +191,32 @@ def local_partition(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tens
     padded = torch.zeros(part * dist.get_world_size(group=group), dtype=flat.dtype)
     padded[: flat.numel()] = flat
     return padded[index * part: (index + 1) * part]
+
+
+def share_fp32_master_partitions(engine: Any) -> int:
+    """Let a fp32 ZeRO-3 run keep one copy of each parameter partition, not two; returns
+    the bytes given back.
+
+    In fp32 the master weights are the parameters themselves, and
+    ``DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions`` means to share each
+    sub-group's flat partition with them ("we don't need another copy of the
+    weights") — but it compares ``tensor.device`` (a ``torch.device``) with the
+    optimizer's device name (a ``str``), which is never equal, and clones every
+    partition: 4 more bytes per parameter and rank (measured: 1.4 GB per rank at
+    W = 1 for 0.37 B parameters). This makes each master partition a view of the
+    parameters' flat partition, as DeepSpeed's own branch does; the optimizer's update
+    then writes the parameters directly and DeepSpeed's copy back is a copy onto
+    itself. Sub-groups of another dtype (bf16 / fp16 runs), device or size are left
+    alone. Call once, after ``deepspeed.initialize`` and before the first step.
+    """
+    opt = zero3_optimizer(engine)
+    freed = 0
+    for working, master in zip(opt.fp16_partitioned_groups_flat,
+                               opt.fp32_partitioned_groups_flat, strict=True):
+        if (working is None or master.data_ptr() == working.data_ptr()
+                or master.dtype != working.dtype or master.device != working.device
+                or master.shape != working.shape):
+            continue
+        freed += master.numel() * master.element_size()
+        master.data = working.data
+    return freed

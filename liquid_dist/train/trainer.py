@@ -51,6 +51,7 @@ from torch import nn
 from liquid_dist.model.utils import param_groups as model_param_groups
 from liquid_dist.parallel.construction import build_model
 from liquid_dist.parallel.distributed import DistEnv
+from liquid_dist.parallel.ds_compat import share_fp32_master_partitions
 from liquid_dist.parallel.expert_parallel import split_expert_param_groups
 from liquid_dist.train.checkpoint import CheckpointManager, load_weights
 from liquid_dist.train.compile import compile_blocks
@@ -259,6 +260,8 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer,
                                                     config=plan.build.ds_config,
                                                     dist_init_required=False)
+        if plan.build.zero3:  # fp32: one copy of each partition, not two (ds_compat)
+            share_fp32_master_partitions(self.engine)
         seed_everything(t.seed + self.env.rank)  # per-rank dropout streams
         if self._train_loader is None:
             self._train_loader = open_loader(cfg.data, plan.train_data, self.env.rank)
