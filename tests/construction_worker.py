@@ -111,6 +111,7 @@ def main() -> int:
         with open(out_path, "w", encoding="utf-8") as fh:
             json.dump(result, fh)
     dist.barrier()
+    dist.destroy_process_group()  # as the trainer's entry point does, before the exit
     return 0
 
 
