@@ -3,6 +3,7 @@
     python bench/memory.py                                   # the committed protocol
     python bench/memory.py --baseline-repo /tmp/before       # + another checkout's trainer
     python bench/memory.py --cases fits                      # re-measure one case (others kept)
+    python bench/memory.py                                   # the baseline's rows kept
     python bench/memory.py --smoke [--output X.json]         # a micro model at W = 2 (the test)
 
 Each case launches the real trainer (``launch/pretrain.py`` under ``torchrun``,
@@ -212,8 +213,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
 
     rows: list[dict[str, Any]] = []
-    if not args.smoke and output.is_file():  # the cases not run now keep their rows
-        rows = [r for r in json.loads(output.read_text())["rows"] if r["case"] not in cases]
+    recorded = {k: str(v) for k, v in trainers.items()}
+    if not args.smoke and output.is_file():  # the rows not measured now are kept
+        before = json.loads(output.read_text())
+        rows = [r for r in before["rows"]
+                if r["case"] not in cases or r["trainer"] not in trainers]
+        recorded = {**{k: v for k, v in before["settings"]["trainers"].items()
+                       if any(r["trainer"] == k for r in rows)}, **recorded}
     idle: dict[int, list] = {}
 
     def write() -> None:  # after every row: an interrupted protocol keeps what it measured
@@ -223,7 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "settings": {"config": "configs/base-moe.yaml", "short": SHORT,
                                "steps": args.steps, "vocab_size": vocab, "malloc": MALLOC,
                                "activation_allowance_mib": args.activation_allowance_mib,
-                               "trainers": {k: str(v) for k, v in trainers.items()}},
+                               "trainers": recorded},
                   "rows": rows}
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n")
