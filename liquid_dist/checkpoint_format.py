@@ -146,8 +146,22 @@ def find_checkpoint(spec: Union[str, Path], *,
     return _from_latest(ckpt_dir)
 
 
+def _latest_tag(ckpt_dir: Path) -> Optional[str]:
+    """The tag ``ckpt_dir/latest`` names (the newest checkpoint written); None without one."""
+    try:
+        return (ckpt_dir / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def latest_step(run_dir: Union[str, Path]) -> int:
+    """The step of the newest checkpoint ``run_dir`` wrote (0 before its first), unverified."""
+    tag = _latest_tag(Path(run_dir) / CHECKPOINTS)
+    return max(0, CheckpointRef(Path(run_dir), tag).step) if tag else 0
+
+
 def _from_latest(ckpt_dir: Path) -> CheckpointRef:
-    tag = (ckpt_dir / LATEST).read_text().strip()
+    tag = _latest_tag(ckpt_dir)
     ref = CheckpointRef(ckpt_dir, tag)
     if not (ref.path / TRAINER_STATE).is_file():
         raise CheckpointError(f"{ckpt_dir / LATEST} names {tag}, which is not a complete "
@@ -208,18 +222,22 @@ def verify_checkpoint(path: Union[str, Path]) -> None:
         raise CheckpointError(f"{path} is damaged: " + "; ".join(problems))
 
 
-def newest_valid_checkpoint(run_dir: Union[str, Path]
+def newest_valid_checkpoint(run_dir: Union[str, Path], *, before: Optional[int] = None
                             ) -> tuple[Optional[CheckpointRef], list[str]]:
-    """``--resume auto``: the newest checkpoint of ``run_dir`` (``latest`` or older) whose
-    files verify (:func:`verify_checkpoint`), and the messages of the newer ones skipped,
-    newest first. ``(None, [])`` for a run without checkpoints; CheckpointError, naming
-    every checkpoint's damage, when none verifies."""
+    """``--resume auto``: the newest checkpoint of ``run_dir`` (``latest`` or older; of a
+    step below ``before`` if given) whose files verify (:func:`verify_checkpoint`), and the
+    messages of the newer ones skipped, newest first. ``(None, [])`` for a run without
+    such checkpoints; CheckpointError, naming every checkpoint's damage, when none
+    verifies."""
     ckpt_dir = Path(run_dir) / CHECKPOINTS
-    if not (ckpt_dir / LATEST).exists():
+    latest = _latest_tag(ckpt_dir)
+    if latest is None:
         return None, []
-    latest = (ckpt_dir / LATEST).read_text().strip()
+    last = latest if before is None else min(latest, tag_for(before - 1))
     tags = sorted((p.name for p in ckpt_dir.iterdir()
-                   if p.is_dir() and _TAG.match(p.name) and p.name <= latest), reverse=True)
+                   if p.is_dir() and _TAG.match(p.name) and p.name <= last), reverse=True)
+    if not tags and before is not None:
+        return None, []
     skipped = []
     for tag in tags:
         try:

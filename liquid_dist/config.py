@@ -160,6 +160,22 @@ class WandbConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss spikes (liquid_dist.train.spikes; docs/training.md, "Loss spikes")."""
+
+    policy: Literal["off", "skip", "rewind"] = "skip"
+    """``skip``: an outlier step's update is not applied; ``rewind``: also, after
+    ``rewind_after`` outliers in a row, reload the last checkpoint before the spike and
+    go on past the spike's batches."""
+    window: int = 128
+    """The running window of applied steps the outliers are judged against (the first
+    ``window // 2`` steps judge nothing)."""
+    sigma: float = 6.0
+    """An outlier: loss or gradient norm above the window's mean + sigma x its std."""
+    rewind_after: int = 4
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     max_steps: int = 100
@@ -182,6 +198,18 @@ class TrainConfig:
     monitor_every: int = 0
     """Per-block activation RMS / gradient norms every N steps (0: off)."""
     max_nan_skips: int = 5
+    max_restarts_without_progress: int = 3
+    """Under slurm/pretrain.sh: crashed attempts requeued in a row without a checkpoint
+    newer than the one they restarted from; the next crash ends the job with status 4
+    (liquid_dist.train.requeue)."""
+    hang_timeout_s: Union[float, None] = None
+    """Under slurm/pretrain.sh (liquid_dist.train.watchdog): a rank silent or without a
+    finished step for this long is hung and the job is stopped and requeued. None:
+    ten times the slowest of the first training steps, at least 60 s (the long
+    allowance until they are measured)."""
+    hang_timeout_long_s: float = 1800.0
+    """The same for the sections that may take long: start-up (build, checkpoint load),
+    the first step, evaluation, checkpoint save, a rewind."""
     compile: bool = False
     """Compile every ImprovedTransformerBlock with ``torch.compile(fullgraph=True)``."""
     seed: int = 1234
@@ -191,6 +219,7 @@ class TrainConfig:
     on a requeue or a rewind. CPU runs are bitwise repeatable without it
     (docs/training.md, "Bitwise with any number of threads")."""
     init_from: Union[str, None] = None
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -450,10 +479,19 @@ def validate(cfg: Config) -> None:
                  "keep_last", "eval_every", "eval_steps"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}", getattr(t, name), "an integer >= 1")
-    for name in ("warmup_steps", "monitor_every", "max_nan_skips"):
+    for name in ("warmup_steps", "monitor_every", "max_nan_skips",
+                 "max_restarts_without_progress"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}", getattr(t, name), "an integer >= 0")
     _positive("train.lr", t.lr)
+    if t.hang_timeout_s is not None:
+        _positive("train.hang_timeout_s", t.hang_timeout_s)
+    _positive("train.hang_timeout_long_s", t.hang_timeout_long_s)
+    if t.spike.window < 4:
+        raise ConfigError("train.spike.window", t.spike.window, "an integer >= 4")
+    _positive("train.spike.sigma", t.spike.sigma)
+    if t.spike.rewind_after < 1:
+        raise ConfigError("train.spike.rewind_after", t.spike.rewind_after, "an integer >= 1")
     if not 0 <= t.min_lr <= t.lr:
         raise ConfigError("train.min_lr", t.min_lr, f"a value in [0, train.lr={t.lr}]")
     if t.grad_clip < 0:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-node pretraining under Slurm, requeued after a preemption checkpoint.
+# Multi-node pretraining under Slurm, requeued after a preemption or a crash.
 #
 #   sbatch --nodes=4 slurm/pretrain.sh [pretrain.py arguments, e.g. --set train.max_steps=1000]
 #
@@ -14,14 +14,22 @@
 #   VENV           environment with liquid_dist     (.venv)
 #   TORCHRUN       per-node launcher                ($VENV/bin/torchrun)
 #   RDZV_TIMEOUT   seconds to wait for every node at the rendezvous (600)
+#   HEARTBEAT_ROOT node-local directory of the ranks' heartbeats ($TMPDIR, else /tmp)
 # Without GPUs (a CPU cluster): sbatch --gpus-per-node=0 --cpus-per-task=1 with
 # GPUS_PER_NODE=1 (--gres=none is refused while the #SBATCH GPU line stands).
 #
-# 120 s before the time limit Slurm sends USR1 to the job steps; the ranks
-# finish their step, save a checkpoint, rank 0 writes RUN_DIR/PREEMPTED, and
-# this script requeues the job, which resumes from RUN_DIR's latest
-# checkpoint (--resume auto). A preemption that sends SIGTERM takes the same
-# path. Logs append across requeues (--open-mode=append).
+# Before the ranks start, `python -m liquid_dist.train.requeue check` loads the
+# config (a bad one ends the job with status 2). After they exit, `... decide`
+# reads RUN_DIR/EXIT, rank 0's exit record, and the job: ends with 0 when the
+# run finished; is requeued after a preemption (120 s before the time limit
+# Slurm sends USR1, the ranks save a checkpoint and exit 75; a SIGTERM
+# preemption the same) and after a crash (no record: a rank's exception, a
+# killed rank, a lost node); ends with the run's status when retrying cannot
+# help (2 bad input, 3 non-finite loss); ends with 4 after more than
+# train.max_restarts_without_progress crashes in a row without a new
+# checkpoint. A requeued job resumes from RUN_DIR's newest valid checkpoint
+# (--resume auto). Logs append across requeues (--open-mode=append).
+# docs/training.md, "Exit statuses and requeue".
 #SBATCH --job-name=liquid-pretrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -50,17 +58,24 @@ export HEAD_NODE
 echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) x" \
      "$GPUS_PER_NODE rank(s), rendezvous $HEAD_NODE:$MASTER_PORT, config $CONFIG, run $RUN_DIR"
 mkdir -p "$RUN_DIR"
-rm -f "$RUN_DIR/PREEMPTED"
+REQUEUE=("$VENV/bin/python" -m liquid_dist.train.requeue)
+RUN_ARGS=(--config "$CONFIG" --set "train.run_dir=$RUN_DIR" "$@")
+verdict=0
+"${REQUEUE[@]}" check "${RUN_ARGS[@]}" || verdict=$?
+if [ "$verdict" != 0 ]; then
+    echo "$(date -Is) not started: the run config is refused (status $verdict)"
+    exit "$verdict"
+fi
 
 status=0
 srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
     bash slurm/node_launch.sh "$@" || status=$?
 
-if [ -f "$RUN_DIR/PREEMPTED" ]; then
-    echo "$(date -Is) preempted at step $(cut -d' ' -f1 "$RUN_DIR/PREEMPTED"):" \
-         "requeueing job $SLURM_JOB_ID"
+echo "$(date -Is) training exited with status $status"
+"${REQUEUE[@]}" decide "$status" "${RUN_ARGS[@]}" || verdict=$?
+if [ "$verdict" = 75 ]; then
+    echo "$(date -Is) requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
-echo "$(date -Is) training exited with status $status"
-exit "$status"
+exit "$verdict"

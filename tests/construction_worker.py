@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from liquid_dist.parallel.distributed import exit_process
+
 
 def _rss_anon() -> int:
     """This process's resident anonymous memory, bytes (not the file pages it maps)."""
@@ -116,4 +118,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

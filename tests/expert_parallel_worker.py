@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from liquid_dist.config import MoEConfig
 from liquid_dist.model.moe import MoELayer
-from liquid_dist.parallel.distributed import init_distributed
+from liquid_dist.parallel.distributed import exit_process, init_distributed
 from liquid_dist.parallel.expert_parallel import apply_expert_parallel, expert_range
 
 
@@ -81,4 +81,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

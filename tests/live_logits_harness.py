@@ -11,10 +11,10 @@ all) in eval mode on :func:`probe_inputs`; rank 0 saves the logits to
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
+from liquid_dist.parallel.distributed import exit_process
 from liquid_dist.train import entry
 from liquid_dist.train.trainer import Trainer
 
@@ -57,4 +57,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

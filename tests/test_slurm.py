@@ -40,6 +40,7 @@ if [ "$1 $2" = "show hostnames" ]; then printf 'node-a\\nnode-b\\n'; fi
 """
 TORCHRUN = """#!/usr/bin/env bash
 echo "torchrun $*" >> "$STUB_LOG"
+echo '{"status": 0, "step": 5, "reason": "done"}' > "$RUN_DIR/EXIT"
 """
 
 
@@ -77,7 +78,8 @@ def _sbatch(tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[str], Pat
     for k in ("MASTER_PORT", "NNODES", "GPUS_PER_NODE", "VENV"):
         env.pop(k, None)
     run_dir.mkdir()
-    (run_dir / "PREEMPTED").write_text("3 SIGTERM\n")  # stale, from an earlier run
+    # stale, from an earlier attempt: "check" clears it before the ranks start
+    (run_dir / "EXIT").write_text('{"status": 75, "step": 3, "reason": "SIGTERM"}\n')
     proc = subprocess.run(["bash", str(REPO / "slurm" / "pretrain.sh"), "--set",
                            "train.max_steps=5"], cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -99,7 +101,7 @@ def test_pretrain_sh_runs_a_rank_per_gpu_of_the_node_in_one_torchrun_per_node(
         f"--config configs/small.yaml --resume auto --set train.run_dir={run_dir} "
         "--set train.max_steps=5")
     assert len(calls) == 3, "no requeue after a normal end"
-    assert not (run_dir / "PREEMPTED").exists()
+    assert "finished at step 5" in proc.stdout
 
 
 WORKER = """import sys, time

@@ -41,6 +41,13 @@ import train_fixtures as tf
 
 from liquid_dist.checkpoint_format import CHECKPOINTS, LATEST, TRAINER_STATE, find_checkpoint
 from liquid_dist.parallel import free_port
+from liquid_dist.train.exit_status import (
+    EXIT_CONFIG,
+    EXIT_CRASH_LOOP,
+    EXIT_OK,
+    ExitRecord,
+    read_exit_record,
+)
 from liquid_dist.train.metrics import read_metrics
 
 REPO = tf.REPO
@@ -301,10 +308,11 @@ def test_usr1_preempts_requeues_and_resumes_the_same_wandb_run(slurm: Cluster,
     assert info["Restarts"] == "1", log
     # both attempts append to the one output file
     assert f"job {job} (restart 0)" in log and f"job {job} (restart 1)" in log, log
-    assert f"preempted at step 4: requeueing job {job}" in log, log
+    assert "preempted at step 4 (SIGUSR1): requeueing" in log, log
+    assert f"requeueing job {job}" in log, log
     assert [e["reason"] for e in events(run, "preempted")] == ["SIGUSR1"]
     assert [e["step"] for e in events(run, "resume")] == [4]
-    assert not (run / "PREEMPTED").exists()
+    assert read_exit_record(run) == ExitRecord(EXIT_OK, 8, "done")
     assert_losses_equal(run, ref, range(1, 9))
     assert_wandb_continues(run, attempts=2, resumed_at=4)
 
@@ -373,29 +381,24 @@ def test_scontrol_requeue_from_outside_checkpoints_and_resumes(slurm: Cluster,
     assert_wandb_continues(run, attempts=2, resumed_at=resumed[0], first_lost=True)
 
 
-def test_sigkill_of_one_rank_fails_the_job_and_a_resubmission_resumes(slurm: Cluster,
-                                                                      tmp_path: Path) -> None:
+def test_a_rank_killed_once_requeues_the_job_which_resumes_and_finishes(
+        slurm: Cluster, tmp_path: Path) -> None:
     ref = tf.train_losses(tf.reference_run())
     run = tmp_path / "run"
-    overrides = ["train.ckpt_every=3", *WANDB]
-    job = submit(slurm, run, overrides=overrides, extra_env={"LIQUID_TEST_HOLD_AT_STEP": "4"})
+    job = submit(slurm, run, overrides=["train.ckpt_every=3", *WANDB],
+                 extra_env={"LIQUID_TEST_HOLD_AT_STEP": "4"})
     wait_held(slurm, job, run)
-    killed = time.monotonic()
     os.kill(int((run / "held.rank1").read_text()), signal.SIGKILL)
-    info = wait_final(slurm, job, run, timeout=90)
+    info = wait_final(slurm, job, run, timeout=240)
     log = output(run).read_text()
-    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log
-    assert time.monotonic() - killed < 60, "the other node's rank outlived the kill"
-    assert "requeueing" not in log
-    assert latest_step(run) == 3
-
-    again = submit(slurm, run, overrides=overrides)
-    info = wait_final(slurm, again, run, timeout=180)
-    assert info["JobState"] == "COMPLETED", output(run).read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    assert info["Restarts"] == "1", log
+    assert ("without an exit record: requeueing, restart 1 of 3 without passing step 3"
+            in log), log
     assert [e["step"] for e in events(run, "resume")] == [3]
     assert_losses_equal(run, ref, range(1, 9))
     # the dead attempt had sent step 4 to wandb (after its checkpoint at 3): the
-    # resubmission does not send it again. What the SIGKILLed attempt's wandb
+    # requeued one does not send it again. What the SIGKILLed attempt's wandb
     # service had written of steps 1-4 varies (from nothing to all of them):
     # offline, a killed attempt's unwritten steps are lost (docs/training.md)
     (first_id, first), (second_id, second) = wandb_history(run)
@@ -406,8 +409,75 @@ def test_sigkill_of_one_rank_fails_the_job_and_a_resubmission_resumes(slurm: Clu
     assert all(second[step] == metrics[step] for step in second)
 
 
-def test_a_node_that_never_joins_fails_the_job_naming_the_rendezvous(slurm: Cluster,
-                                                                     tmp_path: Path) -> None:
+def test_a_rank_that_crashes_on_every_attempt_stops_the_job_after_k_restarts(
+        slurm: Cluster, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    # rank 1 raises after step 3 on every attempt; the first attempt checkpoints step 2
+    # (progress), the restart from it gets no further: with K = 1 that is the end
+    job = submit(slurm, run, overrides=["train.ckpt_every=2",
+                                        "train.max_restarts_without_progress=1"],
+                 extra_env={"LIQUID_TEST_CRASH_AT_STEP": "3:1"})
+    info = wait_final(slurm, job, run, timeout=240)
+    log = output(run).read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == f"{EXIT_CRASH_LOOP}:0", log
+    assert info["Restarts"] == "1", log
+    assert "InjectedCrash: LIQUID_TEST_CRASH_AT_STEP: rank 1 after step 3" in log, log
+    assert "restart 1 of 1 without passing step 2" in log, log
+    assert ("2 time(s) in a row without passing step 2 (train.max_restarts_without_progress=1)"
+            ": not requeueing") in log, log
+    assert [e["step"] for e in events(run, "resume")] == [2]
+
+
+def test_a_frozen_rank_stops_the_job_within_the_hang_timeout_naming_it_then_it_resumes(
+        slurm: Cluster, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    timeout = 10.0
+    job = submit(slurm, run, overrides=["train.max_steps=40", "train.ckpt_every=5",
+                                        "train.eval_every=40", f"train.hang_timeout_s={timeout}"],
+                 extra_env={"HEARTBEAT_ROOT": str(tmp_path)})
+    wait_for("training past step 12",
+             lambda: any(r["step"] >= 12 for r in read_metrics(run, "train")), 180,
+             output(run))
+    # rank 1's node: the one whose rendezvous came second (not always SLURM_NODEID 1)
+    beat, = tmp_path.glob(f"liquid-heartbeat-{job}-*/rank1.json")
+    rank1 = json.loads(beat.read_text())
+    assert rank1["host"] in slurm.nodes and rank1["section"] == "train", rank1
+    pid = rank1["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+
+    def requeued() -> bool:
+        return job_info(slurm, job)["Restarts"] == "1"
+    wait_for("requeued", requeued, 120, output(run))
+    took = time.monotonic() - stopped
+    info = wait_final(slurm, job, run, timeout=240)
+    log = output(run).read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert f"hang: rank 1 (host {rank1['host']}, pid {pid}, local rank 0) silent for" in log, log
+    assert "in section 'train'" in log
+    # the other node's watchdog saw the report and had rank 0 dump its stacks
+    assert "Python stacks of the live ranks 0 follow" in log, log
+    assert "File " in log and "_loop" in log, log  # faulthandler's frames of rank 0
+    assert took < timeout + 30, took  # detection, stacks, kill, requeue
+    resumed = [e["step"] for e in events(run, "resume")]
+    assert len(resumed) == 1 and resumed[0] >= 10, resumed
+    assert sorted(tf.train_losses(run)) == list(range(1, 41))
+
+
+def test_a_bad_config_ends_the_job_with_2_before_any_rank_starts(slurm: Cluster,
+                                                                 tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    job = submit(slurm, run, overrides=["model.d_model=-3"])
+    info = wait_final(slurm, job, run, timeout=60)
+    log = output(run).read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == f"{EXIT_CONFIG}:0", log
+    assert info["Restarts"] == "0", log
+    assert "model.d_model" in log and "not started: the run config is refused" in log, log
+    assert "requeueing" not in log and not (run / "metrics.jsonl").exists()
+
+
+def test_a_node_that_never_joins_is_a_crash_naming_the_rendezvous(slurm: Cluster,
+                                                                  tmp_path: Path) -> None:
     run = tmp_path / "run"
     real = tf.BIN / "torchrun"
     stuck = tmp_path / "torchrun"
@@ -416,11 +486,15 @@ def test_a_node_that_never_joins_fails_the_job_naming_the_rendezvous(slurm: Clus
                      f'exec "{real}" "$@"\n')
     stuck.chmod(0o755)
     start = time.monotonic()
-    job = submit(slurm, run, extra_env={"TORCHRUN": str(stuck), "RDZV_TIMEOUT": "15"})
+    # a crash like any other (requeued up to the limit): with no restarts allowed, one
+    job = submit(slurm, run, overrides=["train.max_restarts_without_progress=0"],
+                 extra_env={"TORCHRUN": str(stuck), "RDZV_TIMEOUT": "15"})
     info = wait_final(slurm, job, run, timeout=120)
     log = output(run).read_text()
-    assert info["JobState"] == "FAILED", log
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == f"{EXIT_CRASH_LOOP}:0", log
+    assert info["Restarts"] == "0", log
     assert time.monotonic() - start < 100
     assert "RendezvousTimeoutError" in log, log
+    assert "1 time(s) in a row without passing the start (no checkpoint yet)" in log, log
     assert not tf.train_losses(run)
 

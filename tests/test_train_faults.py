@@ -17,10 +17,14 @@ import train_fixtures as tf
 
 from liquid_dist.checkpoint_format import CHECKPOINTS, LATEST, open_checkpoint, tag_for
 from liquid_dist.parallel import free_port
-from liquid_dist.train.entry import EXIT_CONFIG, EXIT_NONFINITE
+from liquid_dist.train.exit_status import (
+    EXIT_CONFIG,
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
+    ExitRecord,
+    read_exit_record,
+)
 from liquid_dist.train.metrics import read_metrics
-from liquid_dist.train.signals import EXIT_PREEMPTED
-from liquid_dist.train.trainer import PREEMPTED_MARKER
 
 
 def _worker_pid(launcher: subprocess.Popen, local_rank: int) -> int:
@@ -54,7 +58,8 @@ def test_sigterm_to_one_rank_checkpoints_on_every_rank_and_exits_75() -> None:
     step = events[0]["step"]
     assert 3 <= step < 500
     assert (run / CHECKPOINTS / LATEST).read_text().strip() == f"step_{step:08d}"
-    assert (run / PREEMPTED_MARKER).read_text().startswith(f"{step} ")
+    assert read_exit_record(run) == ExitRecord(EXIT_PREEMPTED, step,
+                                               "stop requested on another rank")
     assert max(r["step"] for r in read_metrics(run, "train")) == step
 
 
@@ -82,7 +87,10 @@ def test_nan_loss_is_skipped_and_counted_and_repeated_nans_stop_the_run() -> Non
                                           f"data.train_shards={shards}"]
     # rank 0 only: the skip decision must still be the same on both ranks
     proc = tf.launch(2, overrides, extra_env={"LIQUID_TEST_NAN_STEPS": "2,4,5,6"})
-    assert proc.returncode == EXIT_NONFINITE, tf.tail(proc)
+    assert proc.returncode == EXIT_DIVERGED, tf.tail(proc)
+    record = read_exit_record(run)
+    assert (record.status, record.step) == (EXIT_DIVERGED, 6)
+    assert record.reason.startswith("non-finite loss or gradients on 3 consecutive steps")
     assert "non-finite loss or gradients on 3 consecutive steps" in proc.stdout
     assert "train.max_nan_skips=2" in proc.stdout
     skips = [r for r in read_metrics(run, "event") if r["event"] == "nan_skip"]
@@ -140,6 +148,16 @@ def test_invalid_config_fails_before_any_process_group(override: str, message: s
     assert message in proc.stdout
     assert "Initializing TorchBackend" not in proc.stdout
     assert not (tf.TMP / "bad").exists()
+
+
+def test_bad_input_leaves_exit_record_2_in_an_existing_run_directory() -> None:
+    run = tf.TMP / "bad_input_existing"
+    run.mkdir(parents=True, exist_ok=True)
+    proc = _pretrain_direct(tf.base_overrides(run) + ["data.train_shards=/nonexistent/shards"])
+    assert proc.returncode == EXIT_CONFIG, proc.stdout[-2000:]
+    record = read_exit_record(run)
+    assert (record.status, record.step) == (EXIT_CONFIG, None)
+    assert "/nonexistent/shards" in record.reason
 
 
 def test_missing_tokenizer_fails_before_any_process_group() -> None:

@@ -13,10 +13,14 @@ import pytest
 import train_fixtures as tf
 
 from liquid_dist.checkpoint_format import CHECKPOINTS, LATEST, TRAINER_STATE
-from liquid_dist.train.entry import EXIT_CONFIG
+from liquid_dist.train.exit_status import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    ExitRecord,
+    read_exit_record,
+)
 from liquid_dist.train.metrics import read_metrics
-from liquid_dist.train.signals import EXIT_PREEMPTED
-from liquid_dist.train.trainer import PREEMPTED_MARKER
 
 
 def _latest(run_dir) -> str:
@@ -30,13 +34,13 @@ def test_stop_after_step_4_and_resume_matches_uninterrupted_run() -> None:
     first = tf.launch(2, tf.base_overrides(run), extra_env={"LIQUID_TEST_STOP_AT_STEP": "4"})
     assert first.returncode == EXIT_PREEMPTED, tf.tail(first)
     assert _latest(run) == "step_00000004"
-    assert (run / PREEMPTED_MARKER).exists()
+    assert read_exit_record(run) == ExitRecord(EXIT_PREEMPTED, 4, "LIQUID_TEST_STOP_AT_STEP")
     assert sorted(tf.train_losses(run)) == [1, 2, 3, 4]
 
     second = tf.launch(2, tf.base_overrides(run))
     assert second.returncode == 0, tf.tail(second)
     assert "resume at step 4" in second.stdout
-    assert not (run / PREEMPTED_MARKER).exists()
+    assert read_exit_record(run) == ExitRecord(EXIT_OK, 8, "done")
     resumed = tf.train_losses(run)
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):

@@ -26,13 +26,13 @@ micro-batches of one W-rank step, rank 0's first.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from liquid_dist.data import build_train_loader
+from liquid_dist.parallel.distributed import exit_process
 from liquid_dist.train.entry import pretrain
 
 
@@ -147,4 +147,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
@@ -114,3 +115,21 @@ def init_distributed(local_rank_arg: Optional[int] = None) -> tuple[DistEnv, tor
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False)
     return dist_env, device
+
+
+def exit_process(status: int) -> None:
+    """End a process that has used a process group: flush, then leave without
+    interpreter finalisation (``os._exit``).
+
+    DeepSpeed keeps references to the process groups it created (ZeRO's, the
+    experts'), so some outlive ``destroy_process_group`` until the interpreter tears
+    its objects down; a gloo worker thread that then frees a tensor with a Python
+    object needs the interpreter lock of an interpreter that is finalising, the
+    thread is unwound, and the process aborts ("terminate called without an active
+    exception", SIGABRT, about one run in several hundred here; pytorch/pytorch
+    #190489). Every file the run writes is closed and its work done before this
+    point; nothing is left for finalisation to do but that teardown.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -13,7 +13,9 @@ needs beyond that is here, and nowhere else:
   checkpoint written on another number of ranks (docs/parallelism.md,
   "Elastic resume");
 * the class paths DeepSpeed pickles into its checkpoint files;
-* skipping the JIT build of an inference-only communication op.
+* skipping the JIT build of an inference-only communication op;
+* the global gradient norm of the update being applied, which ZeRO stores on its
+  optimizer before it calls the wrapped one (a loss-spike check reads it there).
 
 :func:`check_deepspeed_version` runs at start-up (before any process group)
 and whenever a checkpoint is read: these internals are known for
@@ -150,6 +152,14 @@ def zero3_optimizer(engine: Any) -> Any:
     if not isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
         raise ValueError(f"expected a ZeRO stage 3 engine, got {type(opt).__name__}")
     return opt
+
+
+def pending_grad_norm(engine: Any) -> Optional[float]:
+    """Inside the wrapped optimizer's ``step``: the global gradient norm (before clipping)
+    of the update ZeRO stages 1-3 are applying, which they compute, reduce over the ranks
+    and store (``_global_grad_norm``) first. None without ZeRO."""
+    norm = getattr(engine.optimizer, "_global_grad_norm", None)
+    return None if norm is None else float(norm)
 
 
 def init_adam_state(engine: Any, step: float) -> None:

@@ -1,20 +1,21 @@
 """The pretraining entry point behind ``launch/pretrain.py``.
 
-Exit statuses (also in docs/training.md):
-
-* 0  — trained to ``train.max_steps`` (final checkpoint written);
-* 2  — bad configuration or missing input (config, tokenizer, shards, the checkpoint to
-  resume or start from), found before any process group exists;
-* 3  — stopped: non-finite loss on more than ``train.max_nan_skips`` steps in a row;
-* 75 — preempted (SIGTERM / SIGUSR1): checkpoint written, requeue and ``--resume auto``;
-* 1  — anything else (traceback on stderr).
+Exit statuses (liquid_dist.train.exit_status, docs/training.md): 0 trained to
+``train.max_steps``; 2 bad configuration or missing input, found before any
+process group; 3 the loss diverged (non-finite on more than
+``train.max_nan_skips`` steps in a row, or a spike again right after a rewind);
+75 preempted (SIGTERM / SIGUSR1: checkpoint written, requeue and ``--resume
+auto``); 1 anything else (a traceback on stderr). Rank 0 writes each
+status it returns, with the step and the reason, to ``RUN_DIR/EXIT``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Optional
 
 from liquid_dist.checkpoint_format import CheckpointError
@@ -27,13 +28,34 @@ from liquid_dist.parallel.distributed import (
     resolve_dist_env,
 )
 from liquid_dist.parallel.ds_compat import DeepSpeedVersionError, check_deepspeed_version
+from liquid_dist.train.exit_status import (
+    EXIT_CONFIG,
+    EXIT_DIVERGED,
+    EXIT_OK,
+    ExitRecord,
+    write_exit_record,
+)
 from liquid_dist.train.faults import Faults
+from liquid_dist.train.heartbeat import Heartbeat
 from liquid_dist.train.prepare import resolve_run
 from liquid_dist.train.signals import StopFlag
+from liquid_dist.train.spikes import LossSpikeError
 from liquid_dist.train.trainer import NonFiniteLossError, Trainer
 
-EXIT_CONFIG = 2
-EXIT_NONFINITE = 3
+
+def argument_parser() -> argparse.ArgumentParser:
+    """``launch/pretrain.py``'s arguments (also read by liquid_dist.train.requeue)."""
+    p = argparse.ArgumentParser(
+        description="Pretrain LiquidFoundationModelOptimized with DeepSpeed (docs/training.md)")
+    p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key (repeatable)")
+    p.add_argument("--resume", default="auto",
+                   help="auto (the newest valid checkpoint of train.run_dir, if any), none, "
+                        "or a checkpoint / run directory")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher (LOCAL_RANK wins when both exist)")
+    return p
 
 
 def use_deterministic_algorithms() -> None:
@@ -75,14 +97,20 @@ def _pretrain(config_path: str, overrides: Iterable[str], resume: str,
               local_rank: Optional[int],
               train_loader_factory: Optional[Callable[[Config, DistEnv], Any]],
               stop: StopFlag) -> int:
+    dist_env = cfg = None
     try:
         check_deepspeed_version()
-        plan = resolve_run(load_config(config_path, list(overrides)),
-                           world_size=resolve_dist_env(local_rank_arg=local_rank).world_size,
-                           device_type=device_type(), resume=resume)
+        dist_env = resolve_dist_env(local_rank_arg=local_rank)
+        cfg = load_config(config_path, list(overrides))
+        plan = resolve_run(cfg, world_size=dist_env.world_size, device_type=device_type(),
+                           resume=resume)
     except (ConfigError, FileNotFoundError, CheckpointError, DataError,
             DeepSpeedVersionError) as exc:
         _say(f"error: {exc}")
+        # into a run directory that exists (slurm/pretrain.sh makes it): a bad
+        # config does not leave one behind
+        if cfg is not None and dist_env.rank == 0 and Path(cfg.train.run_dir).is_dir():
+            write_exit_record(Path(cfg.train.run_dir), ExitRecord(EXIT_CONFIG, None, str(exc)))
         return EXIT_CONFIG
     import torch.distributed as dist
 
@@ -91,11 +119,21 @@ def _pretrain(config_path: str, overrides: Iterable[str], resume: str,
     env, device = init_distributed(local_rank)
     try:
         loader = train_loader_factory(plan.config, env) if train_loader_factory else None
-        return Trainer(plan, env, device, train_loader=loader,
-                       faults=Faults.from_environment()).run(stop)
-    except NonFiniteLossError as exc:
-        _say(f"error: {exc}")
-        return EXIT_NONFINITE
+        heartbeat = Heartbeat.from_environment(env.rank, env.local_rank)
+        heartbeat.enter("start", plan.config.train.hang_timeout_long_s)
+        trainer = Trainer(plan, env, device, train_loader=loader,
+                          faults=Faults.from_environment(), heartbeat=heartbeat)
+        try:
+            with heartbeat:
+                status = trainer.run(stop)
+            reason = "done" if status == EXIT_OK else stop.describe()
+        except (NonFiniteLossError, LossSpikeError) as exc:
+            _say(f"error: {exc}")
+            status, reason = EXIT_DIVERGED, str(exc)
+        if env.rank == 0:
+            write_exit_record(Path(plan.config.train.run_dir),
+                              ExitRecord(status, trainer.state.step, reason))
+        return status
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -9,6 +9,9 @@ environment. The variables, read once at start-up (inert when unset):
 * ``LIQUID_TEST_NAN_STEPS=3,4`` — on rank 0 the loss of those (1-based)
   optimizer steps is replaced by NaN (after the forward, before backward), to
   exercise non-finite detection, skipping and the ``train.max_nan_skips`` stop.
+* ``LIQUID_TEST_SPIKE_STEPS=5,6`` — on rank 0 the loss of those steps is
+  multiplied by :data:`SPIKE_FACTOR` (gradients with it): outlier batches, to
+  exercise the loss-spike policy (``train.spike``).
 * ``LIQUID_TEST_STOP_AT_STEP=n`` — rank 0 raises the stop flag after step n,
   exactly as if it had received SIGTERM there (a deterministic preemption).
 * ``LIQUID_TEST_CKPT_PAUSE=step:rank`` — while writing the checkpoint of that
@@ -21,6 +24,9 @@ environment. The variables, read once at start-up (inert when unset):
   step n+1. Once per run directory: a rank whose ``held.rank<r>`` exists (a
   requeued or resubmitted attempt) does not hold again. A test signals a job
   from outside at a known step this way (tests/test_slurm_real.py).
+* ``LIQUID_TEST_CRASH_AT_STEP=step:rank`` — after that step (and its checkpoint,
+  if one is due) that rank raises :class:`InjectedCrash`, on every attempt: a
+  run that crashes until someone fixes it.
 """
 
 from __future__ import annotations
@@ -34,8 +40,13 @@ from typing import Optional
 
 from liquid_dist.train.signals import StopFlag
 
+SPIKE_FACTOR = 1000.0
 PAUSE_S = 600.0
 """The longest a paused or held rank waits."""
+
+
+class InjectedCrash(RuntimeError):
+    """The crash ``LIQUID_TEST_CRASH_AT_STEP`` asks for."""
 
 
 @dataclass(frozen=True)
@@ -43,10 +54,13 @@ class Faults:
     """The faults of one run; the defaults inject none."""
 
     nan_steps: frozenset[int] = frozenset()
+    spike_steps: frozenset[int] = frozenset()
     stop_at_step: Optional[int] = None
     checkpoint_pause: Optional[tuple[int, int]] = None
     """(step, rank)"""
     hold_at_step: Optional[int] = None
+    crash_at: Optional[tuple[int, int]] = None
+    """(step, rank)"""
 
     @classmethod
     def from_environment(cls, environ: Optional[Mapping[str, str]] = None) -> Faults:
@@ -56,16 +70,23 @@ class Faults:
         def get(name: str) -> str:
             return env.get(f"LIQUID_TEST_{name}", "").strip()
 
-        pause = get("CKPT_PAUSE")
+        pause, crash = get("CKPT_PAUSE"), get("CRASH_AT_STEP")
         return cls(
             nan_steps=frozenset(int(s) for s in get("NAN_STEPS").split(",") if s.strip()),
+            spike_steps=frozenset(int(s) for s in get("SPIKE_STEPS").split(",") if s.strip()),
             stop_at_step=int(get("STOP_AT_STEP")) if get("STOP_AT_STEP") else None,
             checkpoint_pause=tuple(int(x) for x in pause.split(":")) if pause else None,
-            hold_at_step=int(get("HOLD_AT_STEP")) if get("HOLD_AT_STEP") else None)
+            hold_at_step=int(get("HOLD_AT_STEP")) if get("HOLD_AT_STEP") else None,
+            crash_at=tuple(int(x) for x in crash.split(":")) if crash else None)
 
-    def nan_loss(self, step: int, rank: int) -> bool:
-        """Whether ``rank`` replaces its loss of (1-based) ``step`` by NaN."""
-        return rank == 0 and step in self.nan_steps
+    def loss_factor(self, step: int, rank: int) -> Optional[float]:
+        """What ``rank`` multiplies its loss of (1-based) ``step`` by (NaN, or
+        :data:`SPIKE_FACTOR`); None: leave it alone."""
+        if rank != 0:
+            return None
+        if step in self.nan_steps:
+            return float("nan")
+        return SPIKE_FACTOR if step in self.spike_steps else None
 
     def stop_after(self, step: int, rank: int) -> bool:
         """Whether ``rank`` raises the stop flag after ``step``, as a signal would."""
@@ -82,6 +103,8 @@ class Faults:
 
     def after_step(self, step: int, rank: int, run_dir: Path, stop: StopFlag) -> None:
         """Called by every rank after a step and its checkpoint."""
+        if self.crash_at == (step, rank):
+            raise InjectedCrash(f"LIQUID_TEST_CRASH_AT_STEP: rank {rank} after step {step}")
         marker = run_dir / f"held.rank{rank}"
         if self.hold_at_step != step or marker.exists():
             return

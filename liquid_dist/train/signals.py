@@ -4,7 +4,7 @@ A scheduler announces the end of a job with a signal (Slurm: ``--signal=USR1@120
 before the time limit; SIGTERM on preemption or ``scancel``). The handler only
 records it; the trainer sums the flags of all ranks in its per-step
 all-reduce, so every rank sees the same decision at the same step, saves the
-same checkpoint and exits with :data:`EXIT_PREEMPTED`. Repeated signals are
+same checkpoint and exits with status 75 (liquid_dist.train.exit_status). Repeated signals are
 harmless (a worker may get the same one from Slurm, from ``torchrun`` and from
 slurm/node_launch.sh); a process that must die now gets SIGKILL from its
 launcher after the launcher's grace period.
@@ -15,9 +15,6 @@ from __future__ import annotations
 import signal
 from types import FrameType
 from typing import Optional
-
-EXIT_PREEMPTED = 75
-"""Exit status after a preemption checkpoint (EX_TEMPFAIL: "try again", requeue me)."""
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -33,6 +30,10 @@ class StopFlag:
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+    def describe(self) -> str:
+        """Why the run stops: this rank's signal, or another rank's (the flags are summed)."""
+        return self.received or "stop requested on another rank"
 
     def request(self, reason: str) -> None:
         """Raise the flag without a signal (the test hook and programmatic stops)."""

@@ -3,11 +3,11 @@ data loaders' (liquid_dist.train.checkpoint writes it into ``trainer_state.pt``)
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from liquid_dist.checkpoint_format import CheckpointError
+from liquid_dist.train.spikes import SpikeState
 
 
 @dataclass
@@ -20,14 +20,24 @@ class TrainerState:
     """The metrics run id (wandb's, when configured): one run across requeues."""
     nan_skips_total: int = 0
     nan_skips_in_row: int = 0
+    spike: SpikeState = field(default_factory=SpikeState)
+    """The loss-spike window and rewinds (liquid_dist.train.spikes)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"step": self.step, "run_id": self.run_id,
+                "nan_skips_total": self.nan_skips_total,
+                "nan_skips_in_row": self.nan_skips_in_row, "spike": self.spike.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """From a checkpoint's trainer state (CheckpointError naming a missing key)."""
-        missing = [f.name for f in dataclasses.fields(self) if f.name not in state]
+        """From a checkpoint's trainer state (CheckpointError naming a missing key). A
+        checkpoint written before the spike window existed starts with an empty one."""
+        missing = [k for k in ("step", "run_id", "nan_skips_total", "nan_skips_in_row")
+                   if k not in state]
         if missing:
             raise CheckpointError(f"trainer state without {missing}")
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, state[f.name])
+        self.step = state["step"]
+        self.run_id = state["run_id"]
+        self.nan_skips_total = state["nan_skips_total"]
+        self.nan_skips_in_row = state["nan_skips_in_row"]
+        self.spike = (SpikeState.from_state_dict(state["spike"]) if "spike" in state
+                      else SpikeState())

@@ -38,7 +38,7 @@ import resource
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -48,15 +48,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from liquid_dist.checkpoint_format import CheckpointError, newest_valid_checkpoint
 from liquid_dist.model.utils import param_groups as model_param_groups
 from liquid_dist.parallel.construction import build_model
 from liquid_dist.parallel.distributed import DistEnv
-from liquid_dist.parallel.ds_compat import share_fp32_master_partitions
+from liquid_dist.parallel.ds_compat import pending_grad_norm, share_fp32_master_partitions
 from liquid_dist.parallel.expert_parallel import split_expert_param_groups
 from liquid_dist.train.checkpoint import CheckpointManager, load_weights
 from liquid_dist.train.compile import compile_blocks
+from liquid_dist.train.exit_status import EXIT_OK, EXIT_PREEMPTED
 from liquid_dist.train.faults import NO_FAULTS, Faults
 from liquid_dist.train.flops import ModelFlops, peak_flops_per_device
+from liquid_dist.train.heartbeat import Heartbeat
 from liquid_dist.train.metrics import (
     MetricsLogger,
     human_line,
@@ -67,12 +70,12 @@ from liquid_dist.train.metrics import (
 from liquid_dist.train.monitor import BlockMonitor
 from liquid_dist.train.prepare import RunPlan
 from liquid_dist.train.schedule import lr_at
-from liquid_dist.train.signals import EXIT_PREEMPTED, StopFlag
+from liquid_dist.train.signals import StopFlag
+from liquid_dist.train.spikes import LossSpikeError, outlier, record
 from liquid_dist.train.state import TrainerState
 
-EXIT_OK = 0
-PREEMPTED_MARKER = "PREEMPTED"
-"""Written to RUN_DIR by rank 0 after a preemption checkpoint (the Slurm script requeues on it)."""
+TIMED_STEPS = 5
+"""Training steps timed (after an attempt's first) for the automatic hang allowance."""
 AUX_KEYS = ("recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse", "moe_mean_k")
 """The auxiliary terms the model reports, per-micro-batch means averaged over a step's
 micro-batches and ranks (``aux_loss`` is their weighted sum)."""
@@ -98,9 +101,11 @@ class SkippableAdamW(torch.optim.AdamW):
     """
 
     skip: bool = False
+    skip_if: Optional[Callable[[], bool]] = None
+    """Asked inside the step, when DeepSpeed has the gradient norm (the spike check)."""
 
     def step(self, closure=None):  # type: ignore[override]
-        if self.skip:
+        if self.skip or (self.skip_if is not None and self.skip_if()):
             return None
         return super().step(closure)
 
@@ -159,6 +164,12 @@ class StepResult:
     usage: Optional[torch.Tensor]
     """(MoE layers, experts) routing counts of this rank's micro-batches, or None."""
     monitor: Optional[dict[str, Any]]
+    outlier: Optional[str] = None
+    """Why the update was not applied as a loss spike (train.spike), or None."""
+
+    @property
+    def applied(self) -> bool:
+        return not self.skipped and self.outlier is None
 
 
 class _Window:
@@ -184,7 +195,7 @@ class _Window:
             self.counts[k] += v
         if r.usage is not None:
             self.usage = r.usage if self.usage is None else self.usage + r.usage
-        if not r.skipped:
+        if r.applied:
             self.good += 1
             self.grad_norm += r.grad_norm
             for k, v in r.losses.items():
@@ -198,11 +209,13 @@ class Trainer:
     it to feed one process the union of several ranks' batches); it must yield
     the same batch dicts and offer ``state_dict`` / ``load_state_dict`` /
     ``stats``. ``faults``: the run's fault injection (liquid_dist.train.faults;
-    none by default).
+    none by default). ``heartbeat``: where the rank reports its progress to the
+    node's watchdog (liquid_dist.train.heartbeat; none by default).
     """
 
     def __init__(self, plan: RunPlan, dist_env: DistEnv, device: torch.device, *,
-                 train_loader: Any = None, faults: Faults = NO_FAULTS):
+                 train_loader: Any = None, faults: Faults = NO_FAULTS,
+                 heartbeat: Optional[Heartbeat] = None):
         if (dist_env.world_size, device.type) != (plan.build.world_size,
                                                   plan.build.device_type):
             raise ValueError(f"the plan is for {plan.build.world_size} rank(s) of "
@@ -216,6 +229,9 @@ class Trainer:
         self.precision = plan.build.precision
         self._train_loader = train_loader
         self.faults = faults
+        self.heartbeat = heartbeat or Heartbeat(None)
+        self._step_times: list[float] = []
+        self._steps_run = 0
         self.state = TrainerState()
         self.resharded_from: Optional[tuple[int, int]] = None  # (world size, ep_size)
         self._last_saved_step = -1
@@ -343,7 +359,6 @@ class Trainer:
         sent_through, replay = None, []
         if rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             if run_id is not None:  # what this wandb run got from earlier attempts
                 sent_through = wandb_sent_through(read_metrics(self.run_dir))
             truncate_metrics(self.run_dir, self.state.step)
@@ -397,11 +412,15 @@ class Trainer:
         t, st, rank = self.cfg.train, self.state, self.env.rank
         batches = self._batches()
         window = _Window()
+        self.heartbeat.enter("first_step", t.hang_timeout_long_s)
         while st.step < t.max_steps:
+            began = time.perf_counter()
             result = self.train_step([next(batches) for _ in range(t.grad_accum)], stop)
             st.step += 1
+            self.heartbeat.progress(st.step, self._hang_allowance(time.perf_counter() - began))
             bar.update(1)
             self._count_nan(result)
+            self._judge_spike(result)
             window.add(result, t.grad_accum)
             if result.monitor is not None:
                 self.logger.log({"kind": "monitor", "step": st.step, **result.monitor})
@@ -414,13 +433,29 @@ class Trainer:
                 return self._preempt(stop)
             if st.step % t.ckpt_every == 0 or last:
                 self._save()
-            self.faults.after_step(st.step, rank, self.run_dir, stop)
+            with self.heartbeat.within("test_fault", None, self._hang_allowance()):
+                self.faults.after_step(st.step, rank, self.run_dir, stop)
         if self._last_saved_step != st.step:
             self._save()
         self.logger.log({"kind": "event", "event": "done", "step": st.step,
                          "nan_skips_total": st.nan_skips_total},
                         f"done at step {st.step}")
         return EXIT_OK
+
+    def _hang_allowance(self, step_time: Optional[float] = None) -> float:
+        """The training steps' hang allowance (train.hang_timeout_s; liquid_dist.train.watchdog):
+        the configured one, else ten times the slowest of this attempt's steps 2 to
+        1 + :data:`TIMED_STEPS`, at least 60 s (the long allowance until they are timed)."""
+        t = self.cfg.train
+        if step_time is not None and 0 < self._steps_run <= TIMED_STEPS:
+            self._step_times.append(step_time)
+        if step_time is not None:
+            self._steps_run += 1
+        if t.hang_timeout_s is not None:
+            return t.hang_timeout_s
+        if len(self._step_times) < TIMED_STEPS:
+            return t.hang_timeout_long_s
+        return max(60.0, 10 * max(self._step_times))
 
     def train_step(self, host: list[dict[str, torch.Tensor]], stop: StopFlag) -> StepResult:
         """One optimizer step on this step's micro-batches (host tensors); see the module doc.
@@ -444,8 +479,9 @@ class Trainer:
             if monitoring:
                 self.monitor.pause()
             ce_sum = out["ce_sum"]
-            if self.faults.nan_loss(step, rank):
-                ce_sum = ce_sum * float("nan")
+            factor = self.faults.loss_factor(step, rank)
+            if factor is not None:
+                ce_sum = ce_sum * factor
             for k in sums:
                 sums[k] += (ce_sum if k == "ce_sum" else out[k]).detach().double()
             if "expert_usage" in out:
@@ -458,7 +494,9 @@ class Trainer:
         bad = ~torch.isfinite(torch.stack([v for k, v in sums.items()
                                            if k != "nonfinite_activations"])).all()
         bad = bad | (sums["nonfinite_activations"] > 0)
-        asks_stop = stop.requested or self.faults.stop_after(step, rank)
+        if self.faults.stop_after(step, rank):
+            stop.request("LIQUID_TEST_STOP_AT_STEP")
+        asks_stop = stop.requested
         # the step's one host read: every rank's sums and decisions, after the last backward
         total = self.sum_over_ranks({**sums, "bad": bad, "stop": float(asks_stop),
                                      **dict(zip(COUNT_KEYS, counts.to(self.device),
@@ -475,16 +513,36 @@ class Trainer:
         # without ZeRO, DeepSpeed (fp32) computes no norm: take it before the update
         own_norm = self._plain_grad_norm() if self.cfg.parallel.zero_stage == 0 else None
         skip = total["bad"] > 0
-        self.optimizer.skip = skip
+        spike = self._spike_check(skip, losses["loss"], own_norm)
+        self.optimizer.skip = skip or spike("loss") is not None
+        self.optimizer.skip_if = lambda: spike("grad_norm") is not None
         self.engine.step()
-        self.optimizer.skip = False
+        self.optimizer.skip, self.optimizer.skip_if = False, None
         ds_norm = self.engine.get_global_grad_norm()
         grad_norm = float(ds_norm if ds_norm is not None else (own_norm or 0.0))
         # DeepSpeed's ZeRO-3 also skips an update whose gradient norm is not finite
+        skipped = skip or not math.isfinite(grad_norm)
         return StepResult(losses=losses, counts={k: total[k] for k in COUNT_KEYS}, lr=lr,
-                          grad_norm=grad_norm, skipped=skip or not math.isfinite(grad_norm),
+                          grad_norm=grad_norm, skipped=skipped,
                           replaced=int(total["nonfinite_activations"]),
-                          stop=total["stop"] > 0, usage=usage, monitor=monitor)
+                          stop=total["stop"] > 0, usage=usage, monitor=monitor,
+                          outlier=None if skipped else (spike("loss") or spike("grad_norm")))
+
+    def _spike_check(self, nonfinite: bool, loss: float, own_norm: Optional[float]
+                     ) -> Callable[[str], Optional[str]]:
+        """``check("loss")`` / ``check("grad_norm")``: why this step's loss / gradient norm
+        is a spike (liquid_dist.train.spikes), or None. The norm is asked for inside the
+        optimizer's step, where DeepSpeed has it (without ZeRO: ``own_norm``)."""
+        sp = self.cfg.train.spike
+
+        def check(what: str) -> Optional[str]:
+            if sp.policy == "off" or nonfinite:  # a non-finite step is the NaN check's
+                return None
+            if what == "loss":
+                return outlier(self.state.spike, sp.window, sp.sigma, loss=loss)
+            norm = own_norm if own_norm is not None else pending_grad_norm(self.engine)
+            return outlier(self.state.spike, sp.window, sp.sigma, grad_norm=norm)
+        return check
 
     def sum_over_ranks(self, named: dict[str, Any]) -> dict[str, float]:
         """Each named scalar (a 0-d tensor or a number) summed over the ranks, in one
@@ -522,6 +580,55 @@ class Trainer:
                 f"(up to step {st.step}; train.max_nan_skips={limit}): stopping. The last "
                 f"checkpoint is in {self.run_dir / 'checkpoints'}; lower train.lr, check the "
                 "data, or set model.check_finite=true to name the first non-finite module")
+
+    def _judge_spike(self, r: StepResult) -> None:
+        """Record the step in the spike window (train.spike); log an outlier; rewind after
+        ``rewind_after`` in a row (liquid_dist.train.spikes)."""
+        cfg, st = self.cfg.train.spike, self.state
+        if cfg.policy == "off" or r.skipped:
+            return
+        record(st.spike, st.step, cfg.window, loss=r.losses["loss"], grad_norm=r.grad_norm,
+               is_outlier=r.outlier is not None)
+        if r.outlier is None:
+            return
+        self.logger.log({"kind": "event", "event": "spike_skip", "step": st.step,
+                         "reason": r.outlier, "loss": r.losses["loss"],
+                         "grad_norm": r.grad_norm, "in_row": st.spike.in_row},
+                        f"step {st.step}: loss spike, {r.outlier}: update skipped "
+                        f"({st.spike.in_row} in a row)")
+        if cfg.policy == "rewind" and st.spike.in_row >= cfg.rewind_after:
+            self._rewind()
+
+    def _rewind(self) -> None:
+        """Reload the newest valid checkpoint before the spike's first step (weights,
+        optimizer, RNG, the spike window as it was) and go on from this step with the data
+        that follows; checkpoint at once, so that a requeue goes on from here too."""
+        with self.heartbeat.within("rewind", self.cfg.train.hang_timeout_long_s,
+                                   self._hang_allowance()):
+            st, first = self.state, self.state.spike.first
+            spike = f"loss spike at steps {first}-{st.step}"
+            try:
+                ref, _ = newest_valid_checkpoint(self.run_dir, before=first)
+            except CheckpointError as exc:
+                raise LossSpikeError(f"{spike}: no checkpoint to rewind to ({exc})") from exc
+            if ref is None:
+                raise LossSpikeError(f"{spike}: no checkpoint before step {first} to rewind to")
+            rewinds = st.spike.rewinds
+            if rewinds and ref.step <= rewinds[-1][1]:
+                raise LossSpikeError(
+                    f"{spike}, again before training got past the rewind at step "
+                    f"{rewinds[-1][1]} (to the checkpoint of step {rewinds[-1][0]}): stopping. "
+                    f"Its checkpoints are in {self.run_dir / 'checkpoints'}; lower train.lr or "
+                    "check the data around these steps")
+            before = TrainerState()
+            before.load_state_dict(self.ckpt.load(self.engine, ref))
+            st.spike = before.spike
+            st.spike.rewinds = [*rewinds, (ref.step, st.step)]
+            self.logger.log({"kind": "event", "event": "spike_rewind", "step": st.step,
+                             "checkpoint": ref.step, "skipped_steps": [ref.step + 1, st.step]},
+                            f"{spike}: rewound to the checkpoint of step {ref.step}; the batches "
+                            f"of steps {ref.step + 1}-{st.step} are not trained on")
+            self._save()
 
     def _data_counters(self) -> dict[str, int]:
         """What the training loaders counted since the start of training, summed over the
@@ -590,41 +697,43 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> None:
-        self.engine.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for batch in self.val_loader:
-            n = float((batch["labels"] != -100).sum())
-            with self._autocast():
-                out = self.engine(**self._to_device(batch))
-            sums += torch.stack([out["ce_sum"].detach().double(), sums.new_tensor(n),
-                                 out["aux_loss"].detach().double()])
-        batches = len(self.val_loader)
-        self.engine.train()
-        sums = self._all_reduce(sums).cpu()
-        val_ce = float(sums[0] / sums[1].clamp(min=1))
-        val_loss = val_ce + float(sums[2]) / max(1, batches * self.env.world_size)
-        self.logger.log({"kind": "eval", "step": self.state.step, "val_ce": val_ce,
-                         "val_loss": val_loss,
-                         "val_ppl": math.exp(val_ce) if val_ce < 50 else float("inf")},
-                        f"eval step {self.state.step}: val ce {val_ce:.4f} "
-                        f"(ppl {math.exp(min(val_ce, 50)):.1f}), val loss {val_loss:.4f}")
+        with self.heartbeat.within("eval", self.cfg.train.hang_timeout_long_s,
+                                   self._hang_allowance()):
+            self.engine.eval()
+            sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+            for batch in self.val_loader:
+                n = float((batch["labels"] != -100).sum())
+                with self._autocast():
+                    out = self.engine(**self._to_device(batch))
+                sums += torch.stack([out["ce_sum"].detach().double(), sums.new_tensor(n),
+                                     out["aux_loss"].detach().double()])
+            batches = len(self.val_loader)
+            self.engine.train()
+            sums = self._all_reduce(sums).cpu()
+            val_ce = float(sums[0] / sums[1].clamp(min=1))
+            val_loss = val_ce + float(sums[2]) / max(1, batches * self.env.world_size)
+            self.logger.log({"kind": "eval", "step": self.state.step, "val_ce": val_ce,
+                             "val_loss": val_loss,
+                             "val_ppl": math.exp(val_ce) if val_ce < 50 else float("inf")},
+                            f"eval step {self.state.step}: val ce {val_ce:.4f} "
+                            f"(ppl {math.exp(min(val_ce, 50)):.1f}), val loss {val_loss:.4f}")
 
     def _save(self) -> None:
-        step = self.state.step
-        self.ckpt.save(self.engine, self.state,
-                       rank_state={"loader": self._train_loader.state_dict()},
-                       config=self.cfg.to_dict(), tokenizer_path=self.cfg.data.tokenizer)
-        self._last_saved_step = step
-        self.logger.log({"kind": "event", "event": "checkpoint", "step": step},
-                        f"checkpoint step {step} -> {self.run_dir / 'checkpoints'}")
+        with self.heartbeat.within("save", self.cfg.train.hang_timeout_long_s,
+                                   self._hang_allowance()):
+            step = self.state.step
+            self.ckpt.save(self.engine, self.state,
+                           rank_state={"loader": self._train_loader.state_dict()},
+                           config=self.cfg.to_dict(), tokenizer_path=self.cfg.data.tokenizer)
+            self._last_saved_step = step
+            self.logger.log({"kind": "event", "event": "checkpoint", "step": step},
+                            f"checkpoint step {step} -> {self.run_dir / 'checkpoints'}")
 
     def _preempt(self, stop: StopFlag) -> int:
         step = self.state.step
         if self._last_saved_step != step:
             self._save()
-        reason = stop.received or "stop requested on another rank"
-        if self.env.rank == 0:
-            (self.run_dir / PREEMPTED_MARKER).write_text(f"{step} {reason}\n")
+        reason = stop.describe()
         self.logger.log({"kind": "event", "event": "preempted", "step": step,
                          "reason": reason},
                         f"preempted at step {step} ({reason}): checkpoint saved, "
