@@ -1,7 +1,7 @@
 """The one-shot proof of the GPU path, for one bare GPU machine (or ``--cpu-smoke``).
 
     bash bench/fetch_gpu_wheels.sh                      # here: wheels -> bench/wheels
-    python bench/gpu_proof.py --out "$OUT"              # there: < 8 minutes on one H200
+    python bench/gpu_proof.py --out "$OUT"              # there: one H200 (two training runs)
     python bench/gpu_proof.py --cpu-smoke --out /tmp/p  # the same script end to end on CPU
 
 The GPU machine has torch but no network, DeepSpeed or WebDataset: the script
@@ -30,6 +30,10 @@ training run's ``metrics.jsonl``. Checks, each recorded as ``ok`` / ``failed`` /
    ``--steps`` steps: first-step loss against a plain forward without
    DeepSpeed, steady real tokens/s, MFU (H200 dense bf16 peak), peak memory,
    and the backends that ran.
+5. ``deterministic``: the same training with ``train.deterministic=true``
+   (deterministic algorithms, cuBLAS's fixed workspace): whether every operation
+   has a deterministic implementation, its steady step time against ``train``'s
+   (the switch's cost), and whether its losses equal ``train``'s.
 """
 
 from __future__ import annotations
@@ -411,6 +415,27 @@ def check_train(cfg_path: str, sets: list[str], run_dir: Path, out_dir: Path, de
     }
 
 
+def check_deterministic(train: dict[str, Any], cfg_path: str, sets: list[str], run_dir: Path,
+                        out_dir: Path, device, steps: int) -> dict[str, Any]:
+    """``train`` again with ``train.deterministic=true``: its cost and its losses."""
+    from liquid_dist.train.metrics import read_metrics
+
+    if train.get("status") != "ok":
+        return {"status": "skipped", "reason": "the train check did not pass"}
+    det_run, det_out = run_dir.with_name(run_dir.name + "_deterministic"), out_dir / "deterministic"
+    det_out.mkdir(exist_ok=True)
+    got = check_train(cfg_path, [*sets, f"train.run_dir={det_run}", "train.deterministic=true"],
+                      det_run, det_out, device, steps)
+    losses = [r["loss"] for r in read_metrics(det_run, "train")]
+    base = [r["loss"] for r in read_metrics(run_dir, "train")]
+    return {"step_time_s": got["step_time_s"], "real_tokens_per_s": got["real_tokens_per_s"],
+            "step_time_ratio": (got["step_time_s"] / train["step_time_s"]
+                                if got["step_time_s"] and train["step_time_s"] else None),
+            "losses_equal_train": losses == base,
+            "max_loss_diff": max((abs(a - b) for a, b in zip(losses, base, strict=True)),
+                                 default=None)}
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -479,6 +504,9 @@ def main() -> int:
     _check(results, "model_step_sync_free", lambda: check_model_step(cfg, device, dtype), log)
     _check(results, "train", lambda: check_train(cfg_path, sets, run_dir, args.out, device,
                                                  steps), log)
+    _check(results, "deterministic",
+           lambda: check_deterministic(results["train"], cfg_path, sets, run_dir, args.out,
+                                       device, steps), log)
     (args.out / "gpu_proof.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     failed = [k for k, v in results.items() if isinstance(v, dict) and v.get("status") == "failed"]
     log(f"wrote {args.out / 'gpu_proof.json'}; failed checks: {failed or 'none'}")

@@ -20,7 +20,7 @@ def test_gpu_proof_runs_every_check_in_cpu_smoke_mode(tmp_path):
                           stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     result = json.loads((tmp_path / "gpu_proof.json").read_text())
-    for check in ("attention", "moe", "model_step_sync_free", "train"):
+    for check in ("attention", "moe", "model_step_sync_free", "train", "deterministic"):
         assert result[check]["status"] == "ok", (check, result[check])
     backends = result["attention"]["backends"]
     assert {k for k, r in backends.items() if r["status"] == "ok"} >= {
@@ -30,3 +30,5 @@ def test_gpu_proof_runs_every_check_in_cpu_smoke_mode(tmp_path):
     assert train["first_step_rel_diff"] < 1e-4  # the same loss as a plain forward
     assert train["real_tokens_per_s"] > 0 and train["moe_backend"]
     assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "gpu_proof.log").is_file()
+    # on the CPU the switch changes nothing (docs/training.md): the same losses
+    assert result["deterministic"]["losses_equal_train"], result["deterministic"]
