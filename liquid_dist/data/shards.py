@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 import braceexpand
 import numpy as np
 
+from liquid_dist.atomic import write_atomic
 from liquid_dist.data.errors import BadSample, DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -127,12 +128,7 @@ def read_manifest(directory: Union[str, Path]) -> dict:
 
 def write_json_atomic(path: Union[str, Path], obj: Any) -> None:
     """Write JSON through a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def verify_shards(directory: Union[str, Path]) -> list[str]:

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from liquid_dist.atomic import write_atomic
 from liquid_dist.checkpoint_format import (
     CHECKPOINTS,
     CHECKSUMS,
@@ -62,24 +63,6 @@ from liquid_dist.checkpoint_format import (
 )
 from liquid_dist.train.faults import NO_FAULTS, Faults
 from liquid_dist.train.state import TrainerState
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def rng_state() -> dict[str, Any]:
@@ -170,7 +153,7 @@ class CheckpointManager:
         _barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
         self.faults.in_checkpoint_write(step, self.rank, self.run_dir)
-        _write_atomic(tmp / f"{DONE_PREFIX}{self.rank}", str(step))
+        write_atomic(tmp / f"{DONE_PREFIX}{self.rank}", str(step), durable=True)
         _barrier()
         # every rank hashes its share of DeepSpeed's files (one file in W each)
         files = checksummed_files(tmp)
@@ -191,13 +174,14 @@ class CheckpointManager:
             recorded = {name: d for part in digests for name, d in part.items()}
             for name in (TRAINER_STATE, CONFIG_FILE, TOKENIZER_FILE):
                 recorded[name] = file_digest(tmp / name)
-            _write_atomic(tmp / CHECKSUMS, json.dumps(
-                {"algorithm": "sha256", "files": dict(sorted(recorded.items()))}, indent=1))
+            write_atomic(tmp / CHECKSUMS, json.dumps(
+                {"algorithm": "sha256", "files": dict(sorted(recorded.items()))}, indent=1),
+                durable=True)
             final = self.dir / tag
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _write_atomic(self.dir / LATEST, tag + "\n")
+            write_atomic(self.dir / LATEST, tag + "\n", durable=True)
             self._prune(keep=tag)
         _barrier()
         return CheckpointRef(self.dir, tag)

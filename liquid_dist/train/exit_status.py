@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from liquid_dist.atomic import write_atomic
 
 EXIT_OK = 0
 """Trained to ``train.max_steps``; the final checkpoint is written."""
@@ -44,12 +45,9 @@ class ExitRecord:
 
 def write_exit_record(run_dir: Path, record: ExitRecord) -> None:
     """Rank 0's account of how the attempt ended (atomic: a reader sees all or nothing)."""
-    tmp = run_dir / (EXIT_RECORD + ".tmp")
-    tmp.write_text(json.dumps({"status": record.status, "step": record.step,
-                               "reason": record.reason,
-                               "time": datetime.datetime.now().isoformat(
-                                   timespec="seconds")}) + "\n")
-    os.replace(tmp, run_dir / EXIT_RECORD)
+    write_atomic(run_dir / EXIT_RECORD, json.dumps(
+        {"status": record.status, "step": record.step, "reason": record.reason,
+         "time": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
 
 
 def read_exit_record(run_dir: Path) -> Optional[ExitRecord]:

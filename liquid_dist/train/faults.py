@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from liquid_dist.atomic import write_atomic
 from liquid_dist.train.signals import StopFlag
 
 SPIKE_FACTOR = 1000.0
@@ -96,9 +97,7 @@ class Faults:
         """Called by every rank between its DeepSpeed files and its completion marker."""
         if self.checkpoint_pause != (step, rank):
             return
-        tmp = run_dir / "ckpt_pause.pid.tmp"
-        tmp.write_text(str(os.getpid()))
-        os.replace(tmp, run_dir / "ckpt_pause.pid")
+        write_atomic(run_dir / "ckpt_pause.pid", str(os.getpid()))
         time.sleep(PAUSE_S)
 
     def after_step(self, step: int, rank: int, run_dir: Path, stop: StopFlag) -> None:

@@ -32,6 +32,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Optional
 
+from liquid_dist.atomic import write_atomic
+
 BEAT_S = 1.0
 """Seconds between two writes of a rank's heartbeat file."""
 ENV = "LIQUID_HEARTBEAT_DIR"
@@ -44,8 +46,8 @@ class Heartbeat:
     def __init__(self, directory: Optional[Path], *, rank: int = 0, local_rank: int = 0):
         self.path = None if directory is None else Path(directory) / f"rank{rank}.json"
         self.rank, self.local_rank = rank, local_rank
+        # Slurm's name of the node, else the host name
         self.host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        """Slurm's name of the node, else the host name."""
         self.step = 0
         self.section = "start"
         self.allowance: Optional[float] = None
@@ -106,9 +108,7 @@ class Heartbeat:
                   "host": self.host, "pid": os.getpid(), "step": self.step,
                   "section": self.section, "allowance": self.allowance,
                   "deadline": self.deadline, "beat": time.time()}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(record))
 
     def _beat(self) -> None:
         while not self._stop.wait(BEAT_S):

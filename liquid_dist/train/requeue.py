@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from liquid_dist.atomic import write_atomic
 from liquid_dist.checkpoint_format import latest_step
 from liquid_dist.config import ConfigError, load_config
 from liquid_dist.train.exit_status import (
@@ -72,9 +73,7 @@ def _ledger(run_dir: Path, job: str) -> dict:
 
 def _write_ledger(run_dir: Path, data: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (LEDGER + ".tmp")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, run_dir / LEDGER)
+    write_atomic(run_dir / LEDGER, json.dumps(data) + "\n")
 
 
 def check(run_dir: Path, job: str) -> str:

@@ -9,6 +9,9 @@ from typing import Any, Optional
 from liquid_dist.checkpoint_format import CheckpointError
 from liquid_dist.train.spikes import SpikeState
 
+COUNTERS = ("step", "run_id", "nan_skips_total", "nan_skips_in_row")
+"""The plain fields, stored as they are (the spike window has its own state dict)."""
+
 
 @dataclass
 class TrainerState:
@@ -24,20 +27,15 @@ class TrainerState:
     """The loss-spike window and rewinds (liquid_dist.train.spikes)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "run_id": self.run_id,
-                "nan_skips_total": self.nan_skips_total,
-                "nan_skips_in_row": self.nan_skips_in_row, "spike": self.spike.state_dict()}
+        return {**{k: getattr(self, k) for k in COUNTERS}, "spike": self.spike.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """From a checkpoint's trainer state (CheckpointError naming a missing key). A
         checkpoint written before the spike window existed starts with an empty one."""
-        missing = [k for k in ("step", "run_id", "nan_skips_total", "nan_skips_in_row")
-                   if k not in state]
+        missing = [k for k in COUNTERS if k not in state]
         if missing:
             raise CheckpointError(f"trainer state without {missing}")
-        self.step = state["step"]
-        self.run_id = state["run_id"]
-        self.nan_skips_total = state["nan_skips_total"]
-        self.nan_skips_in_row = state["nan_skips_in_row"]
+        for k in COUNTERS:
+            setattr(self, k, state[k])
         self.spike = (SpikeState.from_state_dict(state["spike"]) if "spike" in state
                       else SpikeState())

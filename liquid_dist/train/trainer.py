@@ -231,7 +231,7 @@ class Trainer:
         self.faults = faults
         self.heartbeat = heartbeat or Heartbeat(None)
         self._step_times: list[float] = []
-        self._steps_run = 0
+        """This attempt's first 1 + TIMED_STEPS step times (the hang allowance's)."""
         self.state = TrainerState()
         self.resharded_from: Optional[tuple[int, int]] = None  # (world size, ep_size)
         self._last_saved_step = -1
@@ -417,7 +417,9 @@ class Trainer:
             began = time.perf_counter()
             result = self.train_step([next(batches) for _ in range(t.grad_accum)], stop)
             st.step += 1
-            self.heartbeat.progress(st.step, self._hang_allowance(time.perf_counter() - began))
+            if len(self._step_times) <= TIMED_STEPS:
+                self._step_times.append(time.perf_counter() - began)
+            self.heartbeat.progress(st.step, self._hang_allowance())
             bar.update(1)
             self._count_nan(result)
             self._judge_spike(result)
@@ -442,20 +444,18 @@ class Trainer:
                         f"done at step {st.step}")
         return EXIT_OK
 
-    def _hang_allowance(self, step_time: Optional[float] = None) -> float:
+    def _hang_allowance(self) -> float:
         """The training steps' hang allowance (train.hang_timeout_s; liquid_dist.train.watchdog):
         the configured one, else ten times the slowest of this attempt's steps 2 to
-        1 + :data:`TIMED_STEPS`, at least 60 s (the long allowance until they are timed)."""
+        1 + :data:`TIMED_STEPS` (the first warms up), at least 60 s; the long allowance
+        until they are timed."""
         t = self.cfg.train
-        if step_time is not None and 0 < self._steps_run <= TIMED_STEPS:
-            self._step_times.append(step_time)
-        if step_time is not None:
-            self._steps_run += 1
+        timed = self._step_times[1:]
         if t.hang_timeout_s is not None:
             return t.hang_timeout_s
-        if len(self._step_times) < TIMED_STEPS:
+        if len(timed) < TIMED_STEPS:
             return t.hang_timeout_long_s
-        return max(60.0, 10 * max(self._step_times))
+        return max(60.0, 10 * max(timed))
 
     def train_step(self, host: list[dict[str, torch.Tensor]], stop: StopFlag) -> StepResult:
         """One optimizer step on this step's micro-batches (host tensors); see the module doc.
@@ -513,9 +513,17 @@ class Trainer:
         # without ZeRO, DeepSpeed (fp32) computes no norm: take it before the update
         own_norm = self._plain_grad_norm() if self.cfg.parallel.zero_stage == 0 else None
         skip = total["bad"] > 0
-        spike = self._spike_check(skip, losses["loss"], own_norm)
-        self.optimizer.skip = skip or spike("loss") is not None
-        self.optimizer.skip_if = lambda: spike("grad_norm") is not None
+        # loss spikes (train.spike; a non-finite step is the check above's): the loss is
+        # judged now, the norm inside the optimizer's step, where DeepSpeed has it
+        sp = self.cfg.train.spike
+        judge = sp.policy != "off" and not skip
+        window = self.state.spike
+        loss_spike = outlier(window, sp.window, sp.sigma, loss=losses["loss"]) if judge else None
+        self.optimizer.skip = skip or loss_spike is not None
+        if judge:
+            self.optimizer.skip_if = lambda: outlier(
+                window, sp.window, sp.sigma, grad_norm=own_norm if own_norm is not None
+                else pending_grad_norm(self.engine)) is not None
         self.engine.step()
         self.optimizer.skip, self.optimizer.skip_if = False, None
         ds_norm = self.engine.get_global_grad_norm()
@@ -526,23 +534,9 @@ class Trainer:
                           grad_norm=grad_norm, skipped=skipped,
                           replaced=int(total["nonfinite_activations"]),
                           stop=total["stop"] > 0, usage=usage, monitor=monitor,
-                          outlier=None if skipped else (spike("loss") or spike("grad_norm")))
-
-    def _spike_check(self, nonfinite: bool, loss: float, own_norm: Optional[float]
-                     ) -> Callable[[str], Optional[str]]:
-        """``check("loss")`` / ``check("grad_norm")``: why this step's loss / gradient norm
-        is a spike (liquid_dist.train.spikes), or None. The norm is asked for inside the
-        optimizer's step, where DeepSpeed has it (without ZeRO: ``own_norm``)."""
-        sp = self.cfg.train.spike
-
-        def check(what: str) -> Optional[str]:
-            if sp.policy == "off" or nonfinite:  # a non-finite step is the NaN check's
-                return None
-            if what == "loss":
-                return outlier(self.state.spike, sp.window, sp.sigma, loss=loss)
-            norm = own_norm if own_norm is not None else pending_grad_norm(self.engine)
-            return outlier(self.state.spike, sp.window, sp.sigma, grad_norm=norm)
-        return check
+                          outlier=None if skipped or not judge else (
+                              loss_spike or outlier(window, sp.window, sp.sigma,
+                                                    grad_norm=grad_norm)))
 
     def sum_over_ranks(self, named: dict[str, Any]) -> dict[str, float]:
         """Each named scalar (a 0-d tensor or a number) summed over the ranks, in one

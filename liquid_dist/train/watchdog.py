@@ -28,6 +28,7 @@ It exits when ``--launcher-pid`` is gone: 0, or 1 after it stopped the ranks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from liquid_dist.atomic import write_atomic
 from liquid_dist.train.heartbeat import STACKS_SIGNAL
 
 POLL_S = 1.0
@@ -49,6 +51,8 @@ HANG_MARKER = "HANG"
 class Hang:
     rank: dict
     """The rank's last heartbeat record."""
+    frozen: bool
+    """Silent (its stacks cannot be had), not only without progress."""
     why: str
 
 
@@ -58,11 +62,11 @@ def find_hangs(records: list[dict], now: float) -> list[Hang]:
     for r in records:
         silent = now - r["beat"]
         if r["allowance"] is not None and silent > r["allowance"]:
-            hangs.append(Hang(r, f"silent for {silent:.0f} s (no heartbeat; the process is "
-                                 "frozen or holds the interpreter)"))
+            hangs.append(Hang(r, True, f"silent for {silent:.0f} s (no heartbeat; the "
+                                       "process is frozen or holds the interpreter)"))
         elif r["deadline"] is not None and now > r["deadline"] + STUCK_GRACE_S:
-            hangs.append(Hang(r, f"no progress for {now - r['deadline']:.0f} s past its "
-                                 f"'{r['section']}' allowance"))
+            hangs.append(Hang(r, False, f"no progress for {now - r['deadline']:.0f} s past "
+                                        f"its '{r['section']}' allowance"))
     return hangs
 
 
@@ -105,7 +109,7 @@ def dump_stacks(records: list[dict], frozen: set[int]) -> None:
         _say("Python stacks of the live ranks " + ", ".join(str(r["rank"]) for r in live)
              + " follow on their stderr")
     for r in live:
-        with _ignore_gone():
+        with contextlib.suppress(ProcessLookupError):  # gone meanwhile
             os.kill(r["pid"], STACKS_SIGNAL)
 
 
@@ -116,23 +120,13 @@ def stop_ranks(records: list[dict], hangs: list[Hang], run_dir: Optional[Path]) 
     for line in lines:
         _say(line)
     if run_dir is not None:
-        tmp = run_dir / (HANG_MARKER + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, run_dir / HANG_MARKER)
-    dump_stacks(records, {h.rank["pid"] for h in hangs if "silent" in h.why})
+        write_atomic(run_dir / HANG_MARKER, "\n".join(lines) + "\n")
+    dump_stacks(records, {h.rank["pid"] for h in hangs if h.frozen})
     time.sleep(STACKS_WAIT_S)
     for r in records:
-        with _ignore_gone():
+        with contextlib.suppress(ProcessLookupError):
             os.kill(r["pid"], signal.SIGKILL)
     _say("stopped the node's ranks; the job ends as after a crash (requeued)")
-
-
-class _ignore_gone:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Optional[type], *rest: object) -> bool:
-        return kind is ProcessLookupError
 
 
 def _reported_since(run_dir: Optional[Path], started: float) -> bool:
