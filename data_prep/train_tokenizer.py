@@ -3,7 +3,7 @@
     python data_prep/train_tokenizer.py --input corpus/ more.jsonl.gz --vocab-size 32000 \\
         --output data/tokenizer
 
-Writes OUTPUT/tokenizer.model and OUTPUT/tokenizer.json (its settings and
+Writes OUTPUT/tokenizer.model and OUTPUT/tokenizer_settings.json (its settings and
 sha256). Inputs: .txt/.md (one document per blank-line-separated block, or
 per file with --txt-docs file), .jsonl (--text-field), gzip of either,
 .parquet (a row per document, column --text-field; needs pyarrow) and

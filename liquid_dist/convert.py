@@ -53,6 +53,8 @@ from liquid_dist.model.pretrained import (
     canonical_names,
     write_generation_config,
     write_model_config,
+    write_remote_code,
+    write_tokenizer,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -258,8 +260,9 @@ def convert(run_dir: Union[str, Path], output: Union[str, Path], *, step: Option
                  "weight_map": {e[0]: f for f, s in zip(files, shards, strict=True)
                                 for e in s}}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    write_model_config(model_cfg, tmp)
-    shutil.copy2(path / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
+    write_model_config(model_cfg, tmp, target)
+    write_remote_code(tmp)
+    write_tokenizer(path / TOKENIZER_NAME, tmp, model_cfg)
     sentinels = Tokenizer(tmp / TOKENIZER_NAME).sentinel_ids
     write_generation_config(
         GenerationConfig.from_model_config(model_cfg).updated(suppress_tokens=sentinels), tmp)

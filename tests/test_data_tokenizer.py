@@ -37,7 +37,7 @@ def test_fixed_special_ids_and_sentinels():
         assert tok.sentinel_id(i) in tok.encode(f"a <extra_id_{i}> b")
     with pytest.raises(IndexError):
         tok.sentinel_id(100)
-    settings = json.loads((tokenizer_path().parent / "tokenizer.json").read_text())
+    settings = json.loads((tokenizer_path().parent / "tokenizer_settings.json").read_text())
     assert settings["sha256"] == tok.sha256
     assert settings["vocab_size"] == VOCAB and settings["byte_fallback"] is True
     assert settings["ids_dtype"] == "uint16" == tok.ids_dtype
@@ -75,7 +75,7 @@ def test_cli_reads_txt_jsonl_gzip_and_directories_and_counts_bad_input():
                    str(out), "--text-field", "body", "--txt-docs", "blank-line",
                    "--input-sentence-size", "200", "--threads", "1", "--no-progress"])
     assert rc == 0
-    settings = json.loads((out / "tokenizer.json").read_text())
+    settings = json.loads((out / "tokenizer_settings.json").read_text())
     report = settings["input_report"]["files"]
     assert report["corpus/plays.txt"]["documents"] == 4
     assert report["corpus/sub/more.jsonl.gz"]["documents"] == 5

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import test_model
 import torch
+from data_fixtures import tokenizer_path
 from test_model import VOCAB, make_model, small_cfg
 
 from liquid_dist.config import ModelConfig
@@ -20,6 +21,7 @@ from liquid_dist.model.pretrained import (
     INDEX_NAME,
     TOKENIZER_NAME,
     WEIGHTS_NAME,
+    remote_code_files,
 )
 
 
@@ -74,14 +76,14 @@ def test_generation_config_sets_the_defaults_and_a_call_overrides_them():
 def test_save_pretrained_round_trip(tmp_path: Path):
     model = build(ablate=["lstm"])
     model.generation_config = model.generation_config.updated(max_new_tokens=7, top_p=0.9)
-    tok = tmp_path / "spm.model"
-    tok.write_bytes(b"sentencepiece bytes")
+    tok = tokenizer_path()
     out = tmp_path / "model"
     out.mkdir()
     (out / INDEX_NAME).write_text("{}")  # a stale sharded export must not shadow the new file
     assert model.save_pretrained(out, tokenizer=tok) == out
-    assert {p.name for p in out.iterdir()} == {CONFIG_NAME, WEIGHTS_NAME,
-                                                GENERATION_CONFIG_NAME, TOKENIZER_NAME}
+    assert {p.name for p in out.iterdir()} == {
+        CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, TOKENIZER_NAME, "tokenizer.json",
+        "tokenizer_config.json", *(f.name for f in remote_code_files())}
     assert (out / TOKENIZER_NAME).read_bytes() == tok.read_bytes()
     loaded = LiquidFoundationModelOptimized.from_pretrained(out)
     assert loaded.cfg == model.cfg and loaded.cfg.ablate == ["lstm"]

@@ -30,7 +30,7 @@ spans; prefix LM starts with bos and its targets are the text's own continuation
 decoder started with bos writes text (``generate``'s default, docs/model.md)."""
 SENTINEL_FORMAT = "<extra_id_{}>"
 MODEL_NAME = "tokenizer.model"
-SETTINGS_NAME = "tokenizer.json"
+SETTINGS_NAME = "tokenizer_settings.json"  # not tokenizer.json: transformers' file
 # sentencepiece skips longer training sentences; long lines are cut instead
 _MAX_TRAIN_LINE_CHARS = 4000
 
@@ -112,6 +112,28 @@ class Tokenizer:
     def piece_to_id(self, piece: str) -> int:
         return int(self._sp.piece_to_id(piece))
 
+    def pieces(self) -> list[tuple[str, float, str]]:
+        """``(piece, score, kind)`` for every id in order; kind is the model's piece type
+        in lower case ("normal", "unknown", "control", "user_defined", "unused", "byte")."""
+        pieces = self._proto().pieces
+        kinds = type(pieces[0]).Type
+        return [(p.piece, p.score, kinds.Name(p.type).lower()) for p in pieces]
+
+    @property
+    def model_type(self) -> str:
+        """The sentencepiece algorithm: "unigram" (what train_tokenizer trains), "bpe", ..."""
+        proto = self._proto()
+        spec = proto.trainer_spec
+        return type(spec).ModelType.Name(spec.model_type).lower()
+
+    def _proto(self):
+        """The model file as sentencepiece's own ModelProto message."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self._sp.serialized_model_proto())
+        return proto
+
     def __getstate__(self) -> dict:
         return {"path": str(self.path)}
 
@@ -132,7 +154,8 @@ def train_tokenizer(texts: Iterable[str], output_dir: Union[str, Path], *, vocab
                     model_type: str = "unigram", num_sentinels: int = 100,
                     character_coverage: float = 0.9995, input_sentence_size: int = 2_000_000,
                     seed: int = 0, num_threads: int = 2) -> Path:
-    """Train sentencepiece on a stream of documents; write tokenizer.model + tokenizer.json.
+    """Train sentencepiece on a stream of documents; write tokenizer.model and its
+    settings, tokenizer_settings.json.
 
     ``texts`` is consumed once, line by line, and never held whole: sentencepiece
     keeps a uniform reservoir sample of at most ``input_sentence_size`` lines

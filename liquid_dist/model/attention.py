@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import flex_attention as flex
 
-from liquid_dist.config import ModelConfig
-from liquid_dist.model.init import initialised
-from liquid_dist.model.utils import check_finite, xavier_linear, zero_padding
+from .config import ModelConfig
+from .init import initialised
+from .utils import check_finite, xavier_linear, zero_padding
 
 BACKENDS = ("auto", "flash", "flex", "blocked", "sdpa")
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, MoEConfig
 from .attention import AttentionMaskPlan, CrossAttention, EnhancedLocalAttentionWithGQA
+from .config import ModelConfig, MoEConfig
 from .conv import OptimizedGatedConvolution
 from .init import initialised
 from .moe import MoELayer

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from liquid_dist.config import ModelConfig
-from liquid_dist.model.init import (
+from .config import ModelConfig
+from .init import (
     Constant,
     KaimingNormal,
     buffer_device,
@@ -28,7 +28,7 @@ from liquid_dist.model.init import (
     new_parameter,
     set_init,
 )
-from liquid_dist.model.utils import check_finite, zero_padding
+from .utils import check_finite, zero_padding
 
 
 class DeformableConv1d(nn.Module):
@@ -73,19 +73,23 @@ class DeformableConv1d(nn.Module):
         self.max_offset = float(max_offset)
         self.causal = causal
         k = kernel_size
-        # Left / right zero padding of the offset conv, and the base position
-        # of tap m relative to the output position.
+        # Left / right zero padding of the offset conv
         self._pad = (k - 1, 0) if causal else ((k - 1) // 2, k - 1 - (k - 1) // 2)
-        first = -(k - 1) if causal else -((k - 1) // 2)
-        self.register_buffer(
-            "_base", torch.arange(k, dtype=torch.float32, device=buffer_device()) + first,
-            persistent=False)
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
         self.offset_conv = nn.Conv1d(in_channels, k, k)
         set_init(self.offset_conv, "weight", Constant(0.0))
         set_init(self.offset_conv, "bias", Constant(0.0))
         # Kaiming-normal (fan-in = in_channels * K), as utils.kaiming_conv1d.
         new_parameter(self, "weight", torch.empty(out_channels, in_channels, k), KaimingNormal())
         new_parameter(self, "bias", torch.empty(out_channels), Constant(0.0))
+
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers derived from the config, so kept out of the state dict: ``_base``,
+        the position of each tap relative to the output position."""
+        k = self.kernel_size
+        first = -(k - 1) if self.causal else -((k - 1) // 2)
+        return {"_base": torch.arange(k, dtype=torch.float32, device=buffer_device()) + first}
 
     @property
     def history(self) -> int:

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from liquid_dist.config import ModelConfig, next_power_of_two
-from liquid_dist.model.frequency import FrequencyHyenaAttention, fp32_region
-from liquid_dist.model.init import Normal, initialised, set_init
-from liquid_dist.model.utils import (
+from .config import ModelConfig, next_power_of_two
+from .frequency import FrequencyHyenaAttention, fp32_region
+from .init import Normal, initialised, set_init
+from .utils import (
     check_finite,
     kaiming_conv1d,
     xavier_linear,

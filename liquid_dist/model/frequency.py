@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from liquid_dist.config import ModelConfig, next_power_of_two
-from liquid_dist.model.init import Constant, buffer_device, initialised, new_parameter
-from liquid_dist.model.utils import check_finite, no_weight_decay, xavier_linear, zero_padding
+from .config import ModelConfig, next_power_of_two
+from .init import Constant, buffer_device, initialised, new_parameter
+from .utils import check_finite, no_weight_decay, xavier_linear, zero_padding
 
 
 def fp32_region(device: torch.device) -> torch.autocast:
@@ -137,13 +137,20 @@ class FrequencyHyenaAttention(nn.Module):
         self.qkv = xavier_linear(d, 3 * d)
         self.out_proj = xavier_linear(d, d)
         self.out_norm = nn.LayerNorm(d)
-        groups = band_block_groups(self.bands, cfg.band_block)
-        self.num_groups = len(groups)
-        # Derived from the config, so kept out of the state dict.
-        for i, idx in enumerate(groups):
-            self.register_buffer(f"group_index_{i}", idx, persistent=False)
-        order = torch.cat([idx.reshape(-1) for idx in groups])
-        self.register_buffer("unpermute", torch.argsort(order), persistent=False)
+        self.band_block = cfg.band_block
+        buffers = self.derived_buffers()
+        self.num_groups = len(buffers) - 1
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
+
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers derived from the config, so kept out of the state dict: the bin
+        indices of each block group (:func:`band_block_groups`) and ``unpermute``, the
+        order that puts the groups' outputs back in bin order."""
+        groups = band_block_groups(self.bands, self.band_block)
+        out = {f"group_index_{i}": idx for i, idx in enumerate(groups)}
+        out["unpermute"] = torch.argsort(torch.cat([idx.reshape(-1) for idx in groups]))
+        return out
 
     def block_groups(self) -> list[torch.Tensor]:
         """The (num_blocks, size) bin-index tensors, one per attention call."""

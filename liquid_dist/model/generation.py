@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from .config import ModelConfig
 
 
 @dataclass
@@ -127,6 +127,12 @@ class IncrementalDecoder:
     def start(self, encoder_input_ids: torch.Tensor,
               encoder_attention_mask: torch.Tensor | None = None) -> None:
         memory, mask, _, _ = self.model.encode(encoder_input_ids, encoder_attention_mask)
+        self.start_from_memory(memory, mask)
+
+    @torch.no_grad()
+    def start_from_memory(self, memory: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Start from an encoder output already computed: ``memory`` (B, Le, d) and its
+        bool mask (None: all real)."""
         b = memory.shape[0]
         dec = self.decoder
         state = {

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from liquid_dist.config import ModelConfig
-from liquid_dist.model.init import Chunks, Constant, Orthogonal, XavierNormal, initialised, set_init
-from liquid_dist.model.utils import check_finite, xavier_linear
+from .config import ModelConfig
+from .init import Chunks, Constant, Orthogonal, XavierNormal, initialised, set_init
+from .utils import check_finite, xavier_linear
 
 
 class Float32LSTM(nn.LSTM):

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ConfigError, ModelConfig, validate_model
 from .attention import AttentionMaskPlan
 from .block import AuxDict, ImprovedTransformerBlock
+from .config import ConfigError, ModelConfig, validate_model
 from .embedding import EnhancedLiquidEmbedding
 from .generation import GenerationConfig
 from .init import Constant, Normal, XavierNormal, initialised, set_init
@@ -257,6 +257,16 @@ class LiquidFoundationModelOptimized(nn.Module):
         memory, recon, auxes = self.encoder(encoder_input_ids, mask)
         return memory, mask, recon, auxes
 
+    def decode(
+        self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
+        memory_mask: torch.Tensor | None = None, decoder_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[AuxDict]]:
+        """Run the decoder, teacher-forced, over an encoder output (:meth:`encode`'s memory
+        and bool mask; ``decoder_mask`` bool or None): returns (logits (B, L, vocab),
+        recon, aux list)."""
+        hidden, recon, auxes = self.decoder(decoder_input_ids, memory, memory_mask, decoder_mask)
+        return check_finite("lm_head", self.lm_head(hidden), self.cfg.check_finite), recon, auxes
+
     def forward(
         self,
         encoder_input_ids: torch.Tensor | None = None,
@@ -304,8 +314,7 @@ class LiquidFoundationModelOptimized(nn.Module):
             dec_mask = labels != -100
         memory, enc_mask, recon_enc, enc_aux = self.encode(
             encoder_input_ids, encoder_attention_mask)
-        hidden, recon_dec, dec_aux = self.decoder(decoder_input_ids, memory, enc_mask, dec_mask)
-        logits = check_finite("lm_head", self.lm_head(hidden), self.cfg.check_finite)
+        logits, recon_dec, dec_aux = self.decode(decoder_input_ids, memory, enc_mask, dec_mask)
 
         auxes = enc_aux + dec_aux
         moe_auxes = [a for a in auxes if "expert_usage" in a]  # blocks that have a MoE

@@ -63,8 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from liquid_dist.config import ConfigError, MoEConfig
-from liquid_dist.model.init import (
+from .config import ConfigError, MoEConfig
+from .init import (
     Constant,
     PerExpert,
     TruncNormal,
@@ -73,8 +73,8 @@ from liquid_dist.model.init import (
     new_parameter,
     set_init,
 )
-from liquid_dist.model.megablocks import MEGABLOCKS_ERROR, megablocks_expert_forward
-from liquid_dist.model.utils import check_finite
+from .megablocks import MEGABLOCKS_ERROR, megablocks_expert_forward
+from .utils import check_finite
 
 __all__ = ["MEGABLOCKS_ERROR", "MOE_BACKENDS", "DispatchInfo", "MoELayer", "combine",
            "dispatch", "expert_forward", "grouped_mm", "resolve_moe_backend", "route",

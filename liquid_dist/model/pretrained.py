@@ -2,11 +2,13 @@
 
 Layout of a converted model (written by ``python -m liquid_dist.convert``)::
 
-    config.json                  the ModelConfig, as a flat JSON object
+    config.json                  the ModelConfig, as a flat JSON object, and transformers' keys
     model.safetensors            every weight once, original names (no ``model.`` prefix)
       or model-0000i-of-0000N.safetensors + model.safetensors.index.json (weight_map)
+    *.py                         this package's modules: the remote code of config.json's auto_map
     tokenizer.model              the sentencepiece model the run was trained with
-    generation_config.json       decoding defaults for ``liquid_dist.generate``
+    tokenizer.json, tokenizer_config.json   the same tokenizer for transformers
+    generation_config.json       decoding defaults for ``liquid_dist.generate`` and transformers
     README.md                    model card
 
 Tied weights are stored once under their canonical name (the first name
@@ -14,7 +16,9 @@ Tied weights are stored once under their canonical name (the first name
 re-ties them itself when built from ``config.json`` (``tie_embeddings``), so
 loading needs nothing but this directory: safetensors only, no pickle, no
 DeepSpeed. :func:`save_pretrained` writes the same layout (one weights file,
-no model card) from a model in memory.
+no model card) from a model in memory. The same directory loads with
+``transformers`` (``AutoModelForSeq2SeqLM.from_pretrained(DIR, trust_remote_code=True)``:
+modeling_liquid_foundation.py), whose ``save_pretrained`` writes it back readable here.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..config import ModelConfig, check_same_architecture, model_config_from_dict
+from .config import ModelConfig, check_same_architecture, model_config_from_dict
 from .generation import GenerationConfig
 from .init import PerExpert, Rule, Source, init_parameters
 
@@ -39,8 +43,20 @@ TOKENIZER_NAME = "tokenizer.model"
 GENERATION_CONFIG_NAME = "generation_config.json"
 MODEL_CARD_NAME = "README.md"
 
-# settings that change how the model trains or runs, not what its weights mean:
-# a converted model may be fine-tuned or served with other values
+MODEL_TYPE = "liquid_foundation"
+AUTO_MAP = {
+    "AutoConfig": "configuration_liquid_foundation.LiquidFoundationConfig",
+    "AutoModelForSeq2SeqLM": "modeling_liquid_foundation.LiquidFoundationForConditionalGeneration",
+}
+"""The remote code of a model directory (``transformers``'s ``auto_map``): the two files
+name the classes; they and every module of this package they import are copied in."""
+TRANSFORMERS_KEYS = frozenset({"model_type", "architectures", "auto_map", "transformers_version",
+                               "dtype", "torch_dtype", "is_encoder_decoder"})
+"""Keys of ``config.json`` that are ``transformers``'s, not the ModelConfig's."""
+TRANSFORMERS_GENERATION_KEYS = frozenset({"transformers_version", "_from_model_config"})
+"""Keys ``transformers`` adds to a ``generation_config.json`` it saves: not settings."""
+
+
 def is_pretrained_dir(path: Union[str, Path]) -> bool:
     """True when ``path`` is a converted model directory (config.json + weights)."""
     p = Path(path)
@@ -55,7 +71,11 @@ def read_model_config(path: Union[str, Path]) -> ModelConfig:
         raise FileNotFoundError(f"{p}: not a converted model (needs {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME} or {INDEX_NAME}; see python -m "
                                 "liquid_dist.convert)")
-    return model_config_from_dict(json.loads((p / CONFIG_NAME).read_text(encoding="utf-8")))
+    tree = json.loads((p / CONFIG_NAME).read_text(encoding="utf-8"))
+    if tree.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+        raise ValueError(f"{p / CONFIG_NAME}: model_type {tree['model_type']!r}, expected "
+                         f"{MODEL_TYPE!r}: not a liquid_dist model")
+    return model_config_from_dict({k: v for k, v in tree.items() if k not in TRANSFORMERS_KEYS})
 
 
 def weight_files(path: Union[str, Path]) -> list[Path]:
@@ -133,10 +153,41 @@ def load_weights_into(model: nn.Module, path: Union[str, Path],
                     device=device)
 
 
-def write_model_config(cfg: ModelConfig, path: Union[str, Path]) -> None:
-    """``config.json`` of a model directory: the ModelConfig as JSON."""
-    (Path(path) / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
-                                          encoding="utf-8")
+def write_model_config(cfg: ModelConfig, path: Union[str, Path],
+                       dtype: torch.dtype = torch.float32) -> None:
+    """``config.json`` of a model directory: the ModelConfig, flat, after the keys that
+    make it a ``transformers`` configuration (``dtype``: the stored weights')."""
+    tree = {"model_type": MODEL_TYPE, "architectures": [AUTO_MAP["AutoModelForSeq2SeqLM"]
+                                                        .rsplit(".", 1)[1]],
+            "auto_map": AUTO_MAP, "is_encoder_decoder": True,
+            "dtype": str(dtype).removeprefix("torch."), **dataclasses.asdict(cfg)}
+    (Path(path) / CONFIG_NAME).write_text(json.dumps(tree, indent=2) + "\n", encoding="utf-8")
+
+
+def remote_code_files() -> list[Path]:
+    """The files a model directory carries as its remote code: every module of this
+    package but ``__init__.py`` (the configuration and modeling files of
+    :data:`AUTO_MAP` and all they import, flat, as ``transformers`` wants them)."""
+    return sorted(f for f in Path(__file__).parent.glob("*.py") if f.name != "__init__.py")
+
+
+def write_remote_code(path: Union[str, Path]) -> None:
+    """Copy :func:`remote_code_files` into the model directory ``path``, as they are."""
+    for f in remote_code_files():
+        shutil.copyfile(f, Path(path) / f.name)
+
+
+def write_tokenizer(tokenizer: Union[str, Path], path: Union[str, Path], cfg: ModelConfig) -> None:
+    """Copy the sentencepiece model into the model directory ``path`` as ``tokenizer.model``
+    and write its ``transformers`` tokenizer files beside it."""
+    out = Path(path)
+    if Path(tokenizer).resolve() != (out / TOKENIZER_NAME).resolve():
+        shutil.copyfile(tokenizer, out / TOKENIZER_NAME)
+    try:  # the project's data package: not part of a model directory's remote code
+        from liquid_dist.data.hf_tokenizer import write_hf_tokenizer
+    except ImportError as exc:
+        raise ImportError("writing a tokenizer needs liquid_dist installed") from exc
+    write_hf_tokenizer(out / TOKENIZER_NAME, out, model_max_length=cfg.max_encoder_length)
 
 
 def write_generation_config(gen: GenerationConfig, path: Union[str, Path]) -> None:
@@ -151,8 +202,9 @@ def read_generation_config(path: Union[str, Path], cfg: ModelConfig) -> Generati
     f = Path(path) / GENERATION_CONFIG_NAME
     if not f.is_file():
         return GenerationConfig.from_model_config(cfg)
-    return GenerationConfig.from_dict(json.loads(f.read_text(encoding="utf-8")), cfg,
-                                      source=str(f))
+    values = json.loads(f.read_text(encoding="utf-8"))
+    settings = {k: v for k, v in values.items() if k not in TRANSFORMERS_GENERATION_KEYS}
+    return GenerationConfig.from_dict(settings, cfg, source=str(f))
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -183,10 +235,12 @@ def save_pretrained(model: nn.Module, path: Union[str, Path],
         stale.unlink(missing_ok=True)
     metadata = {"format": "pt", "tied_weights": json.dumps(tied_aliases(model), sort_keys=True)}
     save_file(tensors, str(out / WEIGHTS_NAME), metadata=metadata)
-    write_model_config(model.cfg, out)
+    dtype = stored_dtype(out) or torch.float32
+    write_model_config(model.cfg, out, dtype)
     write_generation_config(model.generation_config, out)
-    if tokenizer is not None and Path(tokenizer).resolve() != (out / TOKENIZER_NAME).resolve():
-        shutil.copyfile(tokenizer, out / TOKENIZER_NAME)
+    write_remote_code(out)
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, out, model.cfg)
     return out
 
 

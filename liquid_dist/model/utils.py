@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from liquid_dist.model.init import Constant, KaimingNormal, XavierNormal, new_parameter, set_init
+from .init import Constant, KaimingNormal, XavierNormal, new_parameter, set_init
 
 
 class Float32Linear(nn.Linear):
