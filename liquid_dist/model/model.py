@@ -385,10 +385,11 @@ class LiquidFoundationModelOptimized(nn.Module):
 
     def save_pretrained(self, path: str | Path, tokenizer: str | Path | None = None) -> Path:
         """Write the model directory that :meth:`from_pretrained` reads: ``config.json``,
-        ``model.safetensors`` (each tensor once, in its current dtype) and
-        ``generation_config.json`` (``self.generation_config``); ``tokenizer``, a
-        sentencepiece model file, is copied in as ``tokenizer.model`` (for
-        ``python -m liquid_dist.generate``). Returns ``path``."""
+        ``model.safetensors`` (each tensor once, in its current dtype),
+        ``generation_config.json`` (``self.generation_config``) and the model package's
+        modules, its ``transformers`` remote code; ``tokenizer``, a sentencepiece model
+        file, is copied in as ``tokenizer.model`` (for ``python -m liquid_dist.generate``)
+        with its ``transformers`` tokenizer files. Returns ``path``."""
         from .pretrained import save_pretrained
 
         return save_pretrained(self, path, tokenizer=tokenizer)
