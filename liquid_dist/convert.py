@@ -182,7 +182,11 @@ def _model_card(run_cfg: dict[str, Any], ckpt: ZeroCheckpoint, dtype: str,
             "logged before the checkpoint.\n\n| | |\n|---|---|\n" + rows + "\n\n"
             "```python\nfrom liquid_dist.model import LiquidFoundationModelOptimized\n"
             "model = LiquidFoundationModelOptimized.from_pretrained(\"THIS_DIR\")\n```\n\n"
-            "```\npython -m liquid_dist.generate THIS_DIR --prompt \"To be, or not\"\n```\n")
+            "```\npython -m liquid_dist.generate THIS_DIR --prompt \"To be, or not\"\n```\n\n"
+            "Without liquid_dist, with `transformers` (the remote code is in this directory):\n\n"
+            "```python\nfrom transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n"
+            "model = AutoModelForSeq2SeqLM.from_pretrained(\"THIS_DIR\", trust_remote_code=True)\n"
+            "tok = AutoTokenizer.from_pretrained(\"THIS_DIR\", trust_remote_code=True)\n```\n")
     return text, info
 
 

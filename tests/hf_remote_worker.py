@@ -41,6 +41,8 @@ def run(job: dict) -> dict:
         res = model(input_ids=enc, attention_mask=mask, labels=labels)
         out["loss"], out["aux_loss"] = res.loss, res.aux_loss
         out["labels_logits"] = res.logits
+        out["loss_over_items"] = model(input_ids=enc, attention_mask=mask, labels=labels,
+                                       num_items_in_batch=100).loss
     out["greedy"] = model.generate(input_ids=enc, attention_mask=mask,
                                    max_new_tokens=probe["max_new_tokens"])
     out["greedy_no_cache"] = model.generate(input_ids=enc, attention_mask=mask, use_cache=False,

@@ -70,6 +70,7 @@ def check_against_project(model_dir: Path, data: dict, got: dict) -> LiquidFound
     assert torch.equal(got["labels_logits"], scored.logits)
     assert torch.equal(got["loss"], scored.aux["ce"])
     assert torch.equal(got["aux_loss"], scored.aux_loss)
+    assert torch.equal(got["loss_over_items"], scored.ce_sum / 100)
     greedy = model.generate(enc, mask, max_new_tokens=data["max_new_tokens"])
     assert torch.equal(got["greedy"], greedy), (got["greedy"], greedy)
     assert torch.equal(got["greedy_no_cache"], greedy)

@@ -23,7 +23,7 @@ which fine-tuning adds to it to train the objective the model was pretrained on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -209,11 +209,13 @@ class LiquidFoundationForConditionalGeneration(LiquidFoundationPreTrainedModel, 
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
         **kwargs: Any,
     ):
         """Teacher-forced (``use_cache`` false or ``labels`` given) or one step of
         incremental decoding (``use_cache``: the first call makes the cache, each later
-        call feeds the new decoder tokens)."""
+        call feeds the new decoder tokens). ``num_items_in_batch`` (``Trainer``'s, under
+        gradient accumulation) makes ``loss`` the summed cross-entropy over it."""
         _refuse_outputs(output_attentions, output_hidden_states)
         unknown = sorted(k for k, v in kwargs.items() if v is not None)
         if unknown:
@@ -225,21 +227,25 @@ class LiquidFoundationForConditionalGeneration(LiquidFoundationPreTrainedModel, 
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         if labels is not None or not use_cache:
             out = self._teacher_forced(input_ids, attention_mask, decoder_input_ids,
-                                       decoder_attention_mask, encoder_outputs, labels)
+                                       decoder_attention_mask, encoder_outputs, labels,
+                                       num_items_in_batch)
         else:
             out = self._incremental(input_ids, attention_mask, decoder_input_ids,
                                     decoder_attention_mask, encoder_outputs, cache)
         return out if return_dict else out.to_tuple()
 
-    def _teacher_forced(self, input_ids, attention_mask, decoder_input_ids,
-                        decoder_attention_mask, encoder_outputs, labels) -> LiquidSeq2SeqLMOutput:
+    def _teacher_forced(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                        encoder_outputs, labels, num_items_in_batch) -> LiquidSeq2SeqLMOutput:
         model = self.liquid
         if encoder_outputs is None:
             input_ids, attention_mask = left_aligned(input_ids, attention_mask)
             out = model(input_ids=input_ids, decoder_input_ids=decoder_input_ids,
                         attention_mask=attention_mask, labels=labels,
                         decoder_attention_mask=decoder_attention_mask)
-            loss = out.aux["ce"] if labels is not None else None
+            loss = None
+            if labels is not None:
+                loss = (out.aux["ce"] if num_items_in_batch is None
+                        else out.ce_sum / num_items_in_batch)
             return LiquidSeq2SeqLMOutput(loss=loss, logits=out.logits, aux_loss=out.aux_loss)
         if labels is not None:
             raise ValueError("labels with encoder_outputs: pass input_ids instead, so that the "
