@@ -232,3 +232,12 @@ def test_bad_input_writes_nothing():
     with pytest.raises(ValueError, match="unigram"):
         write_hf_tokenizer(bpe, out, model_max_length=8)
     assert not out.exists()
+    # a model directory keeps the BPE model itself, and says why AutoTokenizer cannot load it
+    from liquid_dist.config import ModelConfig
+    from liquid_dist.model.pretrained import write_tokenizer
+
+    (TMP / "bpe_model_dir").mkdir()
+    with pytest.warns(UserWarning, match="no transformers tokenizer files.*unigram"):
+        write_tokenizer(bpe, TMP / "bpe_model_dir", ModelConfig())
+    assert (TMP / "bpe_model_dir" / "tokenizer.model").read_bytes() == bpe.read_bytes()
+    assert not (TMP / "bpe_model_dir" / HF_TOKENIZER_NAME).exists()

@@ -104,15 +104,19 @@ PROBE_TEXTS = (
 )
 
 
+class NotReproducible(ValueError):
+    """A sentencepiece model this construction does not reproduce exactly."""
+
+
 def write_hf_tokenizer(model_path: Union[str, Path], out_dir: Union[str, Path], *,
                        model_max_length: int) -> list[Path]:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` for the sentencepiece
     model at ``model_path`` into ``out_dir`` (created if missing); returns their paths.
 
     ``model_max_length`` is what ``transformers`` warns beyond and truncates to. Raises
-    DataError for a missing or invalid model, ValueError for one this construction does
-    not reproduce (not unigram, or a pipeline that disagrees with sentencepiece on the
-    probes), both before anything is written.
+    DataError for a missing or invalid model, :class:`NotReproducible` for one this
+    construction does not reproduce (not unigram, or a pipeline that disagrees with
+    sentencepiece on the probes), both before anything is written.
     """
     if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) \
             or model_max_length < 1:
@@ -145,14 +149,14 @@ def build_backend(tok: Tokenizer) -> Any:
     from tokenizers import Tokenizer as HFTokenizer
 
     if tok.model_type != "unigram":
-        raise ValueError(f"{tok.path}: a {tok.model_type} sentencepiece model; only unigram "
+        raise NotReproducible(f"{tok.path}: a {tok.model_type} sentencepiece model; only unigram "
                          "models are reproduced by the tokenizers pipeline")
     pieces = tok.pieces()
     if len({p for p, _, _ in pieces}) != len(pieces):
-        raise ValueError(f"{tok.path}: a piece string is defined twice")
+        raise NotReproducible(f"{tok.path}: a piece string is defined twice")
     normal = [score for _, score, kind in pieces if kind == "normal"]
     if not normal:
-        raise ValueError(f"{tok.path}: no normal pieces")
+        raise NotReproducible(f"{tok.path}: no normal pieces")
     user_score_per_byte = max(_FLT_MIN, max(normal))
     longest = max((len(p) for p, _, kind in pieces if kind in _UNREACHABLE), default=1)
     # below any path of normal pieces over the same characters (each scores >= min(normal))
@@ -219,10 +223,10 @@ def check_backend(backend: Any, tok: Tokenizer) -> None:
         backend.encode_special_tokens = previous
     for text, want, have in zip(texts, expected, got, strict=True):
         if want != have:
-            raise ValueError(f"{tok.path}: the tokenizers pipeline does not reproduce "
+            raise NotReproducible(f"{tok.path}: the tokenizers pipeline does not reproduce "
                              f"sentencepiece on {text[:200]!r}: {have[:50]} != {want[:50]}")
         if backend.decode(have) != tok.decode(want):
-            raise ValueError(f"{tok.path}: the tokenizers decoder does not reproduce "
+            raise NotReproducible(f"{tok.path}: the tokenizers decoder does not reproduce "
                              f"sentencepiece on {text[:200]!r}")
 
 

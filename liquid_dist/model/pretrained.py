@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -179,15 +180,20 @@ def write_remote_code(path: Union[str, Path]) -> None:
 
 def write_tokenizer(tokenizer: Union[str, Path], path: Union[str, Path], cfg: ModelConfig) -> None:
     """Copy the sentencepiece model into the model directory ``path`` as ``tokenizer.model``
-    and write its ``transformers`` tokenizer files beside it."""
+    and write its ``transformers`` tokenizer files beside it; a model those cannot
+    reproduce exactly (a BPE one) gets none, with a warning saying so."""
     out = Path(path)
     if Path(tokenizer).resolve() != (out / TOKENIZER_NAME).resolve():
         shutil.copyfile(tokenizer, out / TOKENIZER_NAME)
     try:  # the project's data package: not part of a model directory's remote code
-        from liquid_dist.data.hf_tokenizer import write_hf_tokenizer
+        from liquid_dist.data.hf_tokenizer import NotReproducible, write_hf_tokenizer
     except ImportError as exc:
         raise ImportError("writing a tokenizer needs liquid_dist installed") from exc
-    write_hf_tokenizer(out / TOKENIZER_NAME, out, model_max_length=cfg.max_encoder_length)
+    try:
+        write_hf_tokenizer(out / TOKENIZER_NAME, out, model_max_length=cfg.max_encoder_length)
+    except NotReproducible as exc:
+        warnings.warn(f"{out}: no transformers tokenizer files (AutoTokenizer will not load "
+                      f"this directory): {exc}", stacklevel=2)
 
 
 def write_generation_config(gen: GenerationConfig, path: Union[str, Path]) -> None:
