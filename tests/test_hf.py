@@ -113,6 +113,38 @@ def test_transformers_refuses_a_directory_without_every_weight(tmp_path: Path) -
         AutoModelForSeq2SeqLM.from_pretrained(out, trust_remote_code=True)
 
 
+def test_activation_checkpointing_switch_is_the_models_own(tmp_path: Path) -> None:
+    """Trainer's gradient_checkpointing switches ModelConfig.activation_checkpointing: the
+    same loss and gradients, the blocks recomputed."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    out = make_model(0).save_pretrained(tmp_path / "m")
+    model = AutoModelForSeq2SeqLM.from_pretrained(out, trust_remote_code=True).train()
+    g = torch.Generator().manual_seed(0)
+    enc = torch.randint(4, model.config.vocab_size, (2, 12), generator=g)
+    labels = torch.randint(4, model.config.vocab_size, (2, 6), generator=g)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=enc, labels=labels).loss
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None}
+
+    plain, plain_grads = loss_and_grads()
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    assert model.liquid.decoder.cfg.activation_checkpointing
+    checkpointed, grads = loss_and_grads()
+    assert torch.equal(checkpointed, plain) and grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=0, atol=1e-6, msg=name)
+    model.activation_checkpointing_disable()
+    assert not model.liquid.encoder.cfg.activation_checkpointing
+    with pytest.raises(ValueError, match="every_n_layers"):
+        model.activation_checkpointing_enable(every_n_layers=2)
+
+
 def test_without_transformers_the_classes_say_what_to_install(monkeypatch) -> None:
     import importlib
 

@@ -123,7 +123,7 @@ class LiquidFoundationPreTrainedModel(PreTrainedModel):
     config_class = LiquidFoundationConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["ImprovedTransformerBlock", "EnhancedLiquidEmbedding", "EnhancedLSTM"]
 
     @torch.no_grad()
@@ -166,6 +166,19 @@ class LiquidFoundationForConditionalGeneration(LiquidFoundationPreTrainedModel, 
         """The shared parameters, whatever ``tie_word_embeddings`` says (the encoder and
         the decoder always share the token embedding)."""
         return dict(self._tied_weights_keys)
+
+    def _set_gradient_checkpointing(self, enable: bool = True,
+                                    gradient_checkpointing_func: Any = None,
+                                    every_n_layers: int = 1) -> None:
+        """``activation_checkpointing_enable`` / ``_disable`` switch the model's own
+        activation checkpointing (``ModelConfig.activation_checkpointing``: every block
+        recomputed in the backward, non-reentrant) instead of ``transformers``'s checkpoint
+        function (so its kwargs and ``offload`` do not apply); ``every_n_layers`` other
+        than 1 is refused."""
+        if enable and every_n_layers != 1:
+            raise ValueError("activation checkpointing covers every block (every_n_layers=1)")
+        self.liquid.cfg.activation_checkpointing = enable
+        self.gradient_checkpointing = enable
 
     def get_encoder(self, modality: Optional[str] = None) -> LiquidEncoder:
         return LiquidEncoder(self.liquid)
