@@ -36,6 +36,8 @@ def run(job: dict) -> dict:
     model = AutoModelForSeq2SeqLM.from_pretrained(job["model"], trust_remote_code=True)
     assert isinstance(model, PreTrainedModel) and isinstance(model, GenerationMixin)
     assert not model.training
+    out["misaligned"] = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                         if t.data_ptr() % 64]
     with torch.no_grad():
         out["logits"] = model(input_ids=enc, attention_mask=mask, decoder_input_ids=dec).logits
         res = model(input_ids=enc, attention_mask=mask, labels=labels)

@@ -200,6 +200,13 @@ class LiquidFoundationForConditionalGeneration(LiquidFoundationPreTrainedModel, 
         if wrong:
             raise ValueError(f"{args[0] if args else kwargs}: the weights do not match the "
                              f"model: {wrong}")
+        # transformers may leave a tensor as a view of the memory-mapped file, at the 8-byte
+        # alignment of the safetensors layout; the CPU kernels (grouped GEMM, oneDNN) get
+        # operands at the allocator's alignment, as the project's own loader gives them
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                if t.device.type == "cpu" and t.data_ptr() % 64:
+                    t.data = t.data.clone()
         return (model, info) if want_info else model
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
