@@ -93,7 +93,6 @@ SPACE = "\u2581"  # sentencepiece's whitespace symbol
 _FLT_MIN = 1.1754943508222875e-38  # sentencepiece initialises its max score with it
 _USER_DEFINED_BONUS = 0.1  # sentencepiece's unigram_model.cc: length * max_score - 0.1
 _UNREACHABLE = ("control", "unknown", "byte", "unused")  # not in sentencepiece's trie
-_REGEX_SPECIAL = set("\\^$.|?*+()[]{}")
 _PROBE_PIECES_PER_TEXT = 32
 PROBE_TEXTS = (
     "", " ", "  ", "a", " a", "a ", "  leading, inner   and trailing spaces  ",
@@ -249,6 +248,4 @@ def _digit_split_pattern(pieces: list[tuple[str, float, str]]) -> Optional[str]:
                 return None
             if kind == "user_defined":
                 whole.append(piece)
-    escaped = ["".join("\\" + c if c in _REGEX_SPECIAL else c for c in p)
-               for p in sorted(whole, key=len, reverse=True)]
-    return "|".join(escaped + ["[0-9]"])
+    return "|".join([re.escape(p) for p in sorted(whole, key=len, reverse=True)] + ["[0-9]"])

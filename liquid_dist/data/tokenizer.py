@@ -10,6 +10,7 @@ for any text (line breaks, tabs and unseen characters included).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -115,19 +116,20 @@ class Tokenizer:
     def pieces(self) -> list[tuple[str, float, str]]:
         """``(piece, score, kind)`` for every id in order; kind is the model's piece type
         in lower case ("normal", "unknown", "control", "user_defined", "unused", "byte")."""
-        pieces = self._proto().pieces
+        pieces = self._proto.pieces
         kinds = type(pieces[0]).Type
         return [(p.piece, p.score, kinds.Name(p.type).lower()) for p in pieces]
 
     @property
     def model_type(self) -> str:
         """The sentencepiece algorithm: "unigram" (what train_tokenizer trains), "bpe", ..."""
-        proto = self._proto()
+        proto = self._proto
         spec = proto.trainer_spec
         return type(spec).ModelType.Name(spec.model_type).lower()
 
+    @functools.cached_property
     def _proto(self):
-        """The model file as sentencepiece's own ModelProto message."""
+        """The model file as sentencepiece's own ModelProto message (parsed once)."""
         from sentencepiece import sentencepiece_model_pb2
 
         proto = sentencepiece_model_pb2.ModelProto()

@@ -101,7 +101,7 @@ def left_aligned(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
     if attention_mask is None:
         return input_ids, None
     order = torch.argsort((~attention_mask.bool()).to(torch.int8), dim=1, stable=True)
-    return input_ids.gather(1, order), attention_mask.bool().gather(1, order)
+    return input_ids.gather(1, order), aligned_mask(attention_mask)
 
 
 def aligned_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -282,13 +282,12 @@ class LiquidFoundationForConditionalGeneration(LiquidFoundationPreTrainedModel, 
             raise ValueError("incremental decoding (use_cache) takes no padding in the decoder "
                              "input: pass use_cache=False with a decoder_attention_mask")
         if cache is None:
+            if encoder_outputs is None:
+                if input_ids is None:
+                    raise ValueError("the first decoding step needs input_ids or encoder_outputs")
+                encoder_outputs = self.get_encoder()(input_ids, attention_mask)
             decoder = IncrementalDecoder(self.liquid)
-            if encoder_outputs is not None:
-                decoder.start_from_memory(_memory(encoder_outputs), aligned_mask(attention_mask))
-            elif input_ids is not None:
-                decoder.start(*left_aligned(input_ids, attention_mask))
-            else:
-                raise ValueError("the first decoding step needs input_ids or encoder_outputs")
+            decoder.start_from_memory(_memory(encoder_outputs), aligned_mask(attention_mask))
             cache = LiquidDecodingCache(decoder)
         return LiquidSeq2SeqLMOutput(logits=cache.step(decoder_input_ids), cache=cache)
 
