@@ -8,8 +8,10 @@ gets its ``checksums.json`` from the library's own functions (as
 ``CheckpointManager.save`` writes it), then ``verify_checkpoint`` reads it back,
 ``--repeats`` times: with the files in the page cache (just written: the
 hashing alone, what one core of this machine does), and, where the kernel lets
-root drop the page cache, cold (the disk too). Results: seconds, GB/s and
-seconds per GB, with the machine and date.
+root drop the page cache, cold (the disk too). Then ``--ranks`` gloo processes
+verify it together as a launch does (``find_damage_together``: each hashes its
+share), page cache warm, against one process in the same run. Results:
+seconds, GB/s and seconds per GB, with the machine and date.
 """
 
 from __future__ import annotations
@@ -45,11 +47,45 @@ def _drop_page_cache() -> bool:
         return False
 
 
+def _together(rank: int, world: int, store: str, ckpt: str, repeats: int,
+              out: str) -> None:
+    import torch.distributed as dist
+
+    from liquid_dist.train.checkpoint import find_damage_together
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank,
+                            world_size=world)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        assert find_damage_together(Path(ckpt)) == []
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def _time_together(ckpt: Path, world: int, repeats: int) -> list[float]:
+    """Seconds for ``world`` gloo processes to verify ``ckpt`` together (barrier to
+    barrier), ``repeats`` times."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="verify_pg_") as tmp:
+        out = Path(tmp) / "times.json"
+        mp.spawn(_together, args=(world, str(Path(tmp) / "store"), str(ckpt), repeats,
+                                  str(out)), nprocs=world)
+        return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gib", type=float, default=2.0)
     p.add_argument("--files", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ranks", type=int, default=2,
+                   help="processes that verify together (default 2: this machine's cores)")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "verify.json")
     args = p.parse_args(argv)
     size = int(args.gib * (1 << 30)) // args.files
@@ -83,11 +119,19 @@ def main(argv: list[str] | None = None) -> int:
                                  "s_per_gb": s / (total / 1e9)}
         if "cold" not in results:
             results["cold"] = "not measured: the page cache cannot be dropped here"
+        verify_checkpoint(ckpt)  # the page cache warm again
+        for mode, world in (("together_1", 1), (f"together_{args.ranks}", args.ranks)):
+            times = _time_together(ckpt, world, args.repeats)
+            s = statistics.median(times)
+            results[mode] = {"ranks": world, "seconds": times, "median_s": s,
+                             "gb_per_s": total / s / 1e9, "s_per_gb": s / (total / 1e9)}
+        results["speedup"] = (results["together_1"]["median_s"]
+                              / results[f"together_{args.ranks}"]["median_s"])
     out = {"date": datetime.date.today().isoformat(),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "python": platform.python_version()},
            "settings": {"bytes": total, "files": args.files, "repeats": args.repeats,
-                        "algorithm": "sha256"},
+                        "ranks": args.ranks, "algorithm": "sha256"},
            "record_s": record_s, "verify": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(out, indent=2) + "\n")
@@ -95,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{total / 1e9:.2f} GB in {args.files} files: verify {warm['median_s']:.2f} s "
           f"({warm['s_per_gb']:.2f} s/GB, page cache warm); cold: "
           + (f"{results['cold']['s_per_gb']:.2f} s/GB" if isinstance(results["cold"], dict)
-             else results["cold"]) + f"; wrote {args.output}")
+             else results["cold"]) + f"; {args.ranks} ranks together: "
+          f"{results[f'together_{args.ranks}']['s_per_gb']:.2f} s/GB, "
+          f"{results['speedup']:.2f}x one; wrote {args.output}")
     return 0
 
 

@@ -37,11 +37,12 @@ from __future__ import annotations
 import argparse
 import bisect
 import hashlib
+import heapq
 import json
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -190,23 +191,40 @@ def checksummed_files(path: Path) -> list[str]:
                   if f.is_file() and f.name != CHECKSUMS and not f.name.startswith(DONE_PREFIX))
 
 
-def verify_checkpoint(path: Union[str, Path]) -> None:
-    """CheckpointError naming every file of the checkpoint at ``path`` that is missing,
-    truncated or changed since it was written (against its ``checksums.json``), or that
-    was not there; a checkpoint without ``checksums.json`` cannot be verified (also a
-    CheckpointError, saying so)."""
-    path = Path(path)
+def verify_shares(sizes: Mapping[str, int], world_size: int) -> list[list[str]]:
+    """Which files of a checkpoint (name -> recorded size) each of ``world_size`` ranks
+    hashes when they verify it together: the largest file first, each to the rank with the
+    fewest bytes so far (the lower rank on a tie), so every file is read once and the
+    ranks read about as many bytes each. The same on every rank: it depends only on the
+    recorded sizes."""
+    shares: list[list[str]] = [[] for _ in range(world_size)]
+    loads = [(0, r) for r in range(world_size)]
+    for name, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
+        load, r = heapq.heappop(loads)
+        shares[r].append(name)
+        heapq.heappush(loads, (load + size, r))
+    return shares
+
+
+def find_damage(path: Path, *, rank: int = 0, world_size: int = 1) -> list[str]:
+    """What is wrong with the checkpoint at ``path`` (one line per file, sorted), as far
+    as rank ``rank`` of ``world_size`` looks: each file of its share (:func:`verify_shares`)
+    that is missing, truncated or changed since it was written (against ``checksums.json``)
+    and, on rank 0, every file that was not written with the checkpoint. A checkpoint
+    without a readable ``checksums.json`` cannot be verified: that is its damage. With
+    the defaults, everything (liquid_dist.train.checkpoint.find_damage_together splits
+    the work over a process group)."""
     try:
         recorded = json.loads((path / CHECKSUMS).read_text())["files"]
+        sizes = {name: int(want["size"]) for name, want in recorded.items()}
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no {CHECKSUMS}, so its files cannot be verified "
-                              "(written before checksums were recorded, or not by this "
-                              "trainer)") from None
+        return [f"{CHECKSUMS}: missing, so its files cannot be verified (written before "
+                "checksums were recorded, or not by this trainer)"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path / CHECKSUMS}: unreadable ({exc})") from None
+        return [f"{CHECKSUMS}: unreadable ({exc!r})"]
     problems = []
-    for name, want in sorted(recorded.items()):
-        f = path / name
+    for name in verify_shares(sizes, world_size)[rank]:
+        f, want = path / name, recorded[name]
         if not f.is_file():
             problems.append(f"{name}: missing")
             continue
@@ -216,16 +234,32 @@ def verify_checkpoint(path: Union[str, Path]) -> None:
         elif have["sha256"] != want["sha256"]:
             problems.append(f"{name}: contents changed (sha256 {have['sha256'][:12]}..., "
                             f"{want['sha256'][:12]}... written)")
-    problems += [f"{name}: not written with the checkpoint"
-                 for name in checksummed_files(path) if name not in recorded]
+    if rank == 0:
+        problems += [f"{name}: not written with the checkpoint"
+                     for name in checksummed_files(path) if name not in recorded]
+    return sorted(problems)
+
+
+DamageFinder = Callable[[Path], list[str]]
+"""Every damage of a checkpoint (:func:`find_damage`, or the ranks' shared
+liquid_dist.train.checkpoint.find_damage_together)."""
+
+
+def verify_checkpoint(path: Union[str, Path], damage: DamageFinder = find_damage) -> None:
+    """CheckpointError naming every file of the checkpoint at ``path`` that is missing,
+    truncated, changed since it was written or not written with it, or saying that it
+    has no checksums to verify against (:func:`find_damage`)."""
+    problems = damage(Path(path))
     if problems:
         raise CheckpointError(f"{path} is damaged: " + "; ".join(problems))
 
 
-def newest_valid_checkpoint(run_dir: Union[str, Path], *, before: Optional[int] = None
+def newest_valid_checkpoint(run_dir: Union[str, Path], *, before: Optional[int] = None,
+                            damage: DamageFinder = find_damage
                             ) -> tuple[Optional[CheckpointRef], list[str]]:
     """``--resume auto``: the newest checkpoint of ``run_dir`` (``latest`` or older; of a
-    step below ``before`` if given) whose files verify (:func:`verify_checkpoint`), and the
+    step below ``before`` if given) whose files verify (:func:`verify_checkpoint` with
+    ``damage``), and the
     messages of the newer ones skipped, newest first. ``(None, [])`` for a run without
     such checkpoints; CheckpointError, naming every checkpoint's damage, when none
     verifies."""
@@ -241,7 +275,7 @@ def newest_valid_checkpoint(run_dir: Union[str, Path], *, before: Optional[int] 
     skipped = []
     for tag in tags:
         try:
-            verify_checkpoint(ckpt_dir / tag)
+            verify_checkpoint(ckpt_dir / tag, damage)
         except CheckpointError as exc:
             skipped.append(str(exc))
             continue

@@ -21,3 +21,6 @@ def test_verify_benchmark_smoke_times_the_verification() -> None:
     assert result["settings"]["bytes"] == 2 * (int(0.02 * (1 << 30)) // 2)
     assert warm["median_s"] > 0 and warm["s_per_gb"] == warm["median_s"] / (
         result["settings"]["bytes"] / 1e9)
+    one, two = result["verify"]["together_1"], result["verify"]["together_2"]
+    assert (one["ranks"], two["ranks"], len(two["seconds"])) == (1, 2, 1)
+    assert result["verify"]["speedup"] == one["median_s"] / two["median_s"] > 0

@@ -1,5 +1,6 @@
 """The run plan (liquid_dist.train.prepare, liquid_dist.parallel.build_plan): a config
-resolved once, before any process group, into everything the build reads; and the
+resolved once, before any process group, into everything the build reads, and its
+start point (the checkpoint it resumes, verified); and the
 module layering it leaves (no back-arrows into data/ from the config, nor into
 params.py from the model)."""
 
@@ -17,7 +18,7 @@ from liquid_dist.config import ConfigError, load_config
 from liquid_dist.data.errors import DataError
 from liquid_dist.parallel.build_plan import resolve_build
 from liquid_dist.parallel.deepspeed_config import build_deepspeed_config
-from liquid_dist.train.prepare import resolve_run
+from liquid_dist.train.prepare import StartPoint, resolve_run, resolve_start
 
 TINY = tf.REPO / "configs" / "tiny.yaml"
 
@@ -27,7 +28,7 @@ def _cfg(tmp_path: Path, *extra: str):
 
 
 def test_the_plan_holds_every_decision_of_the_build(tmp_path: Path) -> None:
-    plan = resolve_run(_cfg(tmp_path), world_size=2, device_type="cpu", resume="auto")
+    plan = resolve_run(_cfg(tmp_path), world_size=2, device_type="cpu")
     cfg, build = plan.config, plan.build
     assert cfg.model.vocab_size == 600  # from the tokenizer ('auto' in tiny.yaml)
     assert (build.world_size, build.device_type, build.precision) == (2, "cpu", "fp32")
@@ -40,10 +41,10 @@ def test_the_plan_holds_every_decision_of_the_build(tmp_path: Path) -> None:
     # both data streams resolved for this world size (a rank opens its own)
     assert plan.train_data.world_size == plan.val_data.world_size == 2
     assert plan.val_data.steps_per_epoch == cfg.train.eval_steps and not plan.val_data.shuffle
-    assert plan.resume is None  # --resume auto on an empty run directory
-    assert plan.init_from_pretrained is None and plan.init_from_checkpoint is None
     with pytest.raises(dataclasses.FrozenInstanceError):
-        plan.resume = None  # type: ignore[misc]
+        plan.val_data = None  # type: ignore[misc]
+    # --resume auto on an empty run directory, no train.init_from: a fresh start
+    assert resolve_start(plan, "auto") == StartPoint()
 
 
 def test_the_build_plan_decides_precision_backend_and_layout_for_the_device() -> None:
@@ -76,11 +77,11 @@ def test_files_are_read_and_checked_by_the_plan(tmp_path: Path) -> None:
         resolve_run(_cfg(tmp_path, "data.val_shards=/nonexistent/shards"), world_size=1,
                     device_type="cpu")
     with pytest.raises(CheckpointError, match="no such run or checkpoint directory"):
-        resolve_run(_cfg(tmp_path), world_size=1, device_type="cpu",
-                    resume=str(tmp_path / "nothing"))
+        resolve_start(resolve_run(_cfg(tmp_path), world_size=1, device_type="cpu"),
+                      str(tmp_path / "nothing"))
     with pytest.raises(CheckpointError, match="no such run or checkpoint directory"):
-        resolve_run(_cfg(tmp_path, f"train.init_from={tmp_path / 'nothing'}"), world_size=1,
-                    device_type="cpu")
+        resolve_start(resolve_run(_cfg(tmp_path, f"train.init_from={tmp_path / 'nothing'}"),
+                                  world_size=1, device_type="cpu"))
 
 
 def _imports(path: Path) -> set[str]:
@@ -132,10 +133,11 @@ def test_resume_verifies_a_checkpoint_before_reading_it(tmp_path: Path) -> None:
     shard = (tmp_path / "run" / "checkpoints" / "step_00000004"
              / "zero_pp_rank_0_mp_rank_00_model_states.pt")
     shard.write_bytes(b"y")
-    plan = resolve_run(cfg, world_size=1, device_type="cpu", resume="auto")
-    assert plan.resume is not None and plan.resume.tag == "step_00000002"
-    (why,) = plan.resume_skipped
+    plan = resolve_run(cfg, world_size=1, device_type="cpu")
+    start = resolve_start(plan, "auto")
+    assert start.resume is not None and start.resume.tag == "step_00000002"
+    (why,) = start.resume_skipped
     assert "step_00000004 is damaged: zero_pp_rank_0_mp_rank_00_model_states.pt: contents " \
            "changed" in why
     with pytest.raises(CheckpointError, match="step_00000004 is damaged"):
-        resolve_run(cfg, world_size=1, device_type="cpu", resume=str(shard.parent))
+        resolve_start(plan, str(shard.parent))

@@ -19,8 +19,10 @@ from liquid_dist.checkpoint_format import (
     CheckpointError,
     CheckpointRef,
     find_checkpoint,
+    find_damage,
     newest_valid_checkpoint,
     verify_checkpoint,
+    verify_shares,
 )
 from liquid_dist.config import Config, ConfigError, ModelConfig, WandbConfig, load_config
 from liquid_dist.model import LiquidFoundationModelOptimized
@@ -199,6 +201,103 @@ def test_checkpoints_keep_last_k_and_resolve_resume_paths(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match="incomplete checkpoint"):
         find_checkpoint(str(tmp_path / "run"), step=20)
     assert mgr.remove_incomplete() == ["step_00000020.tmp"]
+
+
+def test_the_ranks_share_a_checkpoint_verification_each_reading_its_part(
+        tmp_path: Path) -> None:
+    """Every file in exactly one rank's share, the bytes spread evenly; each rank finds the
+    damage of its own share (rank 0 the files not written too), and the damages of all
+    the ranks together are what one process checking everything finds."""
+    sizes = {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt": size
+             for r in range(6) for kind, size in (("model", 10), ("optim", 1000))}
+    sizes |= {"trainer_state.pt": 5, "config.yaml": 1, "tokenizer.model": 300}
+    for world in (1, 2, 4, 7, 40):
+        shares = verify_shares(sizes, world)
+        assert sorted(n for share in shares for n in share) == sorted(sizes)
+        loads = [sum(sizes[n] for n in share) for share in shares]
+        assert max(loads) - min(loads) <= max(sizes.values()), (world, loads)
+        assert shares == verify_shares(dict(reversed(sizes.items())), world)
+    # the six large files first, then each smaller one to the least loaded rank
+    assert [sum(sizes[n] for n in s) for s in verify_shares(sizes, 4)] == [2000, 2000, 1300,
+                                                                           1066]
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"tokenizer")
+
+    class _Engine:
+        def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
+            (Path(save_dir) / tag).mkdir(parents=True)
+            for r in range(3):
+                (Path(save_dir) / tag / f"zero_pp_rank_{r}.pt").write_bytes(b"x" * (r + 1))
+
+    ref = CheckpointManager(tmp_path / "run", keep_last=1, rank=0, world_size=1).save(
+        _Engine(), TrainerState(step=1), rank_state={}, config={}, tokenizer_path=tok)
+    assert all(find_damage(ref.path, rank=r, world_size=2) == [] for r in range(2))
+    (ref.path / "zero_pp_rank_2.pt").write_bytes(b"yyy")
+    (ref.path / "zero_pp_rank_0.pt").unlink()
+    (ref.path / "stray.pt").write_bytes(b"?")
+    whole = find_damage(ref.path)
+    assert whole[:2] == ["stray.pt: not written with the checkpoint",
+                         "zero_pp_rank_0.pt: missing"]
+    assert len(whole) == 3 and whole[2].startswith("zero_pp_rank_2.pt: contents changed")
+    sizes = {n: d["size"] for n, d in json.loads((ref.path / "checksums.json").read_text())[
+        "files"].items()}
+    parts = [find_damage(ref.path, rank=r, world_size=3) for r in range(3)]
+    assert sorted(d for part in parts for d in part) == whole
+    for r, (part, share) in enumerate(zip(parts, verify_shares(sizes, 3), strict=True)):
+        assert {d.split(":")[0] for d in part} == (
+            {n for n in share if n in ("zero_pp_rank_0.pt", "zero_pp_rank_2.pt")}
+            | ({"stray.pt"} if r == 0 else set())), r
+    (ref.path / "checksums.json").unlink()
+    assert find_damage(ref.path, rank=1, world_size=3) == [
+        "checksums.json: missing, so its files cannot be verified (written before checksums "
+        "were recorded, or not by this trainer)"]
+
+
+def _verify_together(rank: int, tmp: Path, paths: list[str]) -> None:
+    import torch.distributed as dist
+
+    from liquid_dist.train.checkpoint import find_damage_together
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp / "store"), 2), rank=rank,
+                            world_size=2)
+    try:
+        out = find_damage_together(Path(paths[rank]))
+    except CheckpointError as exc:
+        out = f"CheckpointError: {exc}"
+    (tmp / f"rank{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_verifying_together_reach_one_verdict(tmp_path: Path) -> None:
+    """Two gloo processes: the damage that one rank's share holds reaches both; ranks that
+    name different checkpoints are told so, both of them."""
+    import torch.multiprocessing as mp
+
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"tokenizer" * 1000)
+    mgr = CheckpointManager(tmp_path / "run", keep_last=2, rank=0, world_size=1)
+    refs = [mgr.save(_FakeEngine(), TrainerState(step=step), rank_state={}, config={},
+                     tokenizer_path=tok) for step in (1, 2)]
+    sizes = {n: d["size"] for n, d in json.loads(
+        (refs[1].path / "checksums.json").read_text())["files"].items()}
+    # damage the largest file, which rank 0 hashes, and the smallest, which rank 1 hashes
+    shares = verify_shares(sizes, 2)
+    for name in (shares[0][0], shares[1][-1]):
+        f = refs[1].path / name
+        f.write_bytes(bytes([f.read_bytes()[0] ^ 1]) + f.read_bytes()[1:])
+    whole = find_damage(refs[1].path)
+    assert len(whole) == 2 and {d.split(":")[0] for d in whole} == {shares[0][0],
+                                                                   shares[1][-1]}
+    for paths, expected in (([str(refs[1].path)] * 2, whole),
+                            ([str(r.path) for r in refs],
+                             "CheckpointError: the ranks verify different checkpoints ("
+                             f"{refs[0].path}, {refs[1].path}): the run directory must look "
+                             "the same from every node")):
+        mp.spawn(_verify_together, args=(tmp_path, paths), nprocs=2)
+        assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)] == [
+            expected, expected]
+        (tmp_path / "store").unlink(missing_ok=True)
 
 
 def test_resuming_with_another_model_is_a_config_error(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 * :mod:`.entry` — ``pretrain(config_path, overrides, resume=...)``, exit statuses;
 * :mod:`.prepare` — the run plan: the config resolved once, before any process group;
+  the start point: the checkpoint resumed, verified by the ranks together;
 * :mod:`.trainer` — the loop (:class:`Trainer`), NaN skipping, preemption;
 * :mod:`.checkpoint` — atomic checkpoints, ``latest``, exact resume;
 * :mod:`.schedule`, :mod:`.metrics`, :mod:`.monitor`, :mod:`.signals`, :mod:`.flops`;

@@ -56,6 +56,7 @@ from liquid_dist.checkpoint_format import (
     checksummed_files,
     complete_tags,
     file_digest,
+    find_damage,
     open_checkpoint,
     read_config,
     read_trainer_state,
@@ -97,6 +98,23 @@ def _gather(obj: Any) -> list[Any]:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def find_damage_together(path: Path) -> list[str]:
+    """liquid_dist.checkpoint_format.find_damage as a collective (every rank calls it, for
+    the same checkpoint): each rank hashes its share of the files and every rank gets all
+    the damage found, so the ranks reach one verdict having read the checkpoint once
+    between them. CheckpointError when the ranks name different checkpoints (their views
+    of the run directory differ)."""
+    if not dist.is_initialized():
+        return find_damage(path)
+    parts = _gather((str(path), find_damage(path, rank=dist.get_rank(),
+                                            world_size=dist.get_world_size())))
+    paths = sorted({p for p, _ in parts})
+    if len(paths) > 1:
+        raise CheckpointError(f"the ranks verify different checkpoints ({', '.join(paths)}): "
+                              "the run directory must look the same from every node")
+    return sorted(d for _, part in parts for d in part)
 
 
 class CheckpointManager:
@@ -295,7 +313,7 @@ def global_batch(train: dict[str, Any], world_size: int) -> int:
 def check_resumable(cfg: Any, ref: CheckpointRef, world_size: int) -> None:
     """ConfigError unless ``cfg`` on ``world_size`` ranks can continue the checkpoint's run.
 
-    Runs before any process group. The architecture must be the checkpoint's
+    Runs at launch, before anything is built. The architecture must be the checkpoint's
     (:func:`~liquid_dist.config.check_same_architecture`; run settings may
     change), and so must ``parallel.zero_stage`` and the global batch
     (micro_batch_size x grad_accum x world size): the message says which

@@ -2,8 +2,9 @@
 
 Exit statuses (liquid_dist.train.exit_status, docs/training.md): 0 trained to
 ``train.max_steps``; 2 bad configuration or missing input, found before any
-process group; 3 the loss diverged (non-finite on more than
-``train.max_nan_skips`` steps in a row, or a spike again right after a rewind);
+process group, or no checkpoint that verifies, found before anything is built; 3
+the loss diverged (non-finite on more than ``train.max_nan_skips`` steps in a
+row, or a spike again right after a rewind);
 75 preempted (SIGTERM / SIGUSR1: checkpoint written, requeue and ``--resume
 auto``); 1 anything else (a traceback on stderr). Rank 0 writes each
 status it returns, with the step and the reason, to ``RUN_DIR/EXIT``.
@@ -28,6 +29,7 @@ from liquid_dist.parallel.distributed import (
     resolve_dist_env,
 )
 from liquid_dist.parallel.ds_compat import DeepSpeedVersionError, check_deepspeed_version
+from liquid_dist.train.checkpoint import find_damage_together
 from liquid_dist.train.exit_status import (
     EXIT_CONFIG,
     EXIT_DIVERGED,
@@ -37,7 +39,7 @@ from liquid_dist.train.exit_status import (
 )
 from liquid_dist.train.faults import Faults
 from liquid_dist.train.heartbeat import Heartbeat
-from liquid_dist.train.prepare import resolve_run
+from liquid_dist.train.prepare import resolve_run, resolve_start
 from liquid_dist.train.signals import StopFlag
 from liquid_dist.train.spikes import LossSpikeError
 from liquid_dist.train.trainer import NonFiniteLossError, Trainer
@@ -69,17 +71,32 @@ def use_deterministic_algorithms() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def _say(message: str) -> None:
-    # every rank reads the config; one copy of the message is enough
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+REFUSALS = (ConfigError, FileNotFoundError, CheckpointError, DataError,
+            DeepSpeedVersionError)
+"""What status 2 means: a config, input or checkpoint that retrying cannot mend."""
+
+
+def _say(rank: int, message: str) -> None:
+    # every rank finds the same problem; one copy of the message is enough
+    if rank == 0:
         print(message, file=sys.stderr, flush=True)
+
+
+def _refuse(exc: Exception, cfg: Optional[Config], rank: int) -> int:
+    _say(rank, f"error: {exc}")
+    # into a run directory that exists (slurm/pretrain.sh makes it): a bad
+    # config does not leave one behind
+    if cfg is not None and rank == 0 and Path(cfg.train.run_dir).is_dir():
+        write_exit_record(Path(cfg.train.run_dir), ExitRecord(EXIT_CONFIG, None, str(exc)))
+    return EXIT_CONFIG
 
 
 def pretrain(config_path: str, overrides: Iterable[str] = (), *, resume: str = "auto",
              local_rank: Optional[int] = None,
              train_loader_factory: Optional[Callable[[Config, DistEnv], Any]] = None) -> int:
-    """Load the config and resolve it into the run plan (liquid_dist.train.prepare), create
-    the process group, train; returns the exit status.
+    """Load the config and resolve it into the run plan, create the process group, find
+    the start point (liquid_dist.train.prepare: the ranks verify a checkpoint together),
+    train; returns the exit status.
 
     The stop handlers are installed first: a SIGTERM / SIGUSR1 that comes while the
     process starts (Slurm may send the time-limit warning that early) is kept and
@@ -97,39 +114,37 @@ def _pretrain(config_path: str, overrides: Iterable[str], resume: str,
               local_rank: Optional[int],
               train_loader_factory: Optional[Callable[[Config, DistEnv], Any]],
               stop: StopFlag) -> int:
-    dist_env = cfg = None
+    rank, cfg = 0, None
     try:
-        check_deepspeed_version()
         dist_env = resolve_dist_env(local_rank_arg=local_rank)
+        rank = dist_env.rank
+        check_deepspeed_version()
         cfg = load_config(config_path, list(overrides))
-        plan = resolve_run(cfg, world_size=dist_env.world_size, device_type=device_type(),
-                           resume=resume)
-    except (ConfigError, FileNotFoundError, CheckpointError, DataError,
-            DeepSpeedVersionError) as exc:
-        _say(f"error: {exc}")
-        # into a run directory that exists (slurm/pretrain.sh makes it): a bad
-        # config does not leave one behind
-        if cfg is not None and dist_env.rank == 0 and Path(cfg.train.run_dir).is_dir():
-            write_exit_record(Path(cfg.train.run_dir), ExitRecord(EXIT_CONFIG, None, str(exc)))
-        return EXIT_CONFIG
+        plan = resolve_run(cfg, world_size=dist_env.world_size, device_type=device_type())
+    except REFUSALS as exc:
+        return _refuse(exc, cfg, rank)
     import torch.distributed as dist
 
     if plan.config.train.deterministic:
         use_deterministic_algorithms()
     env, device = init_distributed(local_rank)
     try:
-        loader = train_loader_factory(plan.config, env) if train_loader_factory else None
         heartbeat = Heartbeat.from_environment(env.rank, env.local_rank)
         heartbeat.enter("start", plan.config.train.hang_timeout_long_s)
-        trainer = Trainer(plan, env, device, train_loader=loader,
-                          faults=Faults.from_environment(), heartbeat=heartbeat)
-        try:
-            with heartbeat:
+        with heartbeat:
+            try:  # the ranks verify a checkpoint together, each reading its share
+                start = resolve_start(plan, resume, damage=find_damage_together)
+            except REFUSALS as exc:
+                return _refuse(exc, cfg, env.rank)
+            loader = train_loader_factory(plan.config, env) if train_loader_factory else None
+            trainer = Trainer(plan, start, env, device, train_loader=loader,
+                              faults=Faults.from_environment(), heartbeat=heartbeat)
+            try:
                 status = trainer.run(stop)
-            reason = "done" if status == EXIT_OK else stop.describe()
-        except (NonFiniteLossError, LossSpikeError) as exc:
-            _say(f"error: {exc}")
-            status, reason = EXIT_DIVERGED, str(exc)
+                reason = "done" if status == EXIT_OK else stop.describe()
+            except (NonFiniteLossError, LossSpikeError) as exc:
+                _say(env.rank, f"error: {exc}")
+                status, reason = EXIT_DIVERGED, str(exc)
         if env.rank == 0:
             write_exit_record(Path(plan.config.train.run_dir),
                               ExitRecord(status, trainer.state.step, reason))

@@ -22,7 +22,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 """Anything else (a traceback on stderr); a launcher's status for any failed rank."""
 EXIT_CONFIG = 2
-"""Bad configuration or missing input, found before any process group: fix, resubmit."""
+"""Bad configuration or missing input (found before any process group), or a checkpoint
+to start from that does not verify or fit: fix, resubmit."""
 EXIT_DIVERGED = 3
 """The loss diverged: non-finite on more than ``train.max_nan_skips`` steps in a row, or
 a loss spike again right after a rewind (``train.spike``)."""

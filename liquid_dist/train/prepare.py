@@ -1,15 +1,19 @@
 """The run plan: a config resolved, once and before any process group, into everything
-the build needs (docs/training.md, "From a config to a running engine").
+the build needs; and the start point, where the weights come from, resolved once the
+process group exists (docs/training.md, "From a config to a running engine").
 
 :func:`resolve_run` takes what depends on the config, the world size and the
 device only — the precision, the MoE backend, the expert layout and the
 DeepSpeed config — from liquid_dist.parallel.build_plan.resolve_build (which
 the planner, liquid_dist.plan, calls too), and adds what needs files: the
-vocabulary from the tokenizer, the data streams (shards, epoch length), the
-checkpoint to resume and the model to start from, each checked against the
-config. Every problem is a
-ConfigError, DataError or CheckpointError naming the key or file, raised while
-there is nothing to clean up; the trainer reads only the plan.
+vocabulary from the tokenizer and the data streams (shards, epoch length).
+:func:`resolve_start` finds the checkpoint to resume and the model to start
+from, each checked against the config, a checkpoint's files verified before
+anything reads them: the launch passes
+liquid_dist.train.checkpoint.find_damage_together, so that the ranks share the
+reading and reach one verdict. Every problem is a ConfigError, DataError or
+CheckpointError naming the key or file, the same on every rank, raised while
+there is nothing to clean up; the trainer reads only the plan and the start point.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from typing import Optional
 
 from liquid_dist.checkpoint_format import (
     CheckpointRef,
+    DamageFinder,
     find_checkpoint,
+    find_damage,
     newest_valid_checkpoint,
     read_config,
     verify_checkpoint,
@@ -34,25 +40,31 @@ from liquid_dist.parallel.build_plan import BuildPlan, resolve_build
 
 @dataclass(frozen=True)
 class RunPlan:
-    """A launch: the build, the data streams and where the weights come from."""
+    """A launch: the build and the data streams."""
 
     build: BuildPlan
     train_data: StreamSpec
     """The training stream (of rank 0; liquid_dist.data.open_loader opens any rank's)."""
     val_data: Optional[StreamSpec]
-    resume: Optional[CheckpointRef]
-    """The checkpoint to continue (``--resume``): its files verified, checked resumable
-    on this layout."""
-    resume_skipped: tuple[str, ...]
-    """``--resume auto``: why each newer checkpoint was passed over (a damaged file)."""
-    init_from_pretrained: Optional[Path]
-    """``train.init_from`` when it is a converted model directory (weights only)."""
-    init_from_checkpoint: Optional[CheckpointRef]
-    """``train.init_from`` when it is a training checkpoint (weights only)."""
 
     @property
     def config(self) -> Config:
         return self.build.config
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a launch's weights come from."""
+
+    resume: Optional[CheckpointRef] = None
+    """The checkpoint to continue (``--resume``): its files verified, checked resumable
+    on this layout."""
+    resume_skipped: tuple[str, ...] = ()
+    """``--resume auto``: why each newer checkpoint was passed over (a damaged file)."""
+    init_from_pretrained: Optional[Path] = None
+    """``train.init_from`` when it is a converted model directory (weights only)."""
+    init_from_checkpoint: Optional[CheckpointRef] = None
+    """``train.init_from`` when it is a training checkpoint (weights only)."""
 
 
 def resolve_vocabulary(cfg: Config) -> Config:
@@ -90,14 +102,10 @@ def resolve_vocabulary(cfg: Config) -> Config:
     return out
 
 
-def resolve_run(cfg: Config, *, world_size: int, device_type: str,
-                resume: str = "none") -> RunPlan:
-    """The :class:`RunPlan` of ``cfg`` on ``world_size`` ranks of ``device_type``,
-    resuming ``resume`` (``auto``, ``none`` or a checkpoint path; see
-    liquid_dist.checkpoint_format.find_checkpoint). See the module doc."""
+def resolve_run(cfg: Config, *, world_size: int, device_type: str) -> RunPlan:
+    """The :class:`RunPlan` of ``cfg`` on ``world_size`` ranks of ``device_type``. See
+    the module doc."""
     from liquid_dist.data.loader import stream_spec
-    from liquid_dist.model.pretrained import check_compatible, is_pretrained_dir
-    from liquid_dist.train.checkpoint import check_resumable
 
     cfg = resolve_vocabulary(cfg)
     build = resolve_build(cfg, world_size=world_size, device_type=device_type)
@@ -112,16 +120,29 @@ def resolve_run(cfg: Config, *, world_size: int, device_type: str,
         val_data = stream_spec(cfg.data, "val", world_size=world_size,
                                batch_size=t.micro_batch_size, seed=t.seed,
                                num_steps=t.eval_steps, grad_accum=t.grad_accum)
-    # every file verified before anything is read: auto takes the newest that verifies
+    return RunPlan(build=build, train_data=train_data, val_data=val_data)
+
+
+def resolve_start(plan: RunPlan, resume: str = "none", damage: DamageFinder = find_damage
+                  ) -> StartPoint:
+    """The :class:`StartPoint` of ``plan``: resuming ``resume`` (``auto``, ``none`` or a
+    checkpoint path; see liquid_dist.checkpoint_format.find_checkpoint), or starting from
+    ``train.init_from``; every checkpoint's files verified with ``damage`` before anything
+    reads them. See the module doc."""
+    from liquid_dist.model.pretrained import check_compatible, is_pretrained_dir
+    from liquid_dist.train.checkpoint import check_resumable
+
+    cfg = plan.config
+    t = cfg.train
     skipped: list[str] = []
-    if resume == "auto":
-        ref, skipped = newest_valid_checkpoint(t.run_dir)
+    if resume == "auto":  # the newest that verifies
+        ref, skipped = newest_valid_checkpoint(t.run_dir, damage=damage)
     else:
         ref = find_checkpoint(resume)
         if ref is not None:
-            verify_checkpoint(ref.path)
+            verify_checkpoint(ref.path, damage)
     if ref is not None:
-        check_resumable(cfg, ref, world_size)
+        check_resumable(cfg, ref, plan.build.world_size)
     pretrained = checkpoint = None
     if t.init_from and is_pretrained_dir(t.init_from):
         pretrained = Path(t.init_from)
@@ -129,9 +150,8 @@ def resolve_run(cfg: Config, *, world_size: int, device_type: str,
     elif t.init_from:
         checkpoint = find_checkpoint(t.init_from)
         assert checkpoint is not None  # a path, never "none"
-        verify_checkpoint(checkpoint.path)
+        verify_checkpoint(checkpoint.path, damage)
         check_same_architecture(read_config(checkpoint)["model"], cfg.model,
                                 f"the train.init_from checkpoint {checkpoint.path}")
-    return RunPlan(build=build, train_data=train_data, val_data=val_data, resume=ref,
-                   resume_skipped=tuple(skipped), init_from_pretrained=pretrained,
-                   init_from_checkpoint=checkpoint)
+    return StartPoint(resume=ref, resume_skipped=tuple(skipped),
+                      init_from_pretrained=pretrained, init_from_checkpoint=checkpoint)

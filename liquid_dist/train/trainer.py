@@ -54,7 +54,7 @@ from liquid_dist.parallel.construction import build_model
 from liquid_dist.parallel.distributed import DistEnv
 from liquid_dist.parallel.ds_compat import pending_grad_norm, share_fp32_master_partitions
 from liquid_dist.parallel.expert_parallel import split_expert_param_groups
-from liquid_dist.train.checkpoint import CheckpointManager, load_weights
+from liquid_dist.train.checkpoint import CheckpointManager, find_damage_together, load_weights
 from liquid_dist.train.compile import compile_blocks
 from liquid_dist.train.exit_status import EXIT_OK, EXIT_PREEMPTED
 from liquid_dist.train.faults import NO_FAULTS, Faults
@@ -68,7 +68,7 @@ from liquid_dist.train.metrics import (
     wandb_sent_through,
 )
 from liquid_dist.train.monitor import BlockMonitor
-from liquid_dist.train.prepare import RunPlan
+from liquid_dist.train.prepare import RunPlan, StartPoint
 from liquid_dist.train.schedule import lr_at
 from liquid_dist.train.signals import StopFlag
 from liquid_dist.train.spikes import LossSpikeError, outlier, record
@@ -203,7 +203,8 @@ class _Window:
 
 
 class Trainer:
-    """Trains a run plan (prepare.resolve_run) on the current process group.
+    """Trains a run plan (prepare.resolve_run) from its start point (prepare.resolve_start)
+    on the current process group.
 
     ``train_loader`` replaces the loader of the plan's training stream (tests use
     it to feed one process the union of several ranks' batches); it must yield
@@ -213,15 +214,16 @@ class Trainer:
     node's watchdog (liquid_dist.train.heartbeat; none by default).
     """
 
-    def __init__(self, plan: RunPlan, dist_env: DistEnv, device: torch.device, *,
-                 train_loader: Any = None, faults: Faults = NO_FAULTS,
-                 heartbeat: Optional[Heartbeat] = None):
+    def __init__(self, plan: RunPlan, start: StartPoint, dist_env: DistEnv,
+                 device: torch.device, *, train_loader: Any = None,
+                 faults: Faults = NO_FAULTS, heartbeat: Optional[Heartbeat] = None):
         if (dist_env.world_size, device.type) != (plan.build.world_size,
                                                   plan.build.device_type):
             raise ValueError(f"the plan is for {plan.build.world_size} rank(s) of "
                              f"{plan.build.device_type}, the process group has "
                              f"{dist_env.world_size} of {device.type}")
         self.plan = plan
+        self.start = start
         self.cfg = plan.config
         self.env = dist_env
         self.device = device
@@ -255,7 +257,7 @@ class Trainer:
         # same on every layout, or read from a converted model the plan checked) and
         # partitioned as it goes under ZeRO-3
         built = build_model(plan.build, device=self.device,
-                            init_from=plan.init_from_pretrained)
+                            init_from=self.start.init_from_pretrained)
         self.model, self.parameter_counts = built.model, built.counts
         self.expert_layout = built.expert_layout
         if t.compile:
@@ -296,7 +298,7 @@ class Trainer:
         """Resume (``--resume``: the trainer state too) or initialise from
         ``train.init_from``."""
         self.ckpt.remove_incomplete()
-        ref = self.plan.resume
+        ref = self.start.resume
         self.resumed_from = None
         if ref is not None:
             state = self.ckpt.load(self.engine, ref)
@@ -306,8 +308,8 @@ class Trainer:
             self.resumed_from = str(ref.path)
             if state["rank_state"]["resharded"]:
                 self.resharded_from = (state["world_size"], state["ep_size"])
-        elif self.plan.init_from_checkpoint is not None:
-            load_weights(self.engine, self.plan.init_from_checkpoint, self.expert_layout)
+        elif self.start.init_from_checkpoint is not None:
+            load_weights(self.engine, self.start.init_from_checkpoint, self.expert_layout)
 
     # ------------------------------------------------------------------- loop
 
@@ -377,7 +379,7 @@ class Trainer:
         if stop is None:
             stop = StopFlag().install()
         try:
-            for message in self.plan.resume_skipped:
+            for message in self.start.resume_skipped:
                 self.logger.log({"kind": "event", "event": "checkpoint_skipped",
                                  "step": self.state.step, "reason": message},
                                 f"passed over a damaged checkpoint: {message}")
@@ -602,7 +604,8 @@ class Trainer:
             st, first = self.state, self.state.spike.first
             spike = f"loss spike at steps {first}-{st.step}"
             try:
-                ref, _ = newest_valid_checkpoint(self.run_dir, before=first)
+                ref, _ = newest_valid_checkpoint(self.run_dir, before=first,
+                                                 damage=find_damage_together)
             except CheckpointError as exc:
                 raise LossSpikeError(f"{spike}: no checkpoint to rewind to ({exc})") from exc
             if ref is None:
