@@ -191,12 +191,12 @@ def checksummed_files(path: Path) -> list[str]:
                   if f.is_file() and f.name != CHECKSUMS and not f.name.startswith(DONE_PREFIX))
 
 
-def verify_shares(sizes: Mapping[str, int], world_size: int) -> list[list[str]]:
-    """Which files of a checkpoint (name -> recorded size) each of ``world_size`` ranks
-    hashes when they verify it together: the largest file first, each to the rank with the
-    fewest bytes so far (the lower rank on a tie), so every file is read once and the
-    ranks read about as many bytes each. The same on every rank: it depends only on the
-    recorded sizes."""
+def hash_shares(sizes: Mapping[str, int], world_size: int) -> list[list[str]]:
+    """Which files of a checkpoint (name -> size) each of ``world_size`` ranks hashes
+    when they checksum it together (at save, the sizes rank 0 found) or verify it (the
+    recorded sizes): the largest file first, each to the rank with the fewest bytes so
+    far (the lower rank on a tie), so every file is read once and the ranks read about
+    as many bytes each; the same on every rank given the same sizes."""
     shares: list[list[str]] = [[] for _ in range(world_size)]
     loads = [(0, r) for r in range(world_size)]
     for name, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
@@ -208,7 +208,7 @@ def verify_shares(sizes: Mapping[str, int], world_size: int) -> list[list[str]]:
 
 def find_damage(path: Path, *, rank: int = 0, world_size: int = 1) -> list[str]:
     """What is wrong with the checkpoint at ``path`` (one line per file, sorted), as far
-    as rank ``rank`` of ``world_size`` looks: each file of its share (:func:`verify_shares`)
+    as rank ``rank`` of ``world_size`` looks: each file of its share (:func:`hash_shares`)
     that is missing, truncated or changed since it was written (against ``checksums.json``)
     and, on rank 0, every file that was not written with the checkpoint. A checkpoint
     without a readable ``checksums.json`` cannot be verified: that is its damage. With
@@ -223,7 +223,7 @@ def find_damage(path: Path, *, rank: int = 0, world_size: int = 1) -> list[str]:
     except (ValueError, KeyError, TypeError) as exc:
         return [f"{CHECKSUMS}: unreadable ({exc!r})"]
     problems = []
-    for name in verify_shares(sizes, world_size)[rank]:
+    for name in hash_shares(sizes, world_size)[rank]:
         f, want = path / name, recorded[name]
         if not f.is_file():
             problems.append(f"{name}: missing")

@@ -20,9 +20,9 @@ from liquid_dist.checkpoint_format import (
     CheckpointRef,
     find_checkpoint,
     find_damage,
+    hash_shares,
     newest_valid_checkpoint,
     verify_checkpoint,
-    verify_shares,
 )
 from liquid_dist.config import Config, ConfigError, ModelConfig, WandbConfig, load_config
 from liquid_dist.model import LiquidFoundationModelOptimized
@@ -212,13 +212,13 @@ def test_the_ranks_share_a_checkpoint_verification_each_reading_its_part(
              for r in range(6) for kind, size in (("model", 10), ("optim", 1000))}
     sizes |= {"trainer_state.pt": 5, "config.yaml": 1, "tokenizer.model": 300}
     for world in (1, 2, 4, 7, 40):
-        shares = verify_shares(sizes, world)
+        shares = hash_shares(sizes, world)
         assert sorted(n for share in shares for n in share) == sorted(sizes)
         loads = [sum(sizes[n] for n in share) for share in shares]
         assert max(loads) - min(loads) <= max(sizes.values()), (world, loads)
-        assert shares == verify_shares(dict(reversed(sizes.items())), world)
+        assert shares == hash_shares(dict(reversed(sizes.items())), world)
     # the six large files first, then each smaller one to the least loaded rank
-    assert [sum(sizes[n] for n in s) for s in verify_shares(sizes, 4)] == [2000, 2000, 1300,
+    assert [sum(sizes[n] for n in s) for s in hash_shares(sizes, 4)] == [2000, 2000, 1300,
                                                                            1066]
     tok = tmp_path / "tok.model"
     tok.write_bytes(b"tokenizer")
@@ -243,7 +243,7 @@ def test_the_ranks_share_a_checkpoint_verification_each_reading_its_part(
         "files"].items()}
     parts = [find_damage(ref.path, rank=r, world_size=3) for r in range(3)]
     assert sorted(d for part in parts for d in part) == whole
-    for r, (part, share) in enumerate(zip(parts, verify_shares(sizes, 3), strict=True)):
+    for r, (part, share) in enumerate(zip(parts, hash_shares(sizes, 3), strict=True)):
         assert {d.split(":")[0] for d in part} == (
             {n for n in share if n in ("zero_pp_rank_0.pt", "zero_pp_rank_2.pt")}
             | ({"stray.pt"} if r == 0 else set())), r
@@ -282,7 +282,7 @@ def test_two_ranks_verifying_together_reach_one_verdict(tmp_path: Path) -> None:
     sizes = {n: d["size"] for n, d in json.loads(
         (refs[1].path / "checksums.json").read_text())["files"].items()}
     # damage the largest file, which rank 0 hashes, and the smallest, which rank 1 hashes
-    shares = verify_shares(sizes, 2)
+    shares = hash_shares(sizes, 2)
     for name in (shares[0][0], shares[1][-1]):
         f = refs[1].path / name
         f.write_bytes(bytes([f.read_bytes()[0] ^ 1]) + f.read_bytes()[1:])

@@ -6,10 +6,11 @@ this module writes them and loads them into a DeepSpeed engine.
 
 Protocol (:meth:`CheckpointManager.save`, called by every rank): rank 0
 removes a stale ``.tmp`` of the same tag; every rank writes its DeepSpeed
-files into ``<tag>.tmp``, then its marker; a barrier; every rank hashes one in
-W of the files written; rank 0 checks every marker, writes the trainer state,
-config and tokenizer and then ``checksums.json`` (size and SHA-256 of every
-file: liquid_dist.checkpoint_format.verify_checkpoint), renames ``<tag>.tmp``
+files into ``<tag>.tmp``, then its marker; a barrier; rank 0 lists the files
+written and every rank hashes its share of them (about 1/W of the bytes:
+liquid_dist.checkpoint_format.hash_shares); rank 0 checks every marker, writes
+the trainer state, config and tokenizer and then ``checksums.json`` (size and
+SHA-256 of every file: liquid_dist.checkpoint_format.verify_checkpoint), renames ``<tag>.tmp``
 to ``<tag>`` and atomically replaces ``latest``, then deletes all but the
 newest ``train.keep_last`` checkpoints; a final barrier. A rank killed at any
 point leaves ``latest`` on the previous checkpoint; the ``.tmp`` is deleted by
@@ -57,6 +58,7 @@ from liquid_dist.checkpoint_format import (
     complete_tags,
     file_digest,
     find_damage,
+    hash_shares,
     open_checkpoint,
     read_config,
     read_trainer_state,
@@ -93,6 +95,15 @@ def _gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _barrier() -> None:
@@ -173,10 +184,12 @@ class CheckpointManager:
         self.faults.in_checkpoint_write(step, self.rank, self.run_dir)
         write_atomic(tmp / f"{DONE_PREFIX}{self.rank}", str(step), durable=True)
         _barrier()
-        # every rank hashes its share of DeepSpeed's files (one file in W each)
-        files = checksummed_files(tmp)
+        # rank 0 lists DeepSpeed's files (one list: a rank whose view of the directory
+        # lags cannot leave a file out), every rank hashes its share of them
+        sizes = _broadcast({name: (tmp / name).stat().st_size for name in checksummed_files(tmp)}
+                           if self.rank == 0 else None)
         digests = _gather({name: file_digest(tmp / name)
-                           for name in files[self.rank::self.world_size]})
+                           for name in hash_shares(sizes, self.world_size)[self.rank]})
         if self.rank == 0:
             missing = [r for r in range(self.world_size)
                        if not (tmp / f"{DONE_PREFIX}{r}").exists()]
