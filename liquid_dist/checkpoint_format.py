@@ -29,7 +29,9 @@ rank's slice, expert tensors (partitioned over the expert-data-parallel
 group only) are joined per expert-parallel rank and stacked by global expert
 index. :func:`verify_checkpoint` checks every file against ``checksums.json``
 (``python -m liquid_dist.checkpoint_format verify RUN_DIR`` for every
-checkpoint of a run). Nothing here imports DeepSpeed or ``torch.distributed``.
+checkpoint of a run); :func:`find_damage` does one rank's share of that check
+when the ranks of a launch verify a checkpoint together. Nothing here imports
+DeepSpeed or ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -259,10 +261,9 @@ def newest_valid_checkpoint(run_dir: Union[str, Path], *, before: Optional[int] 
                             ) -> tuple[Optional[CheckpointRef], list[str]]:
     """``--resume auto``: the newest checkpoint of ``run_dir`` (``latest`` or older; of a
     step below ``before`` if given) whose files verify (:func:`verify_checkpoint` with
-    ``damage``), and the
-    messages of the newer ones skipped, newest first. ``(None, [])`` for a run without
-    such checkpoints; CheckpointError, naming every checkpoint's damage, when none
-    verifies."""
+    ``damage``), and the messages of the newer ones skipped, newest first. ``(None, [])``
+    for a run without such checkpoints; CheckpointError, naming every checkpoint's damage,
+    when none verifies."""
     ckpt_dir = Path(run_dir) / CHECKPOINTS
     latest = _latest_tag(ckpt_dir)
     if latest is None:
