@@ -275,8 +275,11 @@ def test_refuses_a_shape_mismatch_and_a_wrong_expert_count(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_a_checkpoint_damaged_after_it_was_written_is_refused_naming_the_file(
         tmp_path: Path) -> None:
-    """One flipped byte, a truncated file, a deleted file: the converter and the offline
-    verifier (``python -m liquid_dist.checkpoint_format verify``) name each."""
+    """One flipped byte, a truncated file, a deleted file: the converter, the sampler's and
+    evaluator's loader and the offline verifier (``python -m liquid_dist.checkpoint_format
+    verify``) name each."""
+    from liquid_dist.train.sample import load_trained_model
+
     run = copy_run(tmp_path)
     ckpt = run / "checkpoints" / STEP
     ok = cli("liquid_dist.checkpoint_format", "verify", str(run))
@@ -293,6 +296,8 @@ def test_a_checkpoint_damaged_after_it_was_written_is_refused_naming_the_file(
     with pytest.raises(CheckpointError, match=r"config\.yaml: missing; " + expected):
         convert(run, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match=r"config\.yaml: missing; " + expected):
+        load_trained_model(run)
     bad = cli("liquid_dist.checkpoint_format", "verify", str(run))
     assert bad.returncode == 1 and "FAILED" in bad.stdout and "config.yaml: missing" in (
         bad.stdout)

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from liquid_dist.checkpoint_format import find_checkpoint, open_checkpoint, read_config
+from liquid_dist.checkpoint_format import (
+    find_checkpoint,
+    open_checkpoint,
+    read_config,
+    verify_checkpoint,
+)
 from liquid_dist.config import Config, config_from_dict
 
 
@@ -23,12 +28,14 @@ def load_trained_model(checkpoint: str | Path) -> tuple[nn.Module, Config]:
     """A plain model with a checkpoint's weights, in eval mode, and its resolved config.
 
     ``checkpoint``: a checkpoint directory, a ``checkpoints`` directory or a run
-    directory (its ``latest``).
+    directory (its ``latest``); its files verified first (a damaged one is a
+    CheckpointError naming it, as for the converter).
     """
     from liquid_dist.model import LiquidFoundationModelOptimized
 
     ref = find_checkpoint(str(checkpoint))
     assert ref is not None
+    verify_checkpoint(ref.path)
     cfg = config_from_dict(read_config(ref))
     model = LiquidFoundationModelOptimized(cfg.model)
     model.load_state_dict(open_checkpoint(ref.path).state_dict())
