@@ -440,6 +440,9 @@ def test_a_frozen_rank_stops_the_job_within_the_hang_timeout_naming_it_then_it_r
              output(run))
     # rank 1's node: the one whose rendezvous came second (not always SLURM_NODEID 1)
     beat, = tmp_path.glob(f"liquid-heartbeat-{job}-*/rank1.json")
+    # stopped between steps, not inside the checkpoint of step 15 (section "save")
+    wait_for("rank 1 training", lambda: json.loads(beat.read_text())["section"] == "train",
+             60, output(run))
     rank1 = json.loads(beat.read_text())
     assert rank1["host"] in slurm.nodes and rank1["section"] == "train", rank1
     pid = rank1["pid"]
