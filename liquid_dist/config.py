@@ -118,11 +118,17 @@ class TrainConfig:
     """Under slurm/pretrain.sh: crashed attempts requeued in a row without a checkpoint
     newer than the one they restarted from; the next crash ends the job with status 4
     (liquid_dist.train.requeue)."""
+    hang_detection: bool = True
+    """Every rank beats a heartbeat and local rank 0 of each node runs a watchdog that stops
+    the job when a rank is frozen or makes no progress (liquid_dist.train.watchdog), under
+    any launcher. Off for a run held in a debugger."""
+    hang_liveness_s: float = 30.0
+    """A rank whose heartbeat (a thread, beating every second) is silent this long is
+    frozen, in every section."""
     hang_timeout_s: Union[float, None] = None
-    """Under slurm/pretrain.sh (liquid_dist.train.watchdog): a rank silent or without a
-    finished step for this long is hung and the job is stopped and requeued. None:
-    ten times the slowest of the first training steps, at least 60 s (the long
-    allowance until they are measured)."""
+    """A rank without a finished training step for this long is hung and the job is stopped
+    (and requeued under Slurm). None: ten times the slowest of the first training steps, at
+    least 60 s (the long allowance until they are measured)."""
     hang_timeout_long_s: float = 1800.0
     """The same for the sections that may take long: start-up (build, checkpoint load),
     the first step, evaluation, checkpoint save, a rewind."""
@@ -215,6 +221,7 @@ def validate(cfg: Config) -> None:
     if t.hang_timeout_s is not None:
         check_positive("train.hang_timeout_s", t.hang_timeout_s)
     check_positive("train.hang_timeout_long_s", t.hang_timeout_long_s)
+    check_positive("train.hang_liveness_s", t.hang_liveness_s)
     if t.spike.window < 4:
         raise ConfigError("train.spike.window", t.spike.window, "an integer >= 4")
     check_positive("train.spike.sigma", t.spike.sigma)

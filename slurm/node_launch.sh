@@ -8,10 +8,9 @@
 # passes it on to its ranks. Either way the ranks checkpoint and stop
 # (liquid_dist/train/signals.py). Arguments are passed on to launch/pretrain.py.
 #
-# Hangs: the ranks write heartbeat files to LIQUID_HEARTBEAT_DIR (one directory
-# per node and job) and liquid_dist.train.watchdog, run beside torchrun, stops
-# the node's ranks when one is silent or makes no progress for longer than its
-# allowance (train.hang_timeout_s): the job then ends as after a crash.
+# Hangs: local rank 0 starts the node's watchdog itself (liquid_dist.train.watchdog,
+# as under any launcher); when it stops the node's ranks, torchrun fails and the
+# job ends as after a crash.
 set -euo pipefail
 : "${NNODES:?}" "${GPUS_PER_NODE:?}" "${HEAD_NODE:?}" "${MASTER_PORT:?}"
 : "${CONFIG:?}" "${RUN_DIR:?}" "${TORCHRUN:?}" "${SLURM_JOB_ID:?}"
@@ -21,11 +20,6 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}"
 # how long torchrun waits for all NNODES nodes to join the rendezvous before it
 # fails with a RendezvousTimeoutError (torch's default: 600 s)
 RDZV_TIMEOUT="${RDZV_TIMEOUT:-600}"
-VENV="${VENV:-.venv}"
-# node-local: every rank writes its file every second
-HEARTBEAT_ROOT="${HEARTBEAT_ROOT:-${TMPDIR:-/tmp}}"
-export LIQUID_HEARTBEAT_DIR="$HEARTBEAT_ROOT/liquid-heartbeat-$SLURM_JOB_ID-${SLURM_NODEID:-0}"
-rm -rf "$LIQUID_HEARTBEAT_DIR"  # a requeued attempt's ranks start afresh
 
 (
     trap '' USR1
@@ -36,12 +30,6 @@ rm -rf "$LIQUID_HEARTBEAT_DIR"  # a requeued attempt's ranks start afresh
         --set "train.run_dir=$RUN_DIR" "$@"
 ) &
 launcher=$!
-(
-    trap '' USR1
-    exec "$VENV/bin/python" -m liquid_dist.train.watchdog "$LIQUID_HEARTBEAT_DIR" \
-        --launcher-pid "$launcher" --run-dir "$RUN_DIR"
-) &
-watchdog=$!
 
 # A rank that has not installed its handler yet ignores USR1 (it inherits the
 # SIG_IGN above), and Slurm may warn while the ranks still start: repeat the
@@ -64,6 +52,4 @@ while kill -0 "$launcher" 2>/dev/null; do
 done
 status=0
 wait "$launcher" || status=$?
-wait "$watchdog" || true  # it ends with the launcher
-rm -rf "$LIQUID_HEARTBEAT_DIR"
 exit "$status"

@@ -14,7 +14,6 @@
 #   VENV           environment with liquid_dist     (.venv)
 #   TORCHRUN       per-node launcher                ($VENV/bin/torchrun)
 #   RDZV_TIMEOUT   seconds to wait for every node at the rendezvous (600)
-#   HEARTBEAT_ROOT node-local directory of the ranks' heartbeats ($TMPDIR, else /tmp)
 # Without GPUs (a CPU cluster): sbatch --gpus-per-node=0 --cpus-per-task=1 with
 # GPUS_PER_NODE=1 (--gres=none is refused while the #SBATCH GPU line stands).
 #

@@ -434,18 +434,11 @@ def test_a_frozen_rank_stops_the_job_within_the_hang_timeout_naming_it_then_it_r
     timeout = 10.0
     job = submit(slurm, run, overrides=["train.max_steps=40", "train.ckpt_every=5",
                                         "train.eval_every=40", f"train.hang_timeout_s={timeout}"],
-                 extra_env={"HEARTBEAT_ROOT": str(tmp_path)})
-    wait_for("training past step 12",
-             lambda: any(r["step"] >= 12 for r in read_metrics(run, "train")), 180,
-             output(run))
-    # rank 1's node: the one whose rendezvous came second (not always SLURM_NODEID 1)
-    beat, = tmp_path.glob(f"liquid-heartbeat-{job}-*/rank1.json")
-    # stopped between steps, not inside the checkpoint of step 15 (section "save")
-    wait_for("rank 1 training", lambda: json.loads(beat.read_text())["section"] == "train",
-             60, output(run))
-    rank1 = json.loads(beat.read_text())
-    assert rank1["host"] in slurm.nodes and rank1["section"] == "train", rank1
-    pid = rank1["pid"]
+                 extra_env={"LIQUID_TEST_PARK_AT_STEP": "13:1"})
+    # rank 1 parks between steps 13 and 14 (section 'train'), on whichever node it is
+    parked = run / "parked.rank1"
+    wait_for("rank 1 parked after step 13", parked.exists, 180, output(run))
+    pid = int(parked.read_text())
     os.kill(pid, signal.SIGSTOP)
     stopped = time.monotonic()
 
@@ -456,8 +449,9 @@ def test_a_frozen_rank_stops_the_job_within_the_hang_timeout_naming_it_then_it_r
     info = wait_final(slurm, job, run, timeout=240)
     log = output(run).read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
-    assert f"hang: rank 1 (host {rank1['host']}, pid {pid}, local rank 0) silent for" in log, log
-    assert "in section 'train'" in log
+    named = re.search(rf"hang: rank 1 \(host (\w+), pid {pid}, local rank 0\) silent for "
+                      r"\d+ s .*, after step 13, in section 'train'", log)
+    assert named and named.group(1) in slurm.nodes, log
     # the other node's watchdog saw the report and had rank 0 dump its stacks
     assert "Python stacks of the live ranks 0 follow" in log, log
     assert "File " in log and "_loop" in log, log  # faulthandler's frames of rank 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from liquid_dist.train.heartbeat import Heartbeat
 
 def _record(**kw) -> dict:
     r = {"rank": 1, "local_rank": 0, "host": "n2", "pid": 42, "step": 7, "section": "train",
-         "allowance": 10.0, "deadline": 1010.0, "beat": 1000.0}
+         "liveness": 30.0, "allowance": 10.0, "deadline": 1010.0, "beat": 1000.0}
     r.update(kw)
     return r
 
@@ -31,67 +32,105 @@ def test_a_frozen_rank_and_a_rank_without_progress_are_hung_each_with_its_reason
     stuck = _record(rank=2, beat=1019.5, deadline=1010.0, section="save")
     # past its deadline, within the grace that lets a frozen rank's node speak first
     late = _record(rank=4, beat=1019.5, deadline=1016.0)
-    held = _record(rank=3, beat=900.0, allowance=None, deadline=None, section="test_fault")
-    hangs = watchdog.find_hangs([live, frozen, stuck, held, late], now=1020.0)
-    assert [h.rank["rank"] for h in hangs] == [1, 2]
+    held = _record(rank=3, beat=1019.0, allowance=None, deadline=None, section="held")
+    # a long section lengthens the progress deadline, not the liveness limit
+    saving = _record(rank=5, beat=1000.0, liveness=15.0, allowance=1800.0, deadline=2800.0,
+                     section="save")
+    within = _record(rank=6, beat=1006.0, liveness=15.0, allowance=1800.0, deadline=2800.0,
+                     section="save")
+    hangs = watchdog.find_hangs([live, frozen, stuck, held, late, saving, within], now=1020.0)
+    assert [(h.rank["rank"], h.frozen) for h in hangs] == [(1, True), (2, False), (5, True)]
     assert watchdog.describe(hangs[0]) == (
         "hang: rank 1 (host n2, pid 42, local rank 0) silent for 20 s (no heartbeat; the "
         "process is frozen or holds the interpreter), after step 7, in section 'train'")
     assert "no progress for 10 s past its 'save' allowance" in watchdog.describe(hangs[1])
+    assert "silent for 20 s" in watchdog.describe(hangs[2])
 
 
-def test_the_heartbeat_file_says_where_the_rank_is(tmp_path: Path) -> None:
-    hb = Heartbeat(tmp_path, rank=3, local_rank=1)
-    hb.enter("start", 100.0)
+def test_the_heartbeat_file_says_where_the_rank_is_and_owns_the_step_allowance(
+        tmp_path: Path) -> None:
+    hb = Heartbeat(tmp_path, rank=3, local_rank=1, step_timeout_s=None, long_timeout_s=100.0,
+                   liveness_s=9.0)
     with hb:
         first = json.loads((tmp_path / "rank3.json").read_text())
-        assert (first["rank"], first["local_rank"], first["pid"], first["section"]) == (
-            3, 1, os.getpid(), "start")
-        hb.progress(5, 2.0)
-        with hb.within("save", 50.0, 3.0):
-            time.sleep(1.3)  # a beat
-            during = json.loads((tmp_path / "rank3.json").read_text())
-        assert (during["step"], during["section"], during["allowance"]) == (5, "save", 50.0)
-        assert (hb.section, hb.allowance) == ("train", 3.0)
+        assert (first["rank"], first["local_rank"], first["pid"], first["section"],
+                first["allowance"], first["liveness"]) == (3, 1, os.getpid(), "start", 100.0,
+                                                           9.0)
+        hb.step_done(1, 30.0)  # the first step warms up: not timed
+        for step, took in zip(range(2, 7), (2.0, 7.0, 3.0, 1.0, 2.0), strict=True):
+            # the long allowance until five steps after the first are timed
+            assert hb.step_allowance() == 100.0
+            hb.step_done(step, took)
+        assert hb.step_allowance() == 70.0  # ten times the slowest
+        with hb.within("save"):
+            during = json.loads((tmp_path / "rank3.json").read_text())  # written at once
+            assert (during["step"], during["section"], during["allowance"]) == (6, "save",
+                                                                                100.0)
+        assert (hb.section, hb.allowance) == ("train", 70.0)
+        with hb.within("held", bounded=False):
+            assert (hb.allowance, hb.deadline) == (None, None)
     assert not (tmp_path / "rank3.json").exists()  # a rank that has ended is not hung
+    fixed = Heartbeat(None, step_timeout_s=5.0)
+    fixed.step_done(1, 30.0)
+    assert fixed.step_allowance() == 5.0
 
 
 RANK = """import sys, time
 from pathlib import Path
 from liquid_dist.train.heartbeat import Heartbeat
-hb = Heartbeat(Path(sys.argv[1]), rank=int(sys.argv[2]), local_rank=int(sys.argv[2]))
+hb = Heartbeat(Path(sys.argv[1]), rank=int(sys.argv[2]), local_rank=int(sys.argv[2]),
+               step_timeout_s=3.0, liveness_s=30.0)
 with hb:
-    for step in range(1, 10000):
+    for step in range(1, int(sys.argv[3])):
         time.sleep(0.1)
-        hb.progress(step, 3.0)
+        hb.step_done(step, 0.1)
 """
+
+
+def _ranks(directory: Path, steps: int = 10000) -> list[subprocess.Popen]:
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(directory), str(r), str(steps)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    def training() -> bool:  # both ranks past their first step (section 'train')
+        try:
+            return all(json.loads((directory / f"rank{r}.json").read_text())["step"] >= 1
+                       for r in (0, 1))
+        except (FileNotFoundError, ValueError):
+            return False
+
+    deadline = time.monotonic() + 60
+    while not training():
+        assert time.monotonic() < deadline, "the ranks never trained"
+        time.sleep(0.05)
+    return ranks
+
+
+def _watch(directory: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "liquid_dist.train.watchdog", str(directory),
+                           "--run-dir", str(run_dir)], stderr=subprocess.PIPE, text=True,
+                          timeout=60)
 
 
 def test_the_watchdog_names_the_frozen_rank_dumps_the_live_ones_stacks_and_stops_all(
         tmp_path: Path) -> None:
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(tmp_path), str(r)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in (0, 1)]
+    beats, run_dir = tmp_path / "beats", tmp_path / "run"
+    run_dir.mkdir()
+    ranks = _ranks(beats)
     try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("rank*.json"))) < 2:
-            assert time.monotonic() < deadline, "the ranks never beat"
-            time.sleep(0.1)
-        time.sleep(1.5)
         os.kill(ranks[1].pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        run_dir = tmp_path / "run"
-        run_dir.mkdir()
-        proc = subprocess.run([sys.executable, "-m", "liquid_dist.train.watchdog", str(tmp_path),
-                               "--launcher-pid", str(ranks[0].pid), "--run-dir", str(run_dir)],
-                              stderr=subprocess.PIPE, text=True, timeout=60)
+        proc = _watch(beats, run_dir)
         took = time.monotonic() - stopped
         assert proc.returncode == 1, proc.stderr
-        assert 3.0 < took < 3.0 + watchdog.POLL_S + watchdog.STACKS_WAIT_S + 3, took
-        assert f"hang: rank 1 (host {os.uname().nodename}, pid {ranks[1].pid}, local rank 1) " \
-               "silent for" in proc.stderr
+        named = re.search(rf"hang: rank 1 \(host {os.uname().nodename}, pid {ranks[1].pid}, "
+                          r"local rank 1\) silent for (\d+) s", proc.stderr)
+        assert named, proc.stderr
+        # not before the step allowance (3 s) had passed in silence
+        assert int(named.group(1)) >= 3, proc.stderr
+        assert 3.0 + watchdog.STACKS_WAIT_S <= took < 3.0 + watchdog.POLL_S \
+            + watchdog.STACKS_WAIT_S + 3, took
         assert "Python stacks of the live ranks 0 follow" in proc.stderr
-        # what the other nodes' watchdogs see (they dump their ranks' stacks on it)
+        # what the other nodes' watchdogs see (they stop their ranks on it)
         assert (run_dir / watchdog.HANG_MARKER).read_text().startswith("hang: rank 1 ")
         assert [p.wait(timeout=10) for p in ranks] == [-signal.SIGKILL, -signal.SIGKILL]
         out0 = ranks[0].stdout.read()
@@ -100,3 +139,34 @@ def test_the_watchdog_names_the_frozen_rank_dumps_the_live_ones_stacks_and_stops
         for p in ranks:
             if p.poll() is None:
                 p.kill()
+
+
+def test_a_hang_reported_by_another_node_stops_this_nodes_ranks(tmp_path: Path) -> None:
+    beats, run_dir = tmp_path / "beats", tmp_path / "run"
+    run_dir.mkdir()
+    ranks = _ranks(beats)
+    try:
+        watcher = subprocess.Popen([sys.executable, "-m", "liquid_dist.train.watchdog",
+                                    str(beats), "--run-dir", str(run_dir)],
+                                   stderr=subprocess.PIPE, text=True)
+        time.sleep(watchdog.POLL_S * 2)
+        assert watcher.poll() is None  # nothing to report yet
+        (run_dir / watchdog.HANG_MARKER).write_text("hang: rank 9 (host n9, ...)\n")
+        _, err = watcher.communicate(timeout=30)
+        assert watcher.returncode == 1, err
+        assert "another node reported a hang" in err and "rank 9" in err, err
+        assert [p.wait(timeout=10) for p in ranks] == [-signal.SIGKILL, -signal.SIGKILL]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_the_watchdog_ends_with_the_ranks_and_removes_their_directory(tmp_path: Path) -> None:
+    beats, run_dir = tmp_path / "beats", tmp_path / "run"
+    run_dir.mkdir()
+    ranks = _ranks(beats, steps=20)  # two seconds of steps, then a clean end
+    proc = _watch(beats, run_dir)
+    assert [p.wait(timeout=10) for p in ranks] == [0, 0]
+    assert proc.returncode == 0, proc.stderr
+    assert "hang" not in proc.stderr and not beats.exists()

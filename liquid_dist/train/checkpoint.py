@@ -6,13 +6,16 @@ this module writes them and loads them into a DeepSpeed engine.
 
 Protocol (:meth:`CheckpointManager.save`, called by every rank): rank 0
 removes a stale ``.tmp`` of the same tag; every rank writes its DeepSpeed
-files into ``<tag>.tmp``, then its marker; a barrier; rank 0 lists the files
-written and every rank hashes its share of them (about 1/W of the bytes:
+files into ``<tag>.tmp``, then its marker; rank 0 lists the files written and
+every rank hashes its share of them (about 1/W of the bytes:
 liquid_dist.checkpoint_format.hash_shares); rank 0 checks every marker, writes
 the trainer state, config and tokenizer and then ``checksums.json`` (size and
-SHA-256 of every file: liquid_dist.checkpoint_format.verify_checkpoint), renames ``<tag>.tmp``
-to ``<tag>`` and atomically replaces ``latest``, then deletes all but the
-newest ``train.keep_last`` checkpoints; a final barrier. A rank killed at any
+SHA-256 of every file: liquid_dist.checkpoint_format.verify_checkpoint),
+renames ``<tag>.tmp`` to ``<tag>`` and atomically replaces ``latest``, then
+deletes all but the newest ``train.keep_last`` checkpoints. Each of these
+phases ends with the ranks sharing their verdicts (:func:`together`, in place
+of a barrier): a phase that fails on one rank raises the same CheckpointError,
+naming that rank and its error, on every rank at once. A rank killed at any
 point leaves ``latest`` on the previous checkpoint; the ``.tmp`` is deleted by
 the next run. The run directory must be on a filesystem all nodes share.
 
@@ -31,8 +34,9 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -66,6 +70,8 @@ from liquid_dist.checkpoint_format import (
 )
 from liquid_dist.train.faults import NO_FAULTS, Faults
 from liquid_dist.train.state import TrainerState
+
+T = TypeVar("T")
 
 
 def rng_state() -> dict[str, Any]:
@@ -106,9 +112,24 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def together(what: str, fn: Callable[[], T]) -> T:
+    """``fn()`` on every rank, then the ranks share their verdicts (one all-gather, in
+    place of a barrier): its result here when it succeeded everywhere; else, on every
+    rank, one CheckpointError naming ``what`` and each rank's failure. A failure on one
+    rank thus ends every rank at once instead of leaving the others at a barrier.
+    Collective: every rank calls it."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    failure: Optional[BaseException] = None
+    try:
+        result = fn()
+    except Exception as exc:  # shared with the other ranks below
+        failure, result = exc, None
+    errors = [e for e in _gather(None if failure is None else
+                                 f"rank {rank}: {type(failure).__name__}: {failure}") if e]
+    if errors:
+        raise CheckpointError(f"{what} failed on {len(errors)} rank(s): "
+                              + "; ".join(errors)) from failure
+    return result
 
 
 def find_damage_together(path: Path) -> list[str]:
@@ -119,8 +140,9 @@ def find_damage_together(path: Path) -> list[str]:
     of the run directory differ)."""
     if not dist.is_initialized():
         return find_damage(path)
-    parts = _gather((str(path), find_damage(path, rank=dist.get_rank(),
-                                            world_size=dist.get_world_size())))
+    mine = together(f"verifying {path}", lambda: find_damage(
+        path, rank=dist.get_rank(), world_size=dist.get_world_size()))
+    parts = _gather((str(path), mine))
     paths = sorted({p for p, _ in parts})
     if len(paths) > 1:
         raise CheckpointError(f"the ranks verify different checkpoints ({', '.join(paths)}): "
@@ -153,14 +175,16 @@ class CheckpointManager:
 
     def remove_incomplete(self) -> list[str]:
         """Rank 0 deletes checkpoints a crash left half-written; every rank waits."""
-        removed = []
-        if self.rank == 0 and self.dir.is_dir():
-            for p in self.dir.iterdir():
-                if p.is_dir() and p.name.endswith(TMP_SUFFIX):
-                    shutil.rmtree(p)
-                    removed.append(p.name)
-        _barrier()
-        return removed
+        def remove() -> list[str]:
+            removed = []
+            if self.rank == 0 and self.dir.is_dir():
+                for p in self.dir.iterdir():
+                    if p.is_dir() and p.name.endswith(TMP_SUFFIX):
+                        shutil.rmtree(p)
+                        removed.append(p.name)
+            return removed
+
+        return together(f"removing the incomplete checkpoints of {self.dir}", remove)
 
     def save(self, engine: Any, state: TrainerState, rank_state: dict[str, Any],
              config: dict[str, Any], tokenizer_path: str | Path) -> CheckpointRef:
@@ -174,48 +198,63 @@ class CheckpointManager:
         tag = tag_for(step)
         tmp_tag = tag + TMP_SUFFIX
         tmp = self.dir / tmp_tag
+        what = f"the checkpoint of step {step} ({tmp})"
+
+        def prepare() -> None:
+            if self.rank == 0:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+
+        def write_part() -> None:
+            engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
+            self.faults.in_checkpoint_write(step, self.rank, self.run_dir)
+            write_atomic(tmp / f"{DONE_PREFIX}{self.rank}", str(step), durable=True)
+
         per_rank = _gather({**rank_state, "rng": rng_state()})
-        if self.rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        _barrier()
-        engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
-        self.faults.in_checkpoint_write(step, self.rank, self.run_dir)
-        write_atomic(tmp / f"{DONE_PREFIX}{self.rank}", str(step), durable=True)
-        _barrier()
+        together(f"preparing {what}", prepare)
+        together(f"writing {what}", write_part)
         # rank 0 lists DeepSpeed's files (one list: a rank whose view of the directory
         # lags cannot leave a file out), every rank hashes its share of them
-        sizes = _broadcast({name: (tmp / name).stat().st_size for name in checksummed_files(tmp)}
-                           if self.rank == 0 else None)
-        digests = _gather({name: file_digest(tmp / name)
-                           for name in hash_shares(sizes, self.world_size)[self.rank]})
-        if self.rank == 0:
-            missing = [r for r in range(self.world_size)
-                       if not (tmp / f"{DONE_PREFIX}{r}").exists()]
-            if missing:
-                raise RuntimeError(f"checkpoint {tmp}: ranks {missing} did not write their "
-                                   "part (is the run directory on a filesystem every node "
-                                   "shares?)")
-            torch.save({"version": STATE_VERSION, "world_size": self.world_size,
-                        "ep_size": self.ep_size, "ranks": per_rank, **state.state_dict()},
-                       tmp / TRAINER_STATE)
-            (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-            shutil.copy2(tokenizer_path, tmp / TOKENIZER_FILE)
-            recorded = {name: d for part in digests for name, d in part.items()}
-            for name in (TRAINER_STATE, CONFIG_FILE, TOKENIZER_FILE):
-                recorded[name] = file_digest(tmp / name)
-            write_atomic(tmp / CHECKSUMS, json.dumps(
-                {"algorithm": "sha256", "files": dict(sorted(recorded.items()))}, indent=1),
-                durable=True)
-            final = self.dir / tag
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            write_atomic(self.dir / LATEST, tag + "\n", durable=True)
-            self._prune(keep=tag)
-        _barrier()
+        sizes = _broadcast(together(f"listing {what}", lambda: {
+            name: (tmp / name).stat().st_size for name in checksummed_files(tmp)}
+            if self.rank == 0 else None))
+        digests = _gather(together(f"hashing {what}", lambda: {
+            name: file_digest(tmp / name)
+            for name in hash_shares(sizes, self.world_size)[self.rank]}))
+        together(f"completing {what}", lambda: self._commit(
+            tmp, tag, state, per_rank, digests, config, tokenizer_path)
+            if self.rank == 0 else None)
         return CheckpointRef(self.dir, tag)
+
+    def _commit(self, tmp: Path, tag: str, state: TrainerState, per_rank: list[Any],
+                digests: list[dict[str, str]], config: dict[str, Any],
+                tokenizer_path: str | Path) -> None:
+        """Rank 0: check every rank's marker, write the trainer state, config, tokenizer and
+        checksums, rename ``<tag>.tmp`` to ``<tag>``, point ``latest`` at it, prune."""
+        missing = [r for r in range(self.world_size)
+                   if not (tmp / f"{DONE_PREFIX}{r}").exists()]
+        if missing:
+            raise RuntimeError(f"checkpoint {tmp}: ranks {missing} did not write their "
+                               "part (is the run directory on a filesystem every node "
+                               "shares?)")
+        torch.save({"version": STATE_VERSION, "world_size": self.world_size,
+                    "ep_size": self.ep_size, "ranks": per_rank, **state.state_dict()},
+                   tmp / TRAINER_STATE)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        shutil.copy2(tokenizer_path, tmp / TOKENIZER_FILE)
+        recorded = {name: d for part in digests for name, d in part.items()}
+        for name in (TRAINER_STATE, CONFIG_FILE, TOKENIZER_FILE):
+            recorded[name] = file_digest(tmp / name)
+        write_atomic(tmp / CHECKSUMS, json.dumps(
+            {"algorithm": "sha256", "files": dict(sorted(recorded.items()))}, indent=1),
+            durable=True)
+        final = self.dir / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        write_atomic(self.dir / LATEST, tag + "\n", durable=True)
+        self._prune(keep=tag)
 
     def _prune(self, keep: str) -> None:
         tags = complete_tags(self.dir)
@@ -231,7 +270,7 @@ class CheckpointManager:
         (``loader``: the state its data loader takes; ``resharded``: whether the
         checkpoint came from another world size or ep_size).
         """
-        state = read_trainer_state(ref)
+        state = together(f"reading {ref.path}", lambda: read_trainer_state(ref))
         ranks = state["ranks"]
         if (state["world_size"], state["ep_size"]) == (self.world_size, self.ep_size):
             path, _ = engine.load_checkpoint(str(ref.load_dir), tag=ref.tag,

@@ -29,6 +29,7 @@ from liquid_dist.parallel.distributed import (
     resolve_dist_env,
 )
 from liquid_dist.parallel.ds_compat import DeepSpeedVersionError, check_deepspeed_version
+from liquid_dist.train import watchdog
 from liquid_dist.train.checkpoint import find_damage_together
 from liquid_dist.train.exit_status import (
     EXIT_CONFIG,
@@ -129,9 +130,10 @@ def _pretrain(config_path: str, overrides: Iterable[str], resume: str,
         use_deterministic_algorithms()
     env, device = init_distributed(local_rank)
     try:
-        heartbeat = Heartbeat.from_environment(env.rank, env.local_rank)
-        heartbeat.enter("start", plan.config.train.hang_timeout_long_s)
+        heartbeat = Heartbeat.for_run(plan.config.train, env.rank, env.local_rank)
         with heartbeat:
+            if heartbeat.directory is not None and env.local_rank == 0:
+                watchdog.start(heartbeat.directory, Path(plan.config.train.run_dir))
             try:  # the ranks verify a checkpoint together, each reading its share
                 start = resolve_start(plan, resume, damage=find_damage_together)
             except REFUSALS as exc:

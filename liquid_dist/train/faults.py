@@ -18,11 +18,18 @@ environment. The variables, read once at start-up (inert when unset):
   step, that rank stops after its DeepSpeed files are written and before it
   marks its part complete, writes its pid to ``RUN_DIR/ckpt_pause.pid`` and
   sleeps (up to 10 minutes), so a test can ``kill -9`` it mid-write.
+* ``LIQUID_TEST_CKPT_FAIL=step:rank`` — at the same point that rank raises
+  an OSError, as a full disk or an unwritable run directory would on one node.
+* ``LIQUID_TEST_PARK_AT_STEP=step:rank`` — after that step (and its checkpoint,
+  if one is due) that rank writes its pid to ``RUN_DIR/parked.rank<r>`` and
+  sleeps (up to 10 minutes) in its section ``train``, so that a test can stop
+  it (SIGSTOP) at a known place; once per run directory, as the hold below.
 * ``LIQUID_TEST_HOLD_AT_STEP=n`` — after step n (and its checkpoint, if one is
   due) every rank writes its pid to ``RUN_DIR/held.rank<r>`` and waits (up to
-  10 minutes) until a stop signal raises its flag; the run then preempts after
-  step n+1. Once per run directory: a rank whose ``held.rank<r>`` exists (a
-  requeued or resubmitted attempt) does not hold again. A test signals a job
+  10 minutes, in the heartbeat section ``held``, without a progress deadline)
+  until a stop signal raises its flag; the run then preempts after step n+1.
+  Once per run directory: a rank whose ``held.rank<r>`` exists (a requeued or
+  resubmitted attempt) does not hold again. A test signals a job
   from outside at a known step this way (tests/test_slurm_real.py).
 * ``LIQUID_TEST_CRASH_AT_STEP=step:rank`` — after that step (and its checkpoint,
   if one is due) that rank raises :class:`InjectedCrash`, on every attempt: a
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Optional
 
 from liquid_dist.atomic import write_atomic
+from liquid_dist.train.heartbeat import Heartbeat
 from liquid_dist.train.signals import StopFlag
 
 SPIKE_FACTOR = 1000.0
@@ -59,6 +67,10 @@ class Faults:
     stop_at_step: Optional[int] = None
     checkpoint_pause: Optional[tuple[int, int]] = None
     """(step, rank)"""
+    checkpoint_fail: Optional[tuple[int, int]] = None
+    """(step, rank)"""
+    park_at: Optional[tuple[int, int]] = None
+    """(step, rank)"""
     hold_at_step: Optional[int] = None
     crash_at: Optional[tuple[int, int]] = None
     """(step, rank)"""
@@ -71,14 +83,19 @@ class Faults:
         def get(name: str) -> str:
             return env.get(f"LIQUID_TEST_{name}", "").strip()
 
-        pause, crash = get("CKPT_PAUSE"), get("CRASH_AT_STEP")
+        def step_rank(name: str) -> Optional[tuple[int, int]]:
+            value = get(name)
+            return tuple(int(x) for x in value.split(":")) if value else None
+
         return cls(
             nan_steps=frozenset(int(s) for s in get("NAN_STEPS").split(",") if s.strip()),
             spike_steps=frozenset(int(s) for s in get("SPIKE_STEPS").split(",") if s.strip()),
             stop_at_step=int(get("STOP_AT_STEP")) if get("STOP_AT_STEP") else None,
-            checkpoint_pause=tuple(int(x) for x in pause.split(":")) if pause else None,
+            checkpoint_pause=step_rank("CKPT_PAUSE"),
+            checkpoint_fail=step_rank("CKPT_FAIL"),
+            park_at=step_rank("PARK_AT_STEP"),
             hold_at_step=int(get("HOLD_AT_STEP")) if get("HOLD_AT_STEP") else None,
-            crash_at=tuple(int(x) for x in crash.split(":")) if crash else None)
+            crash_at=step_rank("CRASH_AT_STEP"))
 
     def loss_factor(self, step: int, rank: int) -> Optional[float]:
         """What ``rank`` multiplies its loss of (1-based) ``step`` by (NaN, or
@@ -95,22 +112,30 @@ class Faults:
 
     def in_checkpoint_write(self, step: int, rank: int, run_dir: Path) -> None:
         """Called by every rank between its DeepSpeed files and its completion marker."""
-        if self.checkpoint_pause != (step, rank):
-            return
-        write_atomic(run_dir / "ckpt_pause.pid", str(os.getpid()))
-        time.sleep(PAUSE_S)
+        if self.checkpoint_fail == (step, rank):
+            raise OSError(f"LIQUID_TEST_CKPT_FAIL: rank {rank} cannot write the checkpoint "
+                          f"of step {step}")
+        if self.checkpoint_pause == (step, rank):
+            write_atomic(run_dir / "ckpt_pause.pid", str(os.getpid()))
+            time.sleep(PAUSE_S)
 
-    def after_step(self, step: int, rank: int, run_dir: Path, stop: StopFlag) -> None:
+    def after_step(self, step: int, rank: int, run_dir: Path, stop: StopFlag,
+                   heartbeat: Heartbeat) -> None:
         """Called by every rank after a step and its checkpoint."""
         if self.crash_at == (step, rank):
             raise InjectedCrash(f"LIQUID_TEST_CRASH_AT_STEP: rank {rank} after step {step}")
+        parked = run_dir / f"parked.rank{rank}"
+        if self.park_at == (step, rank) and not parked.exists():
+            write_atomic(parked, str(os.getpid()))
+            time.sleep(PAUSE_S)
         marker = run_dir / f"held.rank{rank}"
         if self.hold_at_step != step or marker.exists():
             return
         marker.write_text(str(os.getpid()))
         deadline = time.monotonic() + PAUSE_S
-        while not stop.requested and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with heartbeat.within("held", bounded=False):
+            while not stop.requested and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 NO_FAULTS = Faults()

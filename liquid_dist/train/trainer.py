@@ -74,8 +74,6 @@ from liquid_dist.train.signals import StopFlag
 from liquid_dist.train.spikes import LossSpikeError, outlier, record
 from liquid_dist.train.state import TrainerState
 
-TIMED_STEPS = 5
-"""Training steps timed (after an attempt's first) for the automatic hang allowance."""
 AUX_KEYS = ("recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse", "moe_mean_k")
 """The auxiliary terms the model reports, per-micro-batch means averaged over a step's
 micro-batches and ranks (``aux_loss`` is their weighted sum)."""
@@ -232,8 +230,6 @@ class Trainer:
         self._train_loader = train_loader
         self.faults = faults
         self.heartbeat = heartbeat or Heartbeat(None)
-        self._step_times: list[float] = []
-        """This attempt's first 1 + TIMED_STEPS step times (the hang allowance's)."""
         self.state = TrainerState()
         self.resharded_from: Optional[tuple[int, int]] = None  # (world size, ep_size)
         self._last_saved_step = -1
@@ -395,6 +391,7 @@ class Trainer:
     def _log_start(self) -> None:
         counts = self.parameter_counts
         event = "resume" if self.resumed_from else "start"
+        hb = self.heartbeat.directory
         self.logger.log({"kind": "event", "event": event, "step": self.state.step,
                          "wandb": self.cfg.train.wandb.mode, "world_size": self.env.world_size,
                          "precision": self.precision,
@@ -402,26 +399,27 @@ class Trainer:
                          "zero_stage": self.cfg.parallel.zero_stage,
                          "parameters": counts["total"], "device": str(self.device),
                          "checkpoint": self.resumed_from,
-                         "resharded_from": self.resharded_from},
+                         "resharded_from": self.resharded_from,
+                         "heartbeat_dir": hb and str(hb)},
                         f"{event} at step {self.state.step}: {counts['total']:,} parameters, "
                         f"{self.env.world_size} rank(s) on {self.device.type}, "
                         f"{self.precision}, ZeRO-{self.cfg.parallel.zero_stage}"
                         + (f", from {self.resumed_from}" if self.resumed_from else "")
                         + (" (resharded from {} ranks, ep_size {})".format(*self.resharded_from)
-                           if self.resharded_from else ""))
+                           if self.resharded_from else "")
+                        + (f"; hang detection: heartbeats in {hb}, watched by local rank 0's "
+                           "watchdog" if hb else "; hang detection off (train.hang_detection)"))
 
     def _loop(self, stop: StopFlag, bar: Any) -> int:
         t, st, rank = self.cfg.train, self.state, self.env.rank
         batches = self._batches()
         window = _Window()
-        self.heartbeat.enter("first_step", t.hang_timeout_long_s)
+        self.heartbeat.enter("first_step")
         while st.step < t.max_steps:
             began = time.perf_counter()
             result = self.train_step([next(batches) for _ in range(t.grad_accum)], stop)
             st.step += 1
-            if len(self._step_times) <= TIMED_STEPS:
-                self._step_times.append(time.perf_counter() - began)
-            self.heartbeat.progress(st.step, self._hang_allowance())
+            self.heartbeat.step_done(st.step, time.perf_counter() - began)
             bar.update(1)
             self._count_nan(result)
             self._judge_spike(result)
@@ -437,27 +435,13 @@ class Trainer:
                 return self._preempt(stop)
             if st.step % t.ckpt_every == 0 or last:
                 self._save()
-            with self.heartbeat.within("test_fault", None, self._hang_allowance()):
-                self.faults.after_step(st.step, rank, self.run_dir, stop)
+            self.faults.after_step(st.step, rank, self.run_dir, stop, self.heartbeat)
         if self._last_saved_step != st.step:
             self._save()
         self.logger.log({"kind": "event", "event": "done", "step": st.step,
                          "nan_skips_total": st.nan_skips_total},
                         f"done at step {st.step}")
         return EXIT_OK
-
-    def _hang_allowance(self) -> float:
-        """The training steps' hang allowance (train.hang_timeout_s; liquid_dist.train.watchdog):
-        the configured one, else ten times the slowest of this attempt's steps 2 to
-        1 + :data:`TIMED_STEPS` (the first warms up), at least 60 s; the long allowance
-        until they are timed."""
-        t = self.cfg.train
-        timed = self._step_times[1:]
-        if t.hang_timeout_s is not None:
-            return t.hang_timeout_s
-        if len(timed) < TIMED_STEPS:
-            return t.hang_timeout_long_s
-        return max(60.0, 10 * max(timed))
 
     def train_step(self, host: list[dict[str, torch.Tensor]], stop: StopFlag) -> StepResult:
         """One optimizer step on this step's micro-batches (host tensors); see the module doc.
@@ -599,8 +583,7 @@ class Trainer:
         """Reload the newest valid checkpoint before the spike's first step (weights,
         optimizer, RNG, the spike window as it was) and go on from this step with the data
         that follows; checkpoint at once, so that a requeue goes on from here too."""
-        with self.heartbeat.within("rewind", self.cfg.train.hang_timeout_long_s,
-                                   self._hang_allowance()):
+        with self.heartbeat.within("rewind"):
             st, first = self.state, self.state.spike.first
             spike = f"loss spike at steps {first}-{st.step}"
             try:
@@ -694,8 +677,7 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> None:
-        with self.heartbeat.within("eval", self.cfg.train.hang_timeout_long_s,
-                                   self._hang_allowance()):
+        with self.heartbeat.within("eval"):
             self.engine.eval()
             sums = torch.zeros(3, dtype=torch.float64, device=self.device)
             for batch in self.val_loader:
@@ -716,8 +698,7 @@ class Trainer:
                             f"(ppl {math.exp(min(val_ce, 50)):.1f}), val loss {val_loss:.4f}")
 
     def _save(self) -> None:
-        with self.heartbeat.within("save", self.cfg.train.hang_timeout_long_s,
-                                   self._hang_allowance()):
+        with self.heartbeat.within("save"):
             step = self.state.step
             self.ckpt.save(self.engine, self.state,
                            rank_state={"loader": self._train_loader.state_dict()},
