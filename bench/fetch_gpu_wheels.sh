@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Wheels that bench/gpu_proof.py installs on the bare GPU machine, which has
-# torch but no network, no DeepSpeed and no WebDataset (PLATFORM_NOTES.md).
+# torch but no network, no DeepSpeed and no WebDataset (docs/training.md, "The GPU proof").
 # Run here, where the package registry is reachable; the folder travels with
 # the checkout (the device tool's `carry`), about 5 MB.
 #

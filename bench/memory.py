@@ -35,8 +35,8 @@ Cases (``--cases``): ``scaling`` — ``configs/base-moe.yaml`` cut to 4 + 4
 layers (about 0.37 B parameters) at W = 1, 2, 4, the baseline at W = 1, 2
 (at 4 its ranks would need most of this 24 GiB machine); ``fits`` — cut to
 6 + 6 layers (0.52 B, the size that did not fit before) at W = 4, without
-the baseline (about 8.3 GiB per rank there: killed for memory,
-PLATFORM_NOTES.md). W = 8 of it does not fit this machine with any
+the baseline (about 8.3 GiB per rank there: killed for memory at step 1;
+docs/parallelism.md, "Construction"). W = 8 of it does not fit this machine with any
 construction: eight ranks' fixed costs (an idle rank, 0.45 GiB, and the working
 set, 1.07 GiB) and their partitions (0.98 GiB) come to 20 GiB before
 activations, out of 23 GiB. Short

@@ -1,4 +1,4 @@
-"""Local GQA attention backends, the attention modules and cross-attention (DESIGN.md §2.3)."""
+"""Local GQA attention backends, the attention modules and cross-attention (docs/model.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DeformableConv1d, OptimizedGatedConvolution and EnhancedLSTM (DESIGN.md §2.5-2.7)."""
+"""DeformableConv1d, OptimizedGatedConvolution and EnhancedLSTM (docs/model.md)."""
 
 from __future__ import annotations
 

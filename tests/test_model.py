@@ -1,4 +1,4 @@
-"""Properties of the whole LiquidFoundationModelOptimized (DESIGN.md §5)."""
+"""Properties of the whole LiquidFoundationModelOptimized (docs/model.md, "The whole model")."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""MoELayer (DESIGN.md §2.4): routing, dropless dispatch, backends, auxiliary losses."""
+"""MoELayer (docs/model.md, "MoELayer"): routing, dropless dispatch, backends, auxiliary losses."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Numerics (DESIGN.md §2.11): non-finite activations and the float32 islands.
+"""Numerics: non-finite activations and the float32 islands (docs/model.md, "Precision").
 
 * A NaN/Inf in the residual stream is replaced by 0 at its own position (it
   neither erases nor reaches the neighbours) and counted in

@@ -1,4 +1,4 @@
-"""Padding is nothing (DESIGN.md §5): neither its content nor its amount, on
+"""Padding is nothing (docs/model.md, "Padding"): neither its content nor its amount, on
 either side, changes a logit, a loss term or an expert statistic, and the MoE
 layers never compute or exchange a padding row."""
 

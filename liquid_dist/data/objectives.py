@@ -4,10 +4,12 @@ All functions are pure numpy and take their randomness from a passed
 ``numpy.random.Generator``, so a loader worker that restores the generator
 state reproduces every example exactly.
 
-Conventions shared with the model (DESIGN.md §2, §4):
+Conventions shared with the model (docs/data.md, "Tokenizer" and "Loaders"):
 
-* ``pad = 0`` is also the decoder start token; ``eos = 1`` ends every encoder
-  input and every span-corruption target sequence, and separates documents.
+* ``pad = 0`` is also span corruption's decoder start token (prefix LM starts
+  with ``bos = 3``: liquid_dist.data.tokenizer.DECODER_START_IDS); ``eos = 1``
+  ends every encoder input and every span-corruption target sequence, and
+  separates documents.
 * ``encoder_attention_mask`` is bool, True at real tokens.
 * ``labels`` are the targets padded with -100; ``decoder_input_ids`` are the
   targets shifted right by one behind the decoder start token, padded with pad.

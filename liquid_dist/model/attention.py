@@ -2,7 +2,7 @@
 
 ``local_attention`` is the kernel: sliding-window attention with grouped K/V
 heads (GQA) in flash-attn's layout, with four interchangeable backends that all
-agree with :func:`reference_local_attention` (DESIGN.md §2.3):
+agree with :func:`reference_local_attention` (docs/model.md, "EnhancedLocalAttentionWithGQA"):
 
 * ``flash``   - flash-attn's windowed kernel (CUDA, fp16/bf16);
 * ``flex``    - PyTorch flex attention with a sliding-window block mask (CUDA);
@@ -777,7 +777,7 @@ class EnhancedLocalAttentionWithGQA(_GQAProjections):
 
 
 class CrossAttention(_GQAProjections):
-    """Decoder-to-encoder attention (DESIGN.md §2.3): full, GQA, encoder padding mask.
+    """Decoder-to-encoder attention (docs/model.md): full, GQA, encoder padding mask.
 
     Queries H·Dh from the decoder stream, keys and values G·Dh from the encoder
     output (``memory``), Dh = d / H; no window, no causality (the whole

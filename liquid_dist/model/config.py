@@ -57,7 +57,7 @@ encoder-decoder transformer with the same local and cross attention."""
 
 @dataclass
 class ModelConfig:
-    """LiquidFoundationModelOptimized (DESIGN.md §2)."""
+    """LiquidFoundationModelOptimized (docs/model.md)."""
 
     vocab_size: Union[int, str] = "auto"
     """An int, or ``auto`` to take the tokenizer's size at launch."""

@@ -1,4 +1,4 @@
-"""Deformable and gated convolutions (DESIGN.md §2.5-2.6, seed 3.5-3.6).
+"""Deformable and gated convolutions (seed 3.5-3.6; docs/model.md, "DeformableConv1d").
 
 ``DeformableConv1d`` samples its input at learned, bounded, fractional
 positions (linear interpolation between the two integer neighbours) and then

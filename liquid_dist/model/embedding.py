@@ -1,4 +1,4 @@
-"""EnhancedLiquidEmbedding (seed 3.2, DESIGN.md §2.2)."""
+"""EnhancedLiquidEmbedding (seed 3.2; docs/model.md, "EnhancedLiquidEmbedding")."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ _EPS = 1e-8
 class EnhancedLiquidEmbedding(nn.Module):
     """Token ids -> (X_proj (B, L, d), L_recon scalar).
 
-    Pipeline (seed 3.2, order of DESIGN §2.2), each stage a residual branch
+    Pipeline (seed 3.2, in the seed's order), each stage a residual branch
     whose per-channel gain ``g_*`` starts at 0 (docs/model.md, "Initialisation")::
 
         X   = E_token(ids) + E_pos(0..L-1)

@@ -1,4 +1,4 @@
-"""FrequencyHyenaAttention (seed 3.1, DESIGN.md §2.1).
+"""FrequencyHyenaAttention (seed 3.1; docs/model.md, "FrequencyHyenaAttention").
 
 Two forms share the seed's class name:
 

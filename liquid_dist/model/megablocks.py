@@ -1,8 +1,9 @@
 """The ``megablocks`` expert-compute backend: MegaBlocks' dropless grouped GEMM.
 
-MegaBlocks (PLATFORM_NOTES.md, "MegaBlocks") pins an old torch and builds
-only with CUDA, so it is imported lazily, only when ``moe.backend: megablocks``
-runs; anywhere else that backend fails with :data:`MEGABLOCKS_ERROR`.
+MegaBlocks (0.10.0 on PyPI: source only, pinned to ``torch==2.7.0``) builds
+only with CUDA (docs/design.md, "Platform facts"), so it is imported lazily,
+only when ``moe.backend: megablocks`` runs; anywhere else that backend fails
+with :data:`MEGABLOCKS_ERROR`.
 
 Weight layout. MegaBlocks' ``GroupedMLP`` stores ``w1`` and ``w2`` both as
 ``(E * F, d)`` and computes ``act(x @ w1[e].T) @ w2[e]`` for expert e (with

@@ -1,4 +1,4 @@
-"""EnhancedLSTM, the decoder's external memory (DESIGN.md §2.7, seed 3.7).
+"""EnhancedLSTM, the decoder's external memory (seed 3.7; docs/model.md, "EnhancedLSTM").
 
 It runs once after the decoder stack. Being a left-to-right recurrence it is
 causal by construction, and during generation its (h, c) state is carried from

@@ -1,4 +1,4 @@
-"""MoELayer (seed 3.4, DESIGN.md §2.4): softmax-gated, dropless mixture of experts.
+"""MoELayer (seed 3.4; docs/model.md, "MoELayer"): softmax-gated, dropless mixture of experts.
 
 One forward is four separate steps, so that expert parallelism can put an
 ``all_to_all_single`` between :func:`dispatch` and :func:`expert_forward` (and
@@ -314,7 +314,7 @@ def _grouped_mm_is_fast(device_type: str, dtype: torch.dtype) -> bool:
 
     On CUDA, ``torch._grouped_mm`` takes bf16 only (its kernels are SM90/SM100);
     fp32 and fp16 go to a fallback that copies the offsets to the host and
-    loops over the groups (PLATFORM_NOTES.md, "GPU facts").
+    loops over the groups (docs/design.md, "Platform facts").
     """
     return device_type == "cpu" or (device_type == "cuda" and dtype == torch.bfloat16)
 

@@ -1,4 +1,4 @@
-"""Process groups, the DeepSpeed configuration and expert parallelism (DESIGN.md section 3).
+"""Process groups, the DeepSpeed configuration and expert parallelism (docs/parallelism.md).
 
 * :mod:`.distributed` — rank discovery (deepspeed / torchrun / Slurm), device, backend.
 * :mod:`.build_plan` — precision, MoE backend, expert layout and DeepSpeed config,

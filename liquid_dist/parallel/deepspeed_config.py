@@ -1,7 +1,7 @@
 """The DeepSpeed configuration of a run, derived from :class:`~liquid_dist.config.Config`.
 
 Every value DeepSpeed would otherwise default is set explicitly, because some
-defaults bite (PLATFORM_NOTES.md): ``gradient_clipping`` defaults to 1.0 in
+defaults bite (docs/design.md, "Platform facts"): ``gradient_clipping`` defaults to 1.0 in
 0.19 whatever the config says, ZeRO-3's ``memory_efficient_linear`` replaces
 ``torch.nn.functional.linear`` for the whole process, and its working-set
 limits (1e9 parameters live, 5e8 per bucket) would let a rank hold a whole

@@ -22,8 +22,8 @@ The model stays parallelism-agnostic; this module plugs into it from outside
   global data-parallel size and adds their norm into the one gradient norm
   used for clipping and reporting.
   Unmarked, ZeRO-3 would broadcast rank 0's experts to every rank and average
-  different experts' gradients, and training would run, wrongly (the silent
-  failure of PLATFORM_NOTES.md, "Mixture of experts under ZeRO-3").
+  different experts' gradients, and training would run, wrongly (docs/parallelism.md,
+  "The choice").
 
 Groups and markings are DeepSpeed's, reached through
 :mod:`liquid_dist.parallel.ds_compat` (legacy layout): with W ranks and
