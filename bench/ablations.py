@@ -6,6 +6,7 @@
     python bench/ablations.py --threads 1 --seeds 0 1 --variants no_frequency no_compression \
         no_embedding_conv no_deformable_conv no_moe no_lstm transformer --output b.json &
     python bench/ablations.py --merge a.json b.json --output bench/results/ablations.json
+    python bench/ablations.py --resummarize bench/results/ablations.json   # summary only
     python bench/ablations.py --smoke [--data DIR] [--output X.json]   # 2 steps, the test
 
 (``--threads 1`` when other processes share the cores: torch's default of one
@@ -58,10 +59,13 @@ batches) and held-out bits per byte of the validation documents
 step (mean after ``--warmup`` untimed steps), final train CE, the curve, the
 final figures and ``mean_k`` (dynamic k's experts per token). The summary
 (:func:`summarize`): per variant, mean ± std over its seeds, and the paired
-differences against ``full`` seed by seed, with a verdict that says whether
-the difference exceeds the seeds' spread. Results (machine, date, settings,
-runs, summary) go to ``--output``, a chart of the validation curves to
-``--plot`` (matplotlib, optional), a markdown table to stdout.
+differences against ``full`` seed by seed with their mean, std and 95 % paired
+t interval; the verdict on validation CE is a paired t-test: ``better`` or
+``worse`` when the interval excludes 0, else ``no difference``. Results
+(machine, date, settings, runs, summary) go to ``--output``, a chart of the
+validation curves to ``--plot`` (matplotlib, optional), a markdown table to
+stdout. ``--resummarize`` re-derives the summary of a result file from the
+per-seed runs it stores.
 """
 
 from __future__ import annotations
@@ -370,27 +374,80 @@ def heldout(model: nn.Module, tok: Tokenizer, shards: Path, data_cfg: Any, model
 # ------------------------------------------------------------------ report
 
 
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def mean_std(xs: list[float]) -> dict[str, Any]:
     """Mean and sample standard deviation (None with one value) of ``xs``."""
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None,
             "n": len(xs)}
 
 
+LEVEL = 0.95
+"""Coverage of the paired intervals of :func:`paired` (two-sided)."""
+
+
+def t_central_mass(t: float, df: int) -> float:
+    """P(|T| ≤ t) for Student's t with ``df`` ≥ 1 degrees of freedom and t ≥ 0: the exact
+    finite series of Abramowitz & Stegun 26.7.3 (odd ``df``) and 26.7.4 (even ``df``)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    term = total = 1.0
+    if df % 2 == 0:
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return math.sin(theta) * total
+    if df == 1:
+        return 2 * theta / math.pi
+    for k in range(1, (df - 1) // 2):
+        term *= c2 * (2 * k) / (2 * k + 1)
+        total += term
+    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+
+
+def t_critical(level: float, df: int) -> float:
+    """The c > 0 with P(|T| ≤ c) = ``level`` (0 < level < 1) for Student's t with ``df`` ≥ 1
+    degrees of freedom (12.706 for 95 % and df 1, 4.303 for df 2), to 1e-12 relative."""
+    if not 0 < level < 1 or df < 1:
+        raise ValueError(f"t_critical(level={level}, df={df}): expected 0 < level < 1, df >= 1")
+    lo, hi = 0.0, 1.0
+    while t_central_mass(hi, df) < level:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1e-12 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_central_mass(mid, df) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired(diffs: list[float], level: float = LEVEL) -> dict[str, Any]:
+    """The paired differences ``diffs`` (one per seed), their mean ± sample std and the
+    two-sided ``level`` paired t interval of their mean, mean ± t_{n-1} · std / √n
+    (``interval`` None with one difference, which has no spread)."""
+    out = {**mean_std(diffs), "diffs": list(diffs), "interval": None}
+    if len(diffs) > 1:
+        half = t_critical(level, len(diffs) - 1) * out["std"] / math.sqrt(len(diffs))
+        out["interval"] = [out["mean"] - half, out["mean"] + half]
+    return out
+
+
+def verdict(interval: Optional[list[float]]) -> str:
+    """``better`` / ``worse`` when the interval of (arm − base) validation CE lies wholly
+    below / above 0, ``no difference`` when it holds 0, ``one seed`` without an interval."""
+    if interval is None:
+        return "one seed"
+    lo, hi = interval
+    return "better" if hi < 0 else "worse" if lo > 0 else "no difference"
+
+
 SUMMARY_KEYS = ("val_ce", "bits_per_byte", "time_per_step_s")
 
 
 def summarize(rows: list[dict[str, Any]], base: str = "full") -> dict[str, Any]:
-    """Per variant, over its seeds: mean ± std of ``SUMMARY_KEYS``; against ``base``, the
-    paired differences (variant − base, seed by seed) with their mean ± std.
+    """Per variant, over its seeds: mean ± std of ``SUMMARY_KEYS``; against ``base``, over
+    the seeds both ran, the paired differences (variant − base, seed by seed) of each key
+    with their mean ± std and 95 % paired t interval (:func:`paired`).
 
-    The verdict on validation CE is ``better`` / ``worse`` when the mean paired
-    difference exceeds the spread, else ``within spread``; the spread is the larger of
-    the paired differences' std and ``base``'s own seed-to-seed std (with one seed there
-    is no spread: ``one seed``). Rows whose status is not ``ok`` are left out.
+    The verdict is a paired t-test on validation CE: ``better`` / ``worse`` when the
+    interval excludes 0, ``no difference`` when it holds 0, ``one seed`` with one pair
+    (:func:`verdict`). Rows whose status is not ``ok`` are left out.
     """
     by: dict[str, dict[int, dict[str, Any]]] = {}
     for r in rows:
@@ -402,42 +459,39 @@ def summarize(rows: list[dict[str, Any]], base: str = "full") -> dict[str, Any]:
         entry: dict[str, Any] = {"seeds": order}
         for k in SUMMARY_KEYS:
             entry[k] = mean_std([seeds[s][k] for s in order])
-        paired = [s for s in order if s in by.get(base, {})]
-        if variant != base and paired:
-            diffs = {k: mean_std([seeds[s][k] - by[base][s][k] for s in paired])
+        pairs = [s for s in order if s in by.get(base, {})]
+        if variant != base and pairs:
+            diffs = {k: paired([seeds[s][k] - by[base][s][k] for s in pairs])
                      for k in SUMMARY_KEYS}
-            ce = diffs["val_ce"]
-            base_std = mean_std([by[base][s]["val_ce"] for s in paired])["std"]
-            spreads = [x for x in (ce["std"], base_std) if x is not None]
-            if not spreads:
-                verdict, spread = "one seed", None
-            else:
-                spread = max(spreads)
-                verdict = ("within spread" if abs(ce["mean"]) <= spread
-                           else "better" if ce["mean"] < 0 else "worse")
-            entry[f"vs_{base}"] = {**diffs, "spread": spread, "verdict": verdict,
-                                   "time_ratio": entry["time_per_step_s"]["mean"]
-                                   / statistics.fmean(by[base][s]["time_per_step_s"]
-                                                      for s in paired)}
+            entry[f"vs_{base}"] = {
+                **diffs, "seeds": pairs,
+                "test": f"paired t, two-sided {LEVEL:.0%} interval of the mean difference",
+                "verdict": verdict(diffs["val_ce"]["interval"]),
+                "time_ratio": entry["time_per_step_s"]["mean"]
+                / statistics.fmean(by[base][s]["time_per_step_s"] for s in pairs)}
         out[variant] = entry
     return out
 
 
 def table(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """Markdown: one line per variant, mean ± std over its seeds and the paired Δ vs full."""
+    """Markdown: one line per variant, mean ± std over its seeds, the paired Δ vs full
+    (mean ± std, 95 % paired t interval) and the verdict."""
     def pm(d: dict[str, Any], fmt: str) -> str:
         std = "" if d["std"] is None else f" ± {d['std']:{fmt.lstrip('+')}}"
         return f"{d['mean']:{fmt}}{std}"
 
+    def interval(d: dict[str, Any]) -> str:
+        return "–" if d["interval"] is None else "[{:+.3f}, {:+.3f}]".format(*d["interval"])
+
     params = {r["variant"]: r["params"] for r in rows if r["status"] == "ok"}
     lines = ["| variant | seeds | params (active) | s/step (× full) | val CE | Δ val CE vs full "
-             "(paired) | bits/byte | Δ bits/byte | verdict |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "(paired) | 95 % interval of Δ | bits/byte | Δ bits/byte | verdict |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for variant in VARIANTS:
         if variant not in summary:
             notes = [r.get("note", "") for r in rows if r["variant"] == variant]
             if notes:
-                lines.append(f"| {variant} | skipped: {notes[0]} | | | | | | | |")
+                lines.append(f"| {variant} | skipped: {notes[0]} | | | | | | | | |")
             continue
         e, p = summary[variant], params[variant]
         vs = e.get("vs_full")
@@ -445,7 +499,8 @@ def table(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"| {variant} | {len(e['seeds'])} | {p['total'] / 1e6:.2f} M "
             f"({p['active_per_token_min'] / 1e6:.2f} M) | {e['time_per_step_s']['mean']:.3f} "
             f"({vs['time_ratio'] if vs else 1.0:.2f}) | {pm(e['val_ce'], '.3f')} | "
-            f"{pm(vs['val_ce'], '+.3f') if vs else '–'} | {pm(e['bits_per_byte'], '.3f')} | "
+            f"{pm(vs['val_ce'], '+.3f') if vs else '–'} | "
+            f"{interval(vs['val_ce']) if vs else '–'} | {pm(e['bits_per_byte'], '.3f')} | "
             f"{pm(vs['bits_per_byte'], '+.3f') if vs else '–'} | "
             f"{vs['verdict'] if vs else 'reference'} |")
     return "\n".join(lines)
@@ -551,6 +606,20 @@ def merge(paths: list[Path], output: Path, plot_path: Optional[Path]) -> int:
     return 0
 
 
+def resummarize(path: Path, output: Path) -> int:
+    """Rewrite the result file ``path`` to ``output`` with its summary re-derived by
+    :func:`summarize` from the per-seed runs it stores (no training); every other field is
+    kept, and ``summarized`` records today's date."""
+    result = json.loads(path.read_text())
+    summary = summarize(result["variants"])
+    result = {**result, "summary": summary, "summarized": datetime.date.today().isoformat()}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(summary, result["variants"]))
+    print(f"\nwrote {output}", flush=True)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -588,7 +657,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="no training: combine these result files (runs of other seeds or "
                         "variants with the same settings otherwise) into --output")
+    p.add_argument("--resummarize", type=Path, default=None, metavar="FILE",
+                   help="no training: recompute the summary (paired tests) of the result file "
+                        "FILE from its stored runs into --output (default: FILE itself)")
     args = p.parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.resummarize, args.output or args.resummarize)
     if args.merge:
         if args.output is None:
             p.error("--merge needs --output")

@@ -2,8 +2,8 @@
 
 On the 600-piece tokenizer and shards of tests/train_fixtures.py. T5 needs the
 optional ``transformers``: without it the row must be recorded as skipped. The
-statistics of the multi-seed protocol are checked on synthetic arms whose paired
-difference is known.
+paired t-test of the multi-seed protocol is checked on synthetic arms whose
+verdict is known, its t quantiles against the table.
 """
 
 from __future__ import annotations
@@ -33,40 +33,74 @@ def _ablations():
     return module
 
 
-def test_summary_finds_a_known_paired_difference_and_calls_noise_noise():
-    """Synthetic arms: 'worse' is full + 0.30 nats on every seed (small noise), 'same' is
-    full ± 0.01; the seeds' own spread is 0.1."""
-    summarize = _ablations().summarize
+def test_t_critical_matches_the_student_t_table():
+    """Two-sided critical values of Student's t (any statistics table) to 4 digits."""
+    t_critical = _ablations().t_critical
+    table = {(0.95, 1): 12.706, (0.95, 2): 4.303, (0.95, 4): 2.776, (0.95, 30): 2.042,
+             (0.99, 10): 3.169, (0.90, 5): 2.015, (0.95, 101): 1.984}
+    for (level, df), value in table.items():
+        assert t_critical(level, df) == pytest.approx(value, abs=5e-4), (level, df)
+    with pytest.raises(ValueError, match="df=0"):
+        t_critical(0.95, 0)
+
+
+def test_verdict_is_a_paired_t_test_over_the_seeds():
+    """Synthetic arms against full (whose seeds spread by 0.1): 'small_gain' is full − 0.02
+    on every seed within ±0.001, 'worse' full + 0.30 within ±0.004, 'erratic' a large mean
+    gain (−0.42) whose third seed goes the other way, 'better' two seeds only."""
+    ab = _ablations()
     full = {0: 5.0, 1: 5.1, 2: 4.9}
-    noise = {0: 0.004, 1: -0.003, 2: 0.001}
+    small_gain = {0: -0.019, 1: -0.021, 2: -0.020}
+    worse = {0: 0.304, 1: 0.297, 2: 0.301}
+    erratic = {0: -0.70, 1: -0.60, 2: 0.05}
 
     def row(variant, seed, ce, t=1.0):
         return {"variant": variant, "seed": seed, "status": "ok", "val_ce": ce,
                 "bits_per_byte": ce / 2, "time_per_step_s": t}
 
     rows = [row("full", s, ce) for s, ce in full.items()]
-    rows += [row("worse", s, ce + 0.30 + noise[s], t=2.0) for s, ce in full.items()]
-    rows += [row("same", s, ce + (0.01 if s % 2 else -0.01)) for s, ce in full.items()]
-    rows += [row("better", s, ce - 0.5) for s, ce in full.items() if s < 2]
+    for name, diffs in (("small_gain", small_gain), ("worse", worse), ("erratic", erratic)):
+        rows += [row(name, s, full[s] + d, t=2.0 if name == "worse" else 1.0)
+                 for s, d in diffs.items()]
+    rows += [row("better", s, full[s] + d) for s, d in ((0, -0.50), (1, -0.48))]
     rows += [{"variant": "t5", "seed": 0, "status": "skipped", "note": "no transformers"}]
-    summary = summarize(rows)
-    assert set(summary) == {"full", "worse", "same", "better"}
+    summary = ab.summarize(rows)
+    assert set(summary) == {"full", "small_gain", "worse", "erratic", "better"}
     assert summary["full"]["val_ce"]["mean"] == pytest.approx(5.0)
     assert summary["full"]["val_ce"]["std"] == pytest.approx(0.1)
     assert "vs_full" not in summary["full"]
-    worse = summary["worse"]["vs_full"]
-    assert worse["val_ce"]["mean"] == pytest.approx(0.30 + statistics.fmean(noise.values()))
-    assert worse["val_ce"]["std"] == pytest.approx(statistics.stdev(noise.values()))
-    assert worse["bits_per_byte"]["mean"] == pytest.approx(worse["val_ce"]["mean"] / 2)
-    assert worse["spread"] == pytest.approx(0.1) and worse["verdict"] == "worse"
-    assert worse["time_ratio"] == pytest.approx(2.0)
-    assert summary["same"]["vs_full"]["verdict"] == "within spread"
-    better = summary["better"]["vs_full"]  # paired over the seeds both have
-    assert better["val_ce"]["n"] == 2 and better["val_ce"]["mean"] == pytest.approx(-0.5)
-    assert better["verdict"] == "better"
-    one = summarize([row("full", 0, 5.0), row("worse", 0, 5.3)])
+
+    def expected_interval(diffs, t):
+        half = t * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        return [statistics.fmean(diffs) - half, statistics.fmean(diffs) + half]
+
+    # consistent, far smaller than full's own seed-to-seed spread: still a real gain
+    gain = summary["small_gain"]["vs_full"]
+    assert gain["val_ce"]["diffs"] == pytest.approx(list(small_gain.values()))
+    assert gain["val_ce"]["mean"] == pytest.approx(-0.020)
+    assert gain["val_ce"]["interval"] == pytest.approx(
+        expected_interval(list(small_gain.values()), 4.3027), abs=1e-5)
+    assert gain["val_ce"]["interval"][1] < 0 and gain["verdict"] == "better"
+    w = summary["worse"]["vs_full"]
+    assert w["val_ce"]["mean"] == pytest.approx(statistics.fmean(worse.values()))
+    assert w["val_ce"]["std"] == pytest.approx(statistics.stdev(worse.values()))
+    assert w["bits_per_byte"]["interval"] == pytest.approx(
+        [x / 2 for x in w["val_ce"]["interval"]])
+    assert w["verdict"] == "worse" and w["time_ratio"] == pytest.approx(2.0)
+    # a large mean that one seed contradicts: mean −0.42, std 0.41, the interval holds 0
+    e = summary["erratic"]["vs_full"]
+    assert abs(e["val_ce"]["mean"]) > e["val_ce"]["std"]
+    assert e["val_ce"]["interval"][0] < 0 < e["val_ce"]["interval"][1]
+    assert e["verdict"] == "no difference"
+    b = summary["better"]["vs_full"]  # paired over the seeds both have: t with 1 df
+    assert b["seeds"] == [0, 1] and b["val_ce"]["n"] == 2
+    assert b["val_ce"]["interval"] == pytest.approx(
+        expected_interval([-0.50, -0.48], 12.706), abs=1e-4)
+    assert b["verdict"] == "better"
+    one = ab.summarize([row("full", 0, 5.0), row("worse", 0, 5.3)])
     assert one["worse"]["vs_full"]["verdict"] == "one seed"
     assert one["worse"]["vs_full"]["val_ce"]["std"] is None
+    assert one["worse"]["vs_full"]["val_ce"]["interval"] is None
 
 
 def test_ablations_smoke_trains_every_variant_on_identical_batches(tmp_path):
@@ -127,6 +161,9 @@ def test_ablations_smoke_trains_every_variant_on_identical_batches(tmp_path):
     summary = result["summary"]
     assert summary["full"]["seeds"] == [0, 1] and summary["no_lstm"]["seeds"] == [0]
     assert summary["transformer_params"]["vs_full"]["val_ce"]["n"] == 2
+    assert summary["transformer_params"]["vs_full"]["verdict"] in (
+        "better", "worse", "no difference")
+    assert summary["no_lstm"]["vs_full"]["verdict"] == "one seed"
     assert "| variant |" in proc.stdout and all(f"| {n} |" in proc.stdout for n in VARIANTS)
 
     # --merge: the same protocol split over two processes (here: by seed) gives one summary
@@ -145,5 +182,11 @@ def test_ablations_smoke_trains_every_variant_on_identical_batches(tmp_path):
     with pytest.raises(SystemExit, match="twice"):
         _ablations().main(["--merge", str(parts[0]), str(parts[0]), "--output",
                            str(merged_path), "--no-plot"])
+    # --resummarize: the summary re-derived from the stored runs alone, nothing else changed
+    again = tmp_path / "again.json"
+    assert _ablations().main(["--resummarize", str(out), "--output", str(again)]) == 0
+    again_result = json.loads(again.read_text())
+    assert again_result.pop("summarized")
+    assert again_result == result
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "ablations.png").stat().st_size > 0
