@@ -6,7 +6,7 @@ The ``tiny`` model (4k vocabulary, as the demo) at the shapes of its two
 objectives (span corruption 128/29 and prefix LM 128/64, batch 8): the first
 call of each shape (compilation included) and the median of the following
 forward+backward+AdamW steps, eager and with every ImprovedTransformerBlock
-compiled (``liquid_dist.train.compile.compile_blocks``), alternating the two
+compiled (``liquid_dist.parallel.compile.compile_blocks``), alternating the two
 so that machine noise hits both alike. Results (with machine and date) go to a
 JSON file.
 """
@@ -27,7 +27,7 @@ import torch
 
 from liquid_dist.config import load_config
 from liquid_dist.model import LiquidFoundationModelOptimized
-from liquid_dist.train.compile import compile_blocks
+from liquid_dist.parallel.compile import compile_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 4000

@@ -10,7 +10,7 @@ from test_model import awaken
 
 from liquid_dist.config import ConfigError, load_config
 from liquid_dist.model import LiquidFoundationModelOptimized
-from liquid_dist.train.compile import compile_blocks
+from liquid_dist.parallel.compile import compile_blocks
 
 pytestmark = pytest.mark.timeout(600)
 VOCAB = 64

@@ -5,6 +5,7 @@ tests/test_slurm_real.py stops a hung training job on a real Slurm."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from liquid_dist.train import watchdog
@@ -87,7 +89,9 @@ with hb:
 """
 
 
-def _ranks(directory: Path, steps: int = 10000) -> list[subprocess.Popen]:
+@contextlib.contextmanager
+def _ranks(directory: Path, steps: int = 10000) -> Iterator[list[subprocess.Popen]]:
+    """Two heartbeat-writing processes, past their first step; killed at the end if left."""
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(directory), str(r), str(steps)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
@@ -98,11 +102,16 @@ def _ranks(directory: Path, steps: int = 10000) -> list[subprocess.Popen]:
         except (FileNotFoundError, ValueError):
             return False
 
-    deadline = time.monotonic() + 60
-    while not training():
-        assert time.monotonic() < deadline, "the ranks never trained"
-        time.sleep(0.05)
-    return ranks
+    try:
+        deadline = time.monotonic() + 60
+        while not training():
+            assert time.monotonic() < deadline, "the ranks never trained"
+            time.sleep(0.05)
+        yield ranks
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
 
 
 def _watch(directory: Path, run_dir: Path) -> subprocess.CompletedProcess:
@@ -115,8 +124,7 @@ def test_the_watchdog_names_the_frozen_rank_dumps_the_live_ones_stacks_and_stops
         tmp_path: Path) -> None:
     beats, run_dir = tmp_path / "beats", tmp_path / "run"
     run_dir.mkdir()
-    ranks = _ranks(beats)
-    try:
+    with _ranks(beats) as ranks:
         os.kill(ranks[1].pid, signal.SIGSTOP)
         stopped = time.monotonic()
         proc = _watch(beats, run_dir)
@@ -135,17 +143,12 @@ def test_the_watchdog_names_the_frozen_rank_dumps_the_live_ones_stacks_and_stops
         assert [p.wait(timeout=10) for p in ranks] == [-signal.SIGKILL, -signal.SIGKILL]
         out0 = ranks[0].stdout.read()
         assert "Current thread" in out0 or "Thread 0x" in out0, out0  # faulthandler's dump
-    finally:
-        for p in ranks:
-            if p.poll() is None:
-                p.kill()
 
 
 def test_a_hang_reported_by_another_node_stops_this_nodes_ranks(tmp_path: Path) -> None:
     beats, run_dir = tmp_path / "beats", tmp_path / "run"
     run_dir.mkdir()
-    ranks = _ranks(beats)
-    try:
+    with _ranks(beats) as ranks:
         watcher = subprocess.Popen([sys.executable, "-m", "liquid_dist.train.watchdog",
                                     str(beats), "--run-dir", str(run_dir)],
                                    stderr=subprocess.PIPE, text=True)
@@ -156,17 +159,13 @@ def test_a_hang_reported_by_another_node_stops_this_nodes_ranks(tmp_path: Path) 
         assert watcher.returncode == 1, err
         assert "another node reported a hang" in err and "rank 9" in err, err
         assert [p.wait(timeout=10) for p in ranks] == [-signal.SIGKILL, -signal.SIGKILL]
-    finally:
-        for p in ranks:
-            if p.poll() is None:
-                p.kill()
 
 
 def test_the_watchdog_ends_with_the_ranks_and_removes_their_directory(tmp_path: Path) -> None:
     beats, run_dir = tmp_path / "beats", tmp_path / "run"
     run_dir.mkdir()
-    ranks = _ranks(beats, steps=20)  # two seconds of steps, then a clean end
-    proc = _watch(beats, run_dir)
-    assert [p.wait(timeout=10) for p in ranks] == [0, 0]
+    with _ranks(beats, steps=20) as ranks:  # two seconds of steps, then a clean end
+        proc = _watch(beats, run_dir)
+        assert [p.wait(timeout=10) for p in ranks] == [0, 0]
     assert proc.returncode == 0, proc.stderr
     assert "hang" not in proc.stderr and not beats.exists()

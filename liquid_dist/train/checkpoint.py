@@ -35,6 +35,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -84,6 +85,13 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def seed_everything(seed: int) -> None:
+    """Seed this process's python, numpy and torch generators from ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -148,6 +156,18 @@ def find_damage_together(path: Path) -> list[str]:
         raise CheckpointError(f"the ranks verify different checkpoints ({', '.join(paths)}): "
                               "the run directory must look the same from every node")
     return sorted(d for _, part in parts for d in part)
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What :meth:`CheckpointManager.load` read besides the engine's state."""
+
+    trainer: TrainerState
+    loader: dict[str, Any]
+    """The state this rank's data loader takes (merged from every old rank's when
+    resharded: docs/parallelism.md, "Elastic resume")."""
+    resharded_from: Optional[tuple[int, int]]
+    """(world size, ep_size) of the run that wrote it, when that differs from this one."""
 
 
 class CheckpointManager:
@@ -262,42 +282,32 @@ class CheckpointManager:
             if old != keep:
                 shutil.rmtree(self.dir / old)
 
-    def load(self, engine: Any, ref: CheckpointRef) -> dict[str, Any]:
-        """Load weights, optimizer state, RNG and data position (every rank calls this).
-
-        Returns the checkpoint's ``trainer_state.pt`` (the :class:`TrainerState`
-        fields, ``world_size``, ``ep_size``) with ``rank_state`` = this rank's part
-        (``loader``: the state its data loader takes; ``resharded``: whether the
-        checkpoint came from another world size or ep_size).
+    def load(self, engine: Any, ref: CheckpointRef) -> LoadedCheckpoint:
+        """Load weights, optimizer state, RNG and data position (every rank calls this);
+        returns the trainer state, this rank's loader state and the layout resharded from.
         """
         state = together(f"reading {ref.path}", lambda: read_trainer_state(ref))
+        trainer = TrainerState()
+        trainer.load_state_dict(state)
         ranks = state["ranks"]
-        if (state["world_size"], state["ep_size"]) == (self.world_size, self.ep_size):
+        written_on = (state["world_size"], state["ep_size"])
+        if written_on == (self.world_size, self.ep_size):
             path, _ = engine.load_checkpoint(str(ref.load_dir), tag=ref.tag,
                                              load_optimizer_states=True,
                                              load_lr_scheduler_states=False)
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load {ref.path}")
-            mine = ranks[self.rank]
-            set_rng_state(mine["rng"])
-            state["rank_state"] = {**mine, "resharded": False}
-            return state
+            set_rng_state(ranks[self.rank]["rng"])
+            return LoadedCheckpoint(trainer, ranks[self.rank]["loader"], None)
         from liquid_dist.data import merge_loader_states
 
         load_resharded(engine, open_checkpoint(ref.path), self.expert_layout, moments=True)
         if self.rank < len(ranks):  # the RNG streams of the ranks that remain
             set_rng_state(ranks[self.rank]["rng"])
         else:  # a new rank: its own stream, a function of the run's seed and position
-            _seed_all(self.seed + 1_000_003 * state["step"] + self.rank)
-        state["rank_state"] = {"loader": merge_loader_states([r["loader"] for r in ranks]),
-                               "resharded": True}
-        return state
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+            seed_everything(self.seed + 1_000_003 * trainer.step + self.rank)
+        return LoadedCheckpoint(trainer, merge_loader_states([r["loader"] for r in ranks]),
+                                written_on)
 
 
 def load_resharded(engine: Any, ckpt: ZeroCheckpoint, expert_layout: Any, *,

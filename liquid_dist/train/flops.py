@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -138,6 +138,18 @@ class ModelFlops:
     def training(self, encoder_lengths, decoder_lengths) -> float:
         """Training FLOPs summed over samples of the given lengths (arrays, one per sample)."""
         return float(np.sum(self.forward(encoder_lengths, decoder_lengths).training))
+
+    def batch_counts(self, batch: dict[str, Any]) -> list[float]:
+        """A host batch's real encoder tokens, real decoder targets, positions computed
+        (padding included) and the training FLOPs of the positions and of the real tokens
+        (the trainer's COUNT_KEYS, in that order)."""
+        real_enc = batch["encoder_attention_mask"].sum(1).numpy()
+        real_dec = (batch["labels"] != -100).sum(1).numpy()
+        b, le = batch["encoder_input_ids"].shape
+        ld = batch["decoder_input_ids"].shape[1]
+        return [float(real_enc.sum()), float(real_dec.sum()), float(b * (le + ld)),
+                self.training(np.full(b, le), np.full(b, ld)),
+                self.training(real_enc, real_dec)]
 
 
 def forward_flops(cfg: ModelConfig, encoder_length: int, decoder_length: int) -> FlopsBreakdown:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -195,3 +196,141 @@ def human_line(r: dict[str, Any], max_steps: int, eta_s: float) -> str:
     if r.get("bad_samples"):
         parts.append(f"bad samples skipped {r['bad_samples']}")
     return " | ".join(parts)
+
+
+# ---------------------------------------------------------------- the train record
+
+AUX_KEYS = ("recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse", "moe_mean_k")
+"""The auxiliary terms the model reports, per-micro-batch means averaged over a step's
+micro-batches and ranks (``aux_loss`` is their weighted sum)."""
+LOSS_KEYS = ("loss", "ce", *AUX_KEYS)
+"""A step's losses: ``loss`` = ``ce`` (token-weighted) + ``aux_loss``."""
+COUNT_KEYS = ("encoder_tokens", "target_tokens", "positions", "flops_positions",
+              "flops_real_tokens")
+"""Per-step sums over micro-batches and ranks: real encoder tokens, real decoder targets,
+positions computed (encoder + decoder, padding included), and the training FLOPs of the
+positions computed and of the real tokens (flops.ModelFlops)."""
+
+
+def peak_memory_gb(device: Any) -> float:
+    """Peak memory of this process: allocated on a CUDA ``device``, else its peak RSS."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+
+
+class StepWindow:
+    """Sums over the steps since the last ``train`` record (the trainer's StepResults)."""
+
+    def __init__(self) -> None:
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.start = now
+        self.steps = 0
+        self.good = 0
+        self.losses = dict.fromkeys(LOSS_KEYS, 0.0)
+        self.grad_norm = 0.0
+        self.counts = dict.fromkeys(COUNT_KEYS, 0.0)
+        self.usage: Any = None
+        """(MoE layers, experts) routing counts of this rank's micro-batches, or None."""
+        self.micro = 0
+
+    def add(self, r: Any, micro_batches: int) -> None:
+        """One step (a trainer StepResult) of ``micro_batches`` micro-batches on this rank."""
+        self.steps += 1
+        self.micro += micro_batches
+        for k, v in r.counts.items():
+            self.counts[k] += v
+        if r.usage is not None:
+            self.usage = r.usage if self.usage is None else self.usage + r.usage
+        if r.applied:
+            self.good += 1
+            self.grad_norm += r.grad_norm
+            for k, v in r.losses.items():
+                self.losses[k] += v
+
+    def record(self, step: int, lr: float, *, max_steps: int, world_size: int,
+               peak_flops: Optional[float], data: dict[str, int], usage: Optional[dict],
+               memory_gb: float, nan_skips: int, epoch: Optional[int]
+               ) -> tuple[dict[str, Any], float]:
+        """The ``train`` record of the window at ``step`` and the ETA in seconds: losses and
+        gradient norm averaged over the applied steps; throughput in real tokens, target
+        tokens and positions computed (padding included) per second; FLOP rates and MFU
+        of both; ``data``: the loaders' counters summed over the ranks; ``usage``: each
+        MoE layer's routing counts summed over the ranks, by layer name."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        c = self.counts
+        real = c["encoder_tokens"] + c["target_tokens"]
+
+        def mfu(flops: float) -> Optional[float]:
+            return flops / elapsed / (peak_flops * world_size) if peak_flops else None
+
+        good = max(self.good, 1)
+        losses = ({k: v / good for k, v in self.losses.items()} if self.good
+                  else dict.fromkeys(LOSS_KEYS, float("nan")))
+        bad = {k: n for k, n in data.items() if k.startswith("bad_samples/")}
+        record: dict[str, Any] = {"kind": "train", "step": step, **losses,
+                                  "lr": lr, "grad_norm": self.grad_norm / good,
+                                  "real_tokens_per_s": real / elapsed,
+                                  "target_tokens_per_s": c["target_tokens"] / elapsed,
+                                  "positions_per_s": c["positions"] / elapsed,
+                                  "padding_fraction": 1.0 - real / max(c["positions"], 1.0),
+                                  "step_time_s": elapsed / self.steps,
+                                  "tflops_per_s_positions": c["flops_positions"] / elapsed / 1e12,
+                                  "tflops_per_s_real_tokens":
+                                      c["flops_real_tokens"] / elapsed / 1e12,
+                                  "mfu_positions": mfu(c["flops_positions"]),
+                                  "mfu_real_tokens": mfu(c["flops_real_tokens"]),
+                                  "memory_gb": memory_gb, "nan_skips": nan_skips,
+                                  "epoch": epoch, **data, "bad_samples": sum(bad.values())}
+        for name, row in (usage or {}).items():
+            for e, n in enumerate(row.tolist()):
+                record[f"expert_usage/{name}/e{e}"] = n / (self.micro * world_size)
+        return record, (max_steps - step) * elapsed / self.steps
+
+
+def open_attempt_metrics(run_dir: Path, *, rank: int, step: int, run_id: Optional[str],
+                         wandb_cfg: WandbConfig, config: dict[str, Any],
+                         printer: Any = None) -> MetricsLogger:
+    """The metrics logger of an attempt that starts at ``step``: metrics.jsonl truncated to
+    it; resuming the run ``run_id``, wandb gets what earlier attempts never sent
+    (:func:`wandb_sent_through`, ``replay``: the module doc)."""
+    sent_through, replay = None, []
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if run_id is not None:  # what this wandb run got from earlier attempts
+            sent_through = wandb_sent_through(read_metrics(run_dir))
+        truncate_metrics(run_dir, step)
+        if run_id is not None:  # up to the checkpoint: what it never got
+            replay = [r for r in read_metrics(run_dir)
+                      if sent_through is None or r.get("step", 0) > sent_through]
+    return MetricsLogger(run_dir, rank=rank, wandb_cfg=wandb_cfg, config=config, run_id=run_id,
+                         sent_through=sent_through, replay=replay, printer=printer)
+
+
+def data_counters(stats: dict[str, Any], world_size: int) -> dict[str, int]:
+    """What the training loaders counted (their ``stats()``), summed over the ranks: tokens
+    drawn per source (``data_tokens/<source>``), bad samples skipped per reason
+    (``bad_samples/<reason>``; docs/data.md). Collective: every rank calls it."""
+    mine: dict[str, int] = {f"data_tokens/{name}": n
+                            for name, n in stats["tokens_per_source"].items()}
+    for reasons in stats["bad_samples"].values():
+        for reason, n in reasons.items():
+            mine[f"bad_samples/{reason}"] = mine.get(f"bad_samples/{reason}", 0) + n
+    everyone = [mine]
+    if world_size > 1:  # ranks may count different reasons: gather the dicts
+        import torch.distributed as dist
+
+        everyone = [{} for _ in range(world_size)]
+        dist.all_gather_object(everyone, mine)
+    total: dict[str, int] = {}
+    for counts in everyone:
+        for k, n in counts.items():
+            total[k] = total.get(k, 0) + n
+    return dict(sorted(total.items()))
+

@@ -19,8 +19,17 @@ judges as the uninterrupted run would.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
+
+from liquid_dist.checkpoint_format import (
+    CHECKPOINTS,
+    CheckpointError,
+    CheckpointRef,
+    newest_valid_checkpoint,
+)
 
 
 class LossSpikeError(RuntimeError):
@@ -83,3 +92,62 @@ def record(state: SpikeState, step: int, window: int, *, loss: float, grad_norm:
     state.in_row, state.first = 0, None
     state.losses = (state.losses + [loss])[-window:]
     state.norms = (state.norms + [grad_norm])[-window:]
+
+
+class SpikeGuard:
+    """The loss-spike rule of a run, in one place: ``train.spike`` (``cfg``) applied to the
+    window that ``window()`` returns (the trainer state's: a rewind replaces it).
+
+    In a step the loss is judged before the update (:meth:`loss_outlier`) and the
+    gradient norm inside the optimizer's step, where DeepSpeed has it
+    (:meth:`norm_outlier`); after the step :meth:`record` updates the window and says
+    whether a rewind is due.
+    """
+
+    def __init__(self, cfg: Any, window: Callable[[], SpikeState]):
+        self.cfg, self._window = cfg, window
+
+    def judges(self, nonfinite: bool) -> bool:
+        """Whether a step is judged: the policy is on and the step is finite (a non-finite
+        step is the non-finite check's)."""
+        return self.cfg.policy != "off" and not nonfinite
+
+    def loss_outlier(self, loss: float) -> Optional[str]:
+        return outlier(self._window(), self.cfg.window, self.cfg.sigma, loss=loss)
+
+    def norm_outlier(self, grad_norm: float) -> Optional[str]:
+        return outlier(self._window(), self.cfg.window, self.cfg.sigma, grad_norm=grad_norm)
+
+    def record(self, step: int, *, loss: float, grad_norm: float,
+               reason: Optional[str]) -> bool:
+        """A judged step: an applied one joins the window, an outlier (``reason``) extends
+        the run of them; True when the policy rewinds now (``rewind_after`` in a row)."""
+        window = self._window()
+        record(window, step, self.cfg.window, loss=loss, grad_norm=grad_norm,
+               is_outlier=reason is not None)
+        return (reason is not None and self.cfg.policy == "rewind"
+                and window.in_row >= self.cfg.rewind_after)
+
+    def rewind_target(self, run_dir: Path, step: int,
+                      damage: Callable[[Path], list[str]]) -> tuple[CheckpointRef, str]:
+        """The checkpoint a rewind at ``step`` goes back to — the newest valid one
+        (``damage``: the verification) written before the spike's first step — and the
+        spike's description. LossSpikeError when there is none, or when it is not past
+        the last rewind (the spike came again before training got past it)."""
+        window = self._window()
+        first, rewinds = window.first, window.rewinds
+        spike = f"loss spike at steps {first}-{step}"
+        try:
+            ref, _ = newest_valid_checkpoint(run_dir, before=first, damage=damage)
+        except CheckpointError as exc:
+            raise LossSpikeError(f"{spike}: no checkpoint to rewind to ({exc})") from exc
+        if ref is None:
+            raise LossSpikeError(f"{spike}: no checkpoint before step {first} to rewind to")
+        if rewinds and ref.step <= rewinds[-1][1]:
+            raise LossSpikeError(
+                f"{spike}, again before training got past the rewind at step "
+                f"{rewinds[-1][1]} (to the checkpoint of step {rewinds[-1][0]}): stopping. "
+                f"Its checkpoints are in {run_dir / CHECKPOINTS}; lower train.lr or "
+                "check the data around these steps")
+        return ref, spike
+

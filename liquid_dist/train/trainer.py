@@ -21,126 +21,60 @@ decisions:
 * a stop signal on any rank: the step completes, every rank saves a
   checkpoint, and :meth:`Trainer.run` returns :data:`EXIT_PREEMPTED`.
 
-The step returns a :class:`StepResult`; the loop (:meth:`Trainer._loop`) does
-the rest: counting skips, logging, evaluation, preemption, checkpoints. The
+The step returns a :class:`StepResult`; the loop (:meth:`Trainer._loop`) asks
+the components the rest: the heartbeat (hang allowances), the spike guard
+(liquid_dist.train.spikes), the metrics window, evaluation, preemption,
+checkpoints. The engine is built outside (liquid_dist.parallel.engine); the
 learning rate is a function of the step (schedule.py), set on the optimizer
-before each update; the optimizer is a torch AdamW (no compilation), whose
-``skip`` flag turns an update into a no-op. What a checkpoint keeps of the
-trainer is a :class:`~liquid_dist.train.state.TrainerState`.
+before each update. What a checkpoint keeps of the trainer is a
+:class:`~liquid_dist.train.state.TrainerState`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
-import resource
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from liquid_dist.checkpoint_format import CheckpointError, newest_valid_checkpoint
-from liquid_dist.model.utils import param_groups as model_param_groups
-from liquid_dist.parallel.construction import build_model
 from liquid_dist.parallel.distributed import DistEnv
-from liquid_dist.parallel.ds_compat import pending_grad_norm, share_fp32_master_partitions
-from liquid_dist.parallel.expert_parallel import split_expert_param_groups
-from liquid_dist.train.checkpoint import CheckpointManager, find_damage_together, load_weights
-from liquid_dist.train.compile import compile_blocks
+from liquid_dist.parallel.ds_compat import pending_grad_norm
+from liquid_dist.parallel.engine import autocast, build_engine, plain_grad_norm
+from liquid_dist.train.checkpoint import (
+    CheckpointManager,
+    find_damage_together,
+    load_weights,
+    seed_everything,
+)
 from liquid_dist.train.exit_status import EXIT_OK, EXIT_PREEMPTED
 from liquid_dist.train.faults import NO_FAULTS, Faults
 from liquid_dist.train.flops import ModelFlops, peak_flops_per_device
 from liquid_dist.train.heartbeat import Heartbeat
 from liquid_dist.train.metrics import (
-    MetricsLogger,
+    AUX_KEYS,
+    COUNT_KEYS,
+    StepWindow,
+    data_counters,
     human_line,
-    read_metrics,
-    truncate_metrics,
-    wandb_sent_through,
+    open_attempt_metrics,
+    peak_memory_gb,
 )
 from liquid_dist.train.monitor import BlockMonitor
 from liquid_dist.train.prepare import RunPlan, StartPoint
 from liquid_dist.train.schedule import lr_at
 from liquid_dist.train.signals import StopFlag
-from liquid_dist.train.spikes import LossSpikeError, outlier, record
+from liquid_dist.train.spikes import SpikeGuard
 from liquid_dist.train.state import TrainerState
-
-AUX_KEYS = ("recon_encoder", "recon_decoder", "moe_entropy", "moe_overuse", "moe_mean_k")
-"""The auxiliary terms the model reports, per-micro-batch means averaged over a step's
-micro-batches and ranks (``aux_loss`` is their weighted sum)."""
-LOSS_KEYS = ("loss", "ce", *AUX_KEYS)
-"""A step's losses: ``loss`` = ``ce`` (token-weighted) + ``aux_loss``."""
-COUNT_KEYS = ("encoder_tokens", "target_tokens", "positions", "flops_positions",
-              "flops_real_tokens")
-"""Per-step sums over micro-batches and ranks: real encoder tokens, real decoder targets,
-positions computed (encoder + decoder, padding included), and the training FLOPs of the
-positions computed and of the real tokens (flops.ModelFlops)."""
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss was non-finite on more than ``train.max_nan_skips`` consecutive steps."""
-
-
-class SkippableAdamW(torch.optim.AdamW):
-    """torch AdamW whose :meth:`step` does nothing while ``skip`` is set.
-
-    DeepSpeed calls the wrapped optimizer's ``step`` from inside its own (after
-    gradient reduction and clipping) and zeroes the gradients afterwards in
-    any case, so a skipped step leaves weights and moments untouched.
-    """
-
-    skip: bool = False
-    skip_if: Optional[Callable[[], bool]] = None
-    """Asked inside the step, when DeepSpeed has the gradient norm (the spike check)."""
-
-    def step(self, closure=None):  # type: ignore[override]
-        if self.skip or (self.skip_if is not None and self.skip_if()):
-            return None
-        return super().step(closure)
-
-
-class PretrainingModule(nn.Module):
-    """What DeepSpeed wraps: the model, returning a dict of tensors DeepSpeed can traverse.
-
-    ``forward(**batch)`` -> ``loss``, ``ce``, ``ce_sum`` (summed over the real targets),
-    ``aux_loss`` (the weighted auxiliary terms), the auxiliary terms (scalars) and
-    ``expert_usage`` (MoE layers, experts). Weights are stored as ``model.*``.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, encoder_input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
-                labels: torch.Tensor,
-                encoder_attention_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        out = self.model(encoder_input_ids, decoder_input_ids,
-                         encoder_attention_mask=encoder_attention_mask, labels=labels)
-        result = {"loss": out.loss, "ce_sum": out.ce_sum, "aux_loss": out.aux_loss, **out.aux}
-        if out.expert_usage:
-            result["expert_usage"] = torch.stack([u.float() for u in out.expert_usage])
-        return result
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
 
 
 @dataclass
@@ -170,36 +104,6 @@ class StepResult:
         return not self.skipped and self.outlier is None
 
 
-class _Window:
-    """Sums over the steps since the last log line."""
-
-    def __init__(self) -> None:
-        self.reset(time.perf_counter())
-
-    def reset(self, now: float) -> None:
-        self.start = now
-        self.steps = 0
-        self.good = 0
-        self.losses = dict.fromkeys(LOSS_KEYS, 0.0)
-        self.grad_norm = 0.0
-        self.counts = dict.fromkeys(COUNT_KEYS, 0.0)
-        self.usage: Optional[torch.Tensor] = None
-        self.micro = 0
-
-    def add(self, r: StepResult, micro_batches: int) -> None:
-        self.steps += 1
-        self.micro += micro_batches
-        for k, v in r.counts.items():
-            self.counts[k] += v
-        if r.usage is not None:
-            self.usage = r.usage if self.usage is None else self.usage + r.usage
-        if r.applied:
-            self.good += 1
-            self.grad_norm += r.grad_norm
-            for k, v in r.losses.items():
-                self.losses[k] += v
-
-
 class Trainer:
     """Trains a run plan (prepare.resolve_run) from its start point (prepare.resolve_start)
     on the current process group.
@@ -220,62 +124,26 @@ class Trainer:
             raise ValueError(f"the plan is for {plan.build.world_size} rank(s) of "
                              f"{plan.build.device_type}, the process group has "
                              f"{dist_env.world_size} of {device.type}")
-        self.plan = plan
-        self.start = start
-        self.cfg = plan.config
-        self.env = dist_env
-        self.device = device
+        self.plan, self.start, self.cfg = plan, start, plan.config
+        self.env, self.device, self.precision = dist_env, device, plan.build.precision
         self.run_dir = Path(self.cfg.train.run_dir)
-        self.precision = plan.build.precision
-        self._train_loader = train_loader
-        self.faults = faults
+        self._train_loader, self.faults = train_loader, faults
         self.heartbeat = heartbeat or Heartbeat(None)
         self.state = TrainerState()
+        self.spikes = SpikeGuard(self.cfg.train.spike, lambda: self.state.spike)
         self.resharded_from: Optional[tuple[int, int]] = None  # (world size, ep_size)
         self._last_saved_step = -1
 
     # ------------------------------------------------------------------ build
 
     def _build(self) -> None:
-        import deepspeed
-        from deepspeed.utils import set_z3_leaf_modules
-
         from liquid_dist.data.loader import open_loader
-        from liquid_dist.model import MoELayer
-        from liquid_dist.model.block import ImprovedTransformerBlock
 
-        cfg, t = self.cfg, self.cfg.train
-        # DeepSpeed 0.19 calls torch.distributed functions that torch 2.13 deprecates
-        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
-                                category=FutureWarning)
-        plan = self.plan
-        # built on the meta device, valued module by module (drawn from t.seed, the
-        # same on every layout, or read from a converted model the plan checked) and
-        # partitioned as it goes under ZeRO-3
-        built = build_model(plan.build, device=self.device,
-                            init_from=self.start.init_from_pretrained)
-        self.model, self.parameter_counts = built.model, built.counts
+        cfg, t, plan = self.cfg, self.cfg.train, self.plan
+        built = build_engine(plan.build, self.device, init_from=self.start.init_from_pretrained)
+        self.engine, self.optimizer = built.engine, built.optimizer
+        self.model, self.parameter_counts = built.model, built.parameter_counts
         self.expert_layout = built.expert_layout
-        if t.compile:
-            compile_blocks(self.model)
-        module = PretrainingModule(self.model)
-        leaf = ImprovedTransformerBlock if t.compile else MoELayer
-        if cfg.parallel.zero_stage == 3 and any(isinstance(m, leaf) for m in module.modules()):
-            # routing decides per batch which experts run: fetch a MoE layer's
-            # parameters as one unit, or ranks disagree on the prefetch order; a
-            # compiled block is fetched as one unit too, so that ZeRO-3's hooks run
-            # around its graph, not inside it (a model without MoE has no leaf)
-            set_z3_leaf_modules(module, [leaf])
-        param_groups = model_param_groups(module, t.weight_decay)
-        if self.expert_layout is not None:
-            param_groups = split_expert_param_groups(param_groups)
-        self.optimizer = SkippableAdamW(param_groups, lr=t.lr,
-                                        betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
-        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer,
-                                                    config=plan.build.ds_config,
-                                                    dist_init_required=False)
-        if plan.build.zero3:  # fp32: one copy of each partition, not two (ds_compat)
-            share_fp32_master_partitions(self.engine)
         seed_everything(t.seed + self.env.rank)  # per-rank dropout streams
         if self._train_loader is None:
             self._train_loader = open_loader(cfg.data, plan.train_data, self.env.rank)
@@ -297,38 +165,21 @@ class Trainer:
         ref = self.start.resume
         self.resumed_from = None
         if ref is not None:
-            state = self.ckpt.load(self.engine, ref)
-            self.state.load_state_dict(state)
+            loaded = self.ckpt.load(self.engine, ref)
+            self.state = loaded.trainer
             self._last_saved_step = self.state.step
-            self._train_loader.load_state_dict(state["rank_state"]["loader"])
+            self._train_loader.load_state_dict(loaded.loader)
             self.resumed_from = str(ref.path)
-            if state["rank_state"]["resharded"]:
-                self.resharded_from = (state["world_size"], state["ep_size"])
+            self.resharded_from = loaded.resharded_from
         elif self.start.init_from_checkpoint is not None:
             load_weights(self.engine, self.start.init_from_checkpoint, self.expert_layout)
 
     # ------------------------------------------------------------------- loop
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast(self.device.type, dtype=dtype)
-        return contextlib.nullcontext()
-
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Training batches on the host, endlessly (the loader starts each epoch itself)."""
         while True:
             yield from self._train_loader
-
-    def _counts(self, batch: dict[str, torch.Tensor]) -> list[float]:
-        """:data:`COUNT_KEYS` of one host batch (read before it moves to the device)."""
-        real_enc = batch["encoder_attention_mask"].sum(1).numpy()
-        real_dec = (batch["labels"] != -100).sum(1).numpy()
-        b, le = batch["encoder_input_ids"].shape
-        ld = batch["decoder_input_ids"].shape[1]
-        full = self.flops.training(np.full(b, le), np.full(b, ld))
-        return [float(real_enc.sum()), float(real_dec.sum()), float(b * (le + ld)), full,
-                self.flops.training(real_enc, real_dec)]
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -353,23 +204,12 @@ class Trainer:
         self._restore()
         t = self.cfg.train
         rank0 = self.env.rank == 0
-        run_id = self.state.run_id if self.resumed_from else None
-        sent_through, replay = None, []
-        if rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if run_id is not None:  # what this wandb run got from earlier attempts
-                sent_through = wandb_sent_through(read_metrics(self.run_dir))
-            truncate_metrics(self.run_dir, self.state.step)
-            if run_id is not None:  # up to the checkpoint: what it never got
-                replay = [r for r in read_metrics(self.run_dir)
-                          if sent_through is None or r.get("step", 0) > sent_through]
         bar = tqdm(total=t.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                    disable=not (rank0 and sys.stderr.isatty()))
-        printer = bar.write if not bar.disable else None
-        self.logger = MetricsLogger(self.run_dir, rank=self.env.rank, wandb_cfg=t.wandb,
-                                    config=self.cfg.to_dict(), run_id=run_id,
-                                    sent_through=sent_through, replay=replay,
-                                    printer=printer)
+        self.logger = open_attempt_metrics(
+            self.run_dir, rank=self.env.rank, step=self.state.step,
+            run_id=self.state.run_id if self.resumed_from else None, wandb_cfg=t.wandb,
+            config=self.cfg.to_dict(), printer=bar.write if not bar.disable else None)
         self.state.run_id = self.logger.run_id
         own = stop is None
         if stop is None:
@@ -413,7 +253,7 @@ class Trainer:
     def _loop(self, stop: StopFlag, bar: Any) -> int:
         t, st, rank = self.cfg.train, self.state, self.env.rank
         batches = self._batches()
-        window = _Window()
+        window = StepWindow()
         self.heartbeat.enter("first_step")
         while st.step < t.max_steps:
             began = time.perf_counter()
@@ -451,40 +291,17 @@ class Trainer:
         monitoring = t.monitor_every > 0 and step % t.monitor_every == 0
         if monitoring:
             self.monitor.arm()
-        counts = torch.tensor([self._counts(b) for b in host], dtype=torch.float64).sum(0)
-        targets = self._all_reduce(counts[COUNT_KEYS.index("target_tokens")].clone())
-        ce_scale = (t.grad_accum * self.env.world_size) / targets.clamp(min=1.0)
-        sums = {k: torch.zeros((), dtype=torch.float64, device=self.device)
-                for k in ("ce_sum", "aux_loss", *AUX_KEYS, "nonfinite_activations")}
-        usage = None
-        for micro, batch in enumerate(host):
-            if monitoring:
-                self.monitor.resume()
-            with self._autocast():
-                out = self.engine(**self._to_device(batch))
-            if monitoring:
-                self.monitor.pause()
-            ce_sum = out["ce_sum"]
-            factor = self.faults.loss_factor(step, rank)
-            if factor is not None:
-                ce_sum = ce_sum * factor
-            for k in sums:
-                sums[k] += (ce_sum if k == "ce_sum" else out[k]).detach().double()
-            if "expert_usage" in out:
-                u = out["expert_usage"].detach().double()
-                usage = u if usage is None else usage + u
-            self.engine.backward(ce_sum * ce_scale + out["aux_loss"])
-            if micro < t.grad_accum - 1:
-                self.engine.step()
+        counts = torch.tensor([self.flops.batch_counts(b) for b in host],
+                              dtype=torch.float64).sum(0)
+        sums, usage = self._forward_backward(host, step, counts, monitoring)
         # a non-finite loss term, or an activation the blocks had to replace: skip
         bad = ~torch.isfinite(torch.stack([v for k, v in sums.items()
                                            if k != "nonfinite_activations"])).all()
         bad = bad | (sums["nonfinite_activations"] > 0)
         if self.faults.stop_after(step, rank):
             stop.request("LIQUID_TEST_STOP_AT_STEP")
-        asks_stop = stop.requested
         # the step's one host read: every rank's sums and decisions, after the last backward
-        total = self.sum_over_ranks({**sums, "bad": bad, "stop": float(asks_stop),
+        total = self.sum_over_ranks({**sums, "bad": bad, "stop": float(stop.requested),
                                      **dict(zip(COUNT_KEYS, counts.to(self.device),
                                                 strict=True))})
         micro_batches = t.grad_accum * self.env.world_size
@@ -496,33 +313,66 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         monitor = self.monitor.collect(self.device) if monitoring else None
+        grad_norm, skipped, outlier = self._update(losses["loss"], total["bad"] > 0)
+        return StepResult(losses=losses, counts={k: total[k] for k in COUNT_KEYS}, lr=lr,
+                          grad_norm=grad_norm, skipped=skipped,
+                          replaced=int(total["nonfinite_activations"]),
+                          stop=total["stop"] > 0, usage=usage, monitor=monitor,
+                          outlier=outlier)
+
+    def _forward_backward(self, host: list[dict[str, torch.Tensor]], step: int,
+                          counts: torch.Tensor, monitoring: bool
+                          ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """Forward and backward of each micro-batch (the token-weighted cross-entropy of the
+        module doc); returns this rank's loss sums (on the device) and expert usage."""
+        t = self.cfg.train
+        targets = self._all_reduce(counts[COUNT_KEYS.index("target_tokens")].clone())
+        ce_scale = (t.grad_accum * self.env.world_size) / targets.clamp(min=1.0)
+        sums = {k: torch.zeros((), dtype=torch.float64, device=self.device)
+                for k in ("ce_sum", "aux_loss", *AUX_KEYS, "nonfinite_activations")}
+        usage = None
+        factor = self.faults.loss_factor(step, self.env.rank)
+        for micro, batch in enumerate(host):
+            if monitoring:
+                self.monitor.resume()
+            with autocast(self.device, self.precision):
+                out = self.engine(**self._to_device(batch))
+            if monitoring:
+                self.monitor.pause()
+            ce_sum = out["ce_sum"] if factor is None else out["ce_sum"] * factor
+            for k in sums:
+                sums[k] += (ce_sum if k == "ce_sum" else out[k]).detach().double()
+            if "expert_usage" in out:
+                u = out["expert_usage"].detach().double()
+                usage = u if usage is None else usage + u
+            self.engine.backward(ce_sum * ce_scale + out["aux_loss"])
+            if micro < t.grad_accum - 1:
+                self.engine.step()
+        return sums, usage
+
+    def _update(self, loss: float, nonfinite: bool) -> tuple[float, bool, Optional[str]]:
+        """The optimizer update, skipped for a non-finite step or a loss spike (judged by the
+        loss now, by the gradient norm inside the optimizer's step, where DeepSpeed has it);
+        returns the gradient norm, whether the step was skipped as non-finite, and why it
+        was an outlier (None: it was not, or was not judged)."""
         # without ZeRO, DeepSpeed (fp32) computes no norm: take it before the update
-        own_norm = self._plain_grad_norm() if self.cfg.parallel.zero_stage == 0 else None
-        skip = total["bad"] > 0
-        # loss spikes (train.spike; a non-finite step is the check above's): the loss is
-        # judged now, the norm inside the optimizer's step, where DeepSpeed has it
-        sp = self.cfg.train.spike
-        judge = sp.policy != "off" and not skip
-        window = self.state.spike
-        loss_spike = outlier(window, sp.window, sp.sigma, loss=losses["loss"]) if judge else None
-        self.optimizer.skip = skip or loss_spike is not None
-        if judge:
-            self.optimizer.skip_if = lambda: outlier(
-                window, sp.window, sp.sigma, grad_norm=own_norm if own_norm is not None
-                else pending_grad_norm(self.engine)) is not None
+        own_norm = plain_grad_norm(self.engine) if self.cfg.parallel.zero_stage == 0 else None
+        guard = self.spikes
+        judging = guard.judges(nonfinite)
+        loss_spike = guard.loss_outlier(loss) if judging else None
+        self.optimizer.skip = nonfinite or loss_spike is not None
+        if judging:
+            self.optimizer.skip_if = lambda: guard.norm_outlier(
+                own_norm if own_norm is not None else pending_grad_norm(self.engine)) is not None
         self.engine.step()
         self.optimizer.skip, self.optimizer.skip_if = False, None
         ds_norm = self.engine.get_global_grad_norm()
         grad_norm = float(ds_norm if ds_norm is not None else (own_norm or 0.0))
         # DeepSpeed's ZeRO-3 also skips an update whose gradient norm is not finite
-        skipped = skip or not math.isfinite(grad_norm)
-        return StepResult(losses=losses, counts={k: total[k] for k in COUNT_KEYS}, lr=lr,
-                          grad_norm=grad_norm, skipped=skipped,
-                          replaced=int(total["nonfinite_activations"]),
-                          stop=total["stop"] > 0, usage=usage, monitor=monitor,
-                          outlier=None if skipped or not judge else (
-                              loss_spike or outlier(window, sp.window, sp.sigma,
-                                                    grad_norm=grad_norm)))
+        skipped = nonfinite or not math.isfinite(grad_norm)
+        outlier = None if skipped or not judging else (loss_spike
+                                                       or guard.norm_outlier(grad_norm))
+        return grad_norm, skipped, outlier
 
     def sum_over_ranks(self, named: dict[str, Any]) -> dict[str, float]:
         """Each named scalar (a 0-d tensor or a number) summed over the ranks, in one
@@ -530,13 +380,6 @@ class Trainer:
         vector = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
                               .reshape(()) for v in named.values()])
         return dict(zip(named, self._all_reduce(vector).cpu().tolist(), strict=True))
-
-    def _plain_grad_norm(self) -> Optional[float]:
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        if not grads:
-            return None
-        return float(torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     def _count_nan(self, r: StepResult) -> None:
         st, limit = self.state, self.cfg.train.max_nan_skips
@@ -564,11 +407,11 @@ class Trainer:
     def _judge_spike(self, r: StepResult) -> None:
         """Record the step in the spike window (train.spike); log an outlier; rewind after
         ``rewind_after`` in a row (liquid_dist.train.spikes)."""
-        cfg, st = self.cfg.train.spike, self.state
-        if cfg.policy == "off" or r.skipped:
+        st = self.state
+        if not self.spikes.judges(r.skipped):
             return
-        record(st.spike, st.step, cfg.window, loss=r.losses["loss"], grad_norm=r.grad_norm,
-               is_outlier=r.outlier is not None)
+        rewind = self.spikes.record(st.step, loss=r.losses["loss"], grad_norm=r.grad_norm,
+                                    reason=r.outlier)
         if r.outlier is None:
             return
         self.logger.log({"kind": "event", "event": "spike_skip", "step": st.step,
@@ -576,7 +419,7 @@ class Trainer:
                          "grad_norm": r.grad_norm, "in_row": st.spike.in_row},
                         f"step {st.step}: loss spike, {r.outlier}: update skipped "
                         f"({st.spike.in_row} in a row)")
-        if cfg.policy == "rewind" and st.spike.in_row >= cfg.rewind_after:
+        if rewind:
             self._rewind()
 
     def _rewind(self) -> None:
@@ -584,25 +427,10 @@ class Trainer:
         optimizer, RNG, the spike window as it was) and go on from this step with the data
         that follows; checkpoint at once, so that a requeue goes on from here too."""
         with self.heartbeat.within("rewind"):
-            st, first = self.state, self.state.spike.first
-            spike = f"loss spike at steps {first}-{st.step}"
-            try:
-                ref, _ = newest_valid_checkpoint(self.run_dir, before=first,
-                                                 damage=find_damage_together)
-            except CheckpointError as exc:
-                raise LossSpikeError(f"{spike}: no checkpoint to rewind to ({exc})") from exc
-            if ref is None:
-                raise LossSpikeError(f"{spike}: no checkpoint before step {first} to rewind to")
+            st = self.state
+            ref, spike = self.spikes.rewind_target(self.run_dir, st.step, find_damage_together)
             rewinds = st.spike.rewinds
-            if rewinds and ref.step <= rewinds[-1][1]:
-                raise LossSpikeError(
-                    f"{spike}, again before training got past the rewind at step "
-                    f"{rewinds[-1][1]} (to the checkpoint of step {rewinds[-1][0]}): stopping. "
-                    f"Its checkpoints are in {self.run_dir / 'checkpoints'}; lower train.lr or "
-                    "check the data around these steps")
-            before = TrainerState()
-            before.load_state_dict(self.ckpt.load(self.engine, ref))
-            st.spike = before.spike
+            st.spike = self.ckpt.load(self.engine, ref).trainer.spike
             st.spike.rewinds = [*rewinds, (ref.step, st.step)]
             self.logger.log({"kind": "event", "event": "spike_rewind", "step": st.step,
                              "checkpoint": ref.step, "skipped_steps": [ref.step + 1, st.step]},
@@ -610,68 +438,20 @@ class Trainer:
                             f"of steps {ref.step + 1}-{st.step} are not trained on")
             self._save()
 
-    def _data_counters(self) -> dict[str, int]:
-        """What the training loaders counted since the start of training, summed over the
-        ranks: tokens drawn per source, bad samples skipped per reason (docs/data.md)."""
-        stats = self._train_loader.stats()
-        mine: dict[str, int] = {f"data_tokens/{name}": n
-                                for name, n in stats["tokens_per_source"].items()}
-        for reasons in stats["bad_samples"].values():
-            for reason, n in reasons.items():
-                mine[f"bad_samples/{reason}"] = mine.get(f"bad_samples/{reason}", 0) + n
-        everyone = [mine]
-        if self.env.world_size > 1:  # ranks may count different reasons: gather the dicts
-            everyone = [{} for _ in range(self.env.world_size)]
-            dist.all_gather_object(everyone, mine)
-        total: dict[str, int] = {}
-        for counts in everyone:
-            for k, n in counts.items():
-                total[k] = total.get(k, 0) + n
-        return dict(sorted(total.items()))
-
-    def _log_train(self, w: _Window, lr: float) -> None:
+    def _log_train(self, w: StepWindow, lr: float) -> None:
         t, step = self.cfg.train, self.state.step
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        elapsed = max(now - w.start, 1e-9)
         usage = self._all_reduce(w.usage).cpu() if w.usage is not None else None
-        data = self._data_counters()
-        c = w.counts
-        real = c["encoder_tokens"] + c["target_tokens"]
-        devices = self.env.world_size
-
-        def mfu(flops: float) -> Optional[float]:
-            return flops / elapsed / (self.peak_flops * devices) if self.peak_flops else None
-
-        good = max(w.good, 1)
-        losses = ({k: v / good for k, v in w.losses.items()} if w.good
-                  else dict.fromkeys(LOSS_KEYS, float("nan")))
-        bad = {k: n for k, n in data.items() if k.startswith("bad_samples/")}
-        record: dict[str, Any] = {"kind": "train", "step": step, **losses,
-                                  "lr": lr, "grad_norm": w.grad_norm / good,
-                                  "real_tokens_per_s": real / elapsed,
-                                  "target_tokens_per_s": c["target_tokens"] / elapsed,
-                                  "positions_per_s": c["positions"] / elapsed,
-                                  "padding_fraction": 1.0 - real / max(c["positions"], 1.0),
-                                  "step_time_s": elapsed / w.steps,
-                                  "tflops_per_s_positions": c["flops_positions"] / elapsed / 1e12,
-                                  "tflops_per_s_real_tokens":
-                                      c["flops_real_tokens"] / elapsed / 1e12,
-                                  "mfu_positions": mfu(c["flops_positions"]),
-                                  "mfu_real_tokens": mfu(c["flops_real_tokens"]),
-                                  "memory_gb": _peak_memory_gb(self.device),
-                                  "nan_skips": self.state.nan_skips_total,
-                                  "epoch": getattr(self._train_loader, "epoch", None),
-                                  **data, "bad_samples": sum(bad.values())}
-        if usage is not None:
-            usage = usage / (w.micro * self.env.world_size)
-            names = ([f"encoder.blocks.{i}" for i in range(self.cfg.model.n_encoder_layers)]
-                     + [f"decoder.blocks.{i}" for i in range(self.cfg.model.n_decoder_layers)])
-            for name, row in zip(names, usage, strict=True):
-                for e, frac in enumerate(row.tolist()):
-                    record[f"expert_usage/{name}/e{e}"] = frac
-        eta = (t.max_steps - step) * elapsed / w.steps
+        names = ([f"encoder.blocks.{i}" for i in range(self.cfg.model.n_encoder_layers)]
+                 + [f"decoder.blocks.{i}" for i in range(self.cfg.model.n_decoder_layers)])
+        by_layer = None if usage is None else dict(zip(names, usage, strict=True))
+        data = data_counters(self._train_loader.stats(), self.env.world_size)
+        record, eta = w.record(step, lr, max_steps=t.max_steps, world_size=self.env.world_size,
+                               peak_flops=self.peak_flops, data=data, usage=by_layer,
+                               memory_gb=peak_memory_gb(self.device),
+                               nan_skips=self.state.nan_skips_total,
+                               epoch=getattr(self._train_loader, "epoch", None))
         self.logger.log(record, human_line(record, t.max_steps, eta))
         w.reset(time.perf_counter())
 
@@ -682,7 +462,7 @@ class Trainer:
             sums = torch.zeros(3, dtype=torch.float64, device=self.device)
             for batch in self.val_loader:
                 n = float((batch["labels"] != -100).sum())
-                with self._autocast():
+                with autocast(self.device, self.precision):
                     out = self.engine(**self._to_device(batch))
                 sums += torch.stack([out["ce_sum"].detach().double(), sums.new_tensor(n),
                                      out["aux_loss"].detach().double()])
