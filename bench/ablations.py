@@ -95,8 +95,8 @@ from torch import nn
 from liquid_dist.config import ABLATIONS, load_config
 from liquid_dist.data import IGNORE_INDEX, Tokenizer, build_train_loader, build_val_loader
 from liquid_dist.model import LiquidFoundationModelOptimized
+from liquid_dist.model.counts import count_parameters
 from liquid_dist.model.utils import param_groups
-from liquid_dist.params import count_parameters
 from liquid_dist.train.schedule import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from torch import nn
 
 from liquid_dist.checkpoint_format import (
     CHECKPOINTS,
@@ -42,19 +43,24 @@ from liquid_dist.checkpoint_format import (
     strip_wrapper,
     verify_checkpoint,
 )
-from liquid_dist.config import ConfigError, ModelConfig, model_config_from_dict
+from liquid_dist.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    model_config_from_dict,
+)
+from liquid_dist.data.tokenizer import MODEL_NAME as TOKENIZER_NAME
 from liquid_dist.data.tokenizer import Tokenizer
 from liquid_dist.model.generation import GenerationConfig
 from liquid_dist.model.pretrained import (
     INDEX_NAME,
     MODEL_CARD_NAME,
-    TOKENIZER_NAME,
     WEIGHTS_NAME,
     canonical_names,
     write_generation_config,
     write_model_config,
     write_remote_code,
-    write_tokenizer,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -66,6 +72,24 @@ MOE_EXPERT_PARAMS = ("moe.w1", "moe.b1", "moe.w2", "moe.b2")
 
 
 # ------------------------------------------------------------------ writing
+
+
+def load_trained_model(checkpoint: str | Path) -> tuple[nn.Module, Config]:
+    """A plain model with a checkpoint's weights, in eval mode, and its resolved config.
+
+    ``checkpoint``: a checkpoint directory, a ``checkpoints`` directory or a run
+    directory (its ``latest``); its files verified first (a damaged one is a
+    CheckpointError naming it, as for the converter).
+    """
+    from liquid_dist.model import LiquidFoundationModelOptimized
+
+    ref = find_checkpoint(str(checkpoint))
+    assert ref is not None
+    verify_checkpoint(ref.path)
+    cfg = config_from_dict(read_config(ref))
+    model = LiquidFoundationModelOptimized(cfg.model)
+    model.load_state_dict(open_checkpoint(ref.path).state_dict())
+    return model.eval(), cfg
 
 
 def parse_size(text: str) -> int:
@@ -266,7 +290,10 @@ def convert(run_dir: Union[str, Path], output: Union[str, Path], *, step: Option
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     write_model_config(model_cfg, tmp, target)
     write_remote_code(tmp)
-    write_tokenizer(path / TOKENIZER_NAME, tmp, model_cfg)
+    # as in Hugging Face: the model directory's weights, config and code, then the
+    # tokenizer saves itself beside them
+    Tokenizer(path / TOKENIZER_NAME).save_pretrained(
+        tmp, model_max_length=model_cfg.max_encoder_length)
     sentinels = Tokenizer(tmp / TOKENIZER_NAME).sentinel_ids
     write_generation_config(
         GenerationConfig.from_model_config(model_cfg).updated(suppress_tokens=sentinels), tmp)

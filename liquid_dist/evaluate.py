@@ -78,7 +78,8 @@ from liquid_dist.data.shards import MANIFEST_NAME, decode_sample, resolve_shards
 from liquid_dist.data.stream import Stats, shard_samples
 from liquid_dist.data.text_inputs import InputReport, expand_inputs, iter_documents
 from liquid_dist.data.tokenizer import DECODER_START_IDS, Tokenizer
-from liquid_dist.model.pretrained import TOKENIZER_NAME, is_pretrained_dir
+from liquid_dist.data.tokenizer import MODEL_NAME as TOKENIZER_NAME
+from liquid_dist.model.pretrained import is_pretrained_dir
 
 EXIT_BAD_INPUT = 2
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
@@ -118,8 +119,8 @@ def load_model(path: str | Path, device: str) -> tuple[Any, Tokenizer, DataConfi
     with the model's maximum lengths; a run or checkpoint directory gives kind
     ``checkpoint`` and the run's data config.
     """
+    from liquid_dist.convert import load_trained_model
     from liquid_dist.model import LiquidFoundationModelOptimized
-    from liquid_dist.train.sample import load_trained_model
 
     if is_pretrained_dir(path):
         try:

@@ -33,7 +33,7 @@ from typing import IO, Any, Optional
 
 import torch
 
-from liquid_dist.model.pretrained import TOKENIZER_NAME
+from liquid_dist.data.tokenizer import MODEL_NAME as TOKENIZER_NAME
 
 
 def encode_prompts(tok: Any, prompts: Sequence[str], max_len: int) -> tuple[torch.Tensor,

@@ -162,10 +162,10 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
 
     ``global_batch`` (sequences per step) sets the gradient accumulation for this
     world size (``train.grad_accum`` otherwise)."""
+    from liquid_dist.model.counts import count_parameters
     from liquid_dist.model.moe import PRECISION_DTYPES
     from liquid_dist.parallel.build_plan import resolve_build
     from liquid_dist.parallel.deepspeed_config import zero3_working_set_bytes
-    from liquid_dist.params import count_parameters
     from liquid_dist.train.flops import ModelFlops, peak_flops_of
 
     if gpu not in GPUS:

@@ -27,8 +27,8 @@ from liquid_dist.config import (
 )
 from liquid_dist.data import Tokenizer
 from liquid_dist.model import LiquidFoundationModelOptimized, MoELayer
+from liquid_dist.model.counts import count_parameters
 from liquid_dist.model.generation import GenerationConfig, IncrementalDecoder
-from liquid_dist.params import count_parameters
 from liquid_dist.train.flops import ModelFlops
 
 ALL = list(ABLATIONS)
@@ -269,8 +269,7 @@ def test_ablated_model_trains_under_zero3_converts_and_generates(ablate, tmp_pat
     """2 ZeRO-3 steps in one process, then the converter rebuilds the ablated model from
     the saved config: from_pretrained's logits equal the trained weights', and greedy
     decoding of the converted model is the teacher-forced argmax."""
-    from liquid_dist.convert import convert
-    from liquid_dist.train.sample import load_trained_model
+    from liquid_dist.convert import convert, load_trained_model
 
     run = tf.TMP / f"ablate_{'-'.join(ablate)}"
     proc = tf.launch(1, tf.base_overrides(run, steps=2) + [f"model.ablate=[{','.join(ablate)}]"],

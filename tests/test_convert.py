@@ -157,7 +157,7 @@ def assert_same_logits(model, live) -> None:
 
 @pytest.mark.slow
 def test_converted_model_logits_equal_the_trained_weights_logits() -> None:
-    from liquid_dist.train.sample import load_trained_model
+    from liquid_dist.convert import load_trained_model
 
     live, _ = load_trained_model(tf.reference_run())
     model = LiquidFoundationModelOptimized.from_pretrained(converted())
@@ -278,7 +278,7 @@ def test_a_checkpoint_damaged_after_it_was_written_is_refused_naming_the_file(
     """One flipped byte, a truncated file, a deleted file: the converter, the sampler's and
     evaluator's loader and the offline verifier (``python -m liquid_dist.checkpoint_format
     verify``) name each."""
-    from liquid_dist.train.sample import load_trained_model
+    from liquid_dist.convert import load_trained_model
 
     run = copy_run(tmp_path)
     ckpt = run / "checkpoints" / STEP
@@ -353,7 +353,7 @@ def ep_run() -> Path:
 def test_expert_parallel_checkpoint_converts_to_the_live_model() -> None:
     from live_logits_harness import probe_inputs
 
-    from liquid_dist.train.sample import load_trained_model
+    from liquid_dist.convert import load_trained_model
 
     run = ep_run()
     out = convert(run, tf.TMP / "converted_ep2", progress=False)

@@ -29,10 +29,10 @@ from data_fixtures import scenes, write_jsonl
 from test_plot import two_step_run
 
 from liquid_dist.config import load_config
+from liquid_dist.convert import load_trained_model
 from liquid_dist.data import Tokenizer, example_shape, make_shards, read_manifest, span_corruption
 from liquid_dist.evaluate import ByteCounter, main
 from liquid_dist.model import LiquidFoundationModelOptimized
-from liquid_dist.train.sample import load_trained_model
 
 LE, LD = 32, 16  # the micro model's maximum lengths: the example shapes of a converted model
 UNICODE_DOC = "Café naïve — 中文 😀 ½ end"
@@ -60,7 +60,8 @@ def model_dir() -> Path:
         f"data.decoder_length={LD}"])
     torch.manual_seed(0)
     model = LiquidFoundationModelOptimized(cfg.model)
-    return model.save_pretrained(tf.TMP / "eval_model", tokenizer=tf.train_data().tokenizer)
+    out = model.save_pretrained(tf.TMP / "eval_model")
+    return tok().save_pretrained(out, model_max_length=cfg.model.max_encoder_length)
 
 
 @functools.cache

@@ -13,13 +13,14 @@ from data_fixtures import tokenizer_path
 from test_model import VOCAB, make_model, small_cfg
 
 from liquid_dist.config import ModelConfig
+from liquid_dist.data import Tokenizer
+from liquid_dist.data.tokenizer import MODEL_NAME as TOKENIZER_NAME
 from liquid_dist.model import LiquidFoundationModelOptimized
 from liquid_dist.model.generation import GenerationConfig
 from liquid_dist.model.pretrained import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
     INDEX_NAME,
-    TOKENIZER_NAME,
     WEIGHTS_NAME,
     remote_code_files,
 )
@@ -80,7 +81,9 @@ def test_save_pretrained_round_trip(tmp_path: Path):
     out = tmp_path / "model"
     out.mkdir()
     (out / INDEX_NAME).write_text("{}")  # a stale sharded export must not shadow the new file
-    assert model.save_pretrained(out, tokenizer=tok) == out
+    assert model.save_pretrained(out) == out
+    assert Tokenizer(tok).save_pretrained(
+        out, model_max_length=model.cfg.max_encoder_length) == out
     assert {p.name for p in out.iterdir()} == {
         CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, TOKENIZER_NAME, "tokenizer.json",
         "tokenizer_config.json", *(f.name for f in remote_code_files())}
@@ -188,7 +191,8 @@ def test_generate_cli_takes_its_defaults_from_generation_config_json(tmp_path: P
     model = build(vocab_size=tok.vocab_size)
     model.generation_config = model.generation_config.updated(
         do_sample=True, top_k=5, temperature=1.5, max_new_tokens=6)
-    model.save_pretrained(tmp_path / "m", tokenizer=tok_file)
+    tok.save_pretrained(model.save_pretrained(tmp_path / "m"),
+                        model_max_length=model.cfg.max_encoder_length)
     prompts = ["To be, or not to be", "ROMEO:"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     proc = subprocess.run([sys.executable, "-m", "liquid_dist.generate", str(tmp_path / "m"),

@@ -233,11 +233,10 @@ def test_bad_input_writes_nothing():
         write_hf_tokenizer(bpe, out, model_max_length=8)
     assert not out.exists()
     # a model directory keeps the BPE model itself, and says why AutoTokenizer cannot load it
-    from liquid_dist.config import ModelConfig
-    from liquid_dist.model.pretrained import write_tokenizer
+    from liquid_dist.data import Tokenizer
 
     (TMP / "bpe_model_dir").mkdir()
     with pytest.warns(UserWarning, match="no transformers tokenizer files.*unigram"):
-        write_tokenizer(bpe, TMP / "bpe_model_dir", ModelConfig())
+        Tokenizer(bpe).save_pretrained(TMP / "bpe_model_dir", model_max_length=64)
     assert (TMP / "bpe_model_dir" / "tokenizer.model").read_bytes() == bpe.read_bytes()
     assert not (TMP / "bpe_model_dir" / HF_TOKENIZER_NAME).exists()

@@ -7,7 +7,8 @@ import torch
 
 from liquid_dist.config import load_config
 from liquid_dist.model import LiquidFoundationModelOptimized, MoELayer
-from liquid_dist.params import count_parameters, main
+from liquid_dist.model.counts import count_parameters
+from liquid_dist.params import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -1,8 +1,8 @@
 """The run plan (liquid_dist.train.prepare, liquid_dist.parallel.build_plan): a config
 resolved once, before any process group, into everything the build reads, and its
 start point (the checkpoint it resumes, verified); and the
-module layering it leaves (no back-arrows into data/ from the config, nor into
-params.py from the model)."""
+module layering it leaves (no back-arrows into data/ from the config, out of the model
+package, or from parallel/ into train/; the trainer imports no model classes)."""
 
 from __future__ import annotations
 
@@ -102,17 +102,19 @@ def _imports(path: Path) -> set[str]:
 def test_no_back_arrows_from_the_config_into_data_or_out_of_the_model_package() -> None:
     """The run config takes its model section from the model package only; the model
     package (a model directory's remote code) imports nothing of the project outside it
-    but, when it saves a tokenizer, the writer of the tokenizer files (optional there)."""
+    (the tokenizer saves itself: liquid_dist.data.Tokenizer.save_pretrained); the
+    parallel layer builds the engine without the training engine."""
     root = tf.REPO / "liquid_dist"
     outside = {m for m in _imports(root / "config.py") if m.startswith("liquid_dist.")}
     assert outside and all(m.startswith("liquid_dist.model.config") for m in outside), outside
-    allowed = {"pretrained.py": {"liquid_dist.data.hf_tokenizer",
-                                 "liquid_dist.data.hf_tokenizer.NotReproducible",
-                                 "liquid_dist.data.hf_tokenizer.write_hf_tokenizer"}}
     for path in (root / "model").glob("*.py"):
         outside = {m for m in _imports(path)
                    if m.startswith("liquid_dist.") and not m.startswith("liquid_dist.model")}
-        assert outside <= allowed.get(path.name, set()), path.name
+        assert not outside, path.name
+    for path in (root / "parallel").glob("*.py"):
+        assert not {m for m in _imports(path) if m.startswith("liquid_dist.train")}, path.name
+    trainer = _imports(root / "train" / "trainer.py")
+    assert not {m for m in trainer if m.startswith("liquid_dist.model")}, trainer
 
 
 def test_resume_verifies_a_checkpoint_before_reading_it(tmp_path: Path) -> None:

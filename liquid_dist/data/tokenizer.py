@@ -14,6 +14,8 @@ import functools
 import hashlib
 import io
 import json
+import shutil
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -61,6 +63,25 @@ class Tokenizer:
             sentinels.append(i)
         self._sentinels = tuple(sentinels)
         self._sha256: Optional[str] = None
+
+    def save_pretrained(self, path: Union[str, Path], *, model_max_length: int) -> Path:
+        """Save this tokenizer into the model directory ``path``: the sentencepiece model as
+        ``tokenizer.model`` (what ``python -m liquid_dist.generate`` reads) and its
+        ``transformers`` tokenizer files (``AutoTokenizer``; ``model_max_length``: the
+        model's longest input). A model those cannot reproduce exactly (a BPE one) gets
+        none, with a warning saying so. Returns ``path``."""
+        from liquid_dist.data.hf_tokenizer import NotReproducible, write_hf_tokenizer
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.path.resolve() != (out / MODEL_NAME).resolve():
+            shutil.copyfile(self.path, out / MODEL_NAME)
+        try:
+            write_hf_tokenizer(out / MODEL_NAME, out, model_max_length=model_max_length)
+        except NotReproducible as exc:
+            warnings.warn(f"{out}: no transformers tokenizer files (AutoTokenizer will not "
+                          f"load this directory): {exc}", stacklevel=2)
+        return out
 
     @property
     def vocab_size(self) -> int:

@@ -383,16 +383,15 @@ class LiquidFoundationModelOptimized(nn.Module):
         gen = (generation_config or self.generation_config).updated(**settings)
         return generate(self, encoder_input_ids, encoder_attention_mask, gen, generator)
 
-    def save_pretrained(self, path: str | Path, tokenizer: str | Path | None = None) -> Path:
+    def save_pretrained(self, path: str | Path) -> Path:
         """Write the model directory that :meth:`from_pretrained` reads: ``config.json``,
         ``model.safetensors`` (each tensor once, in its current dtype),
         ``generation_config.json`` (``self.generation_config``) and the model package's
-        modules, its ``transformers`` remote code; ``tokenizer``, a sentencepiece model
-        file, is copied in as ``tokenizer.model`` (for ``python -m liquid_dist.generate``)
-        with its ``transformers`` tokenizer files. Returns ``path``."""
+        modules, its ``transformers`` remote code. The tokenizer saves itself beside them
+        (``liquid_dist.data.Tokenizer.save_pretrained``). Returns ``path``."""
         from .pretrained import save_pretrained
 
-        return save_pretrained(self, path, tokenizer=tokenizer)
+        return save_pretrained(self, path)
 
     @classmethod
     def from_pretrained(

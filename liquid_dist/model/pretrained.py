@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -40,7 +39,6 @@ from .init import PerExpert, Rule, Source, init_parameters
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_NAME = "tokenizer.model"
 GENERATION_CONFIG_NAME = "generation_config.json"
 MODEL_CARD_NAME = "README.md"
 
@@ -178,24 +176,6 @@ def write_remote_code(path: Union[str, Path]) -> None:
         shutil.copyfile(f, Path(path) / f.name)
 
 
-def write_tokenizer(tokenizer: Union[str, Path], path: Union[str, Path], cfg: ModelConfig) -> None:
-    """Copy the sentencepiece model into the model directory ``path`` as ``tokenizer.model``
-    and write its ``transformers`` tokenizer files beside it; a model those cannot
-    reproduce exactly (a BPE one) gets none, with a warning saying so."""
-    out = Path(path)
-    if Path(tokenizer).resolve() != (out / TOKENIZER_NAME).resolve():
-        shutil.copyfile(tokenizer, out / TOKENIZER_NAME)
-    try:  # the project's data package: not part of a model directory's remote code
-        from liquid_dist.data.hf_tokenizer import NotReproducible, write_hf_tokenizer
-    except ImportError as exc:
-        raise ImportError("writing a tokenizer needs liquid_dist installed") from exc
-    try:
-        write_hf_tokenizer(out / TOKENIZER_NAME, out, model_max_length=cfg.max_encoder_length)
-    except NotReproducible as exc:
-        warnings.warn(f"{out}: no transformers tokenizer files (AutoTokenizer will not load "
-                      f"this directory): {exc}", stacklevel=2)
-
-
 def write_generation_config(gen: GenerationConfig, path: Union[str, Path]) -> None:
     """``generation_config.json`` of a model directory."""
     (Path(path) / GENERATION_CONFIG_NAME).write_text(json.dumps(gen.to_dict(), indent=2) + "\n",
@@ -224,8 +204,7 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def save_pretrained(model: nn.Module, path: Union[str, Path],
-                    tokenizer: Union[str, Path, None] = None) -> Path:
+def save_pretrained(model: nn.Module, path: Union[str, Path]) -> Path:
     """Write ``model`` (a whole LiquidFoundationModelOptimized in memory, not a ZeRO-3
     partitioned one: convert a checkpoint with ``python -m liquid_dist.convert``) as
     the directory :func:`load_pretrained` reads; see its ``save_pretrained`` method."""
@@ -245,8 +224,6 @@ def save_pretrained(model: nn.Module, path: Union[str, Path],
     write_model_config(model.cfg, out, dtype)
     write_generation_config(model.generation_config, out)
     write_remote_code(out)
-    if tokenizer is not None:
-        write_tokenizer(tokenizer, out, model.cfg)
     return out
 
 

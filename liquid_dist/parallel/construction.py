@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from liquid_dist.model import LiquidFoundationModelOptimized
+from liquid_dist.model.counts import count_parameters
 from liquid_dist.model.init import Source, init_parameters
 from liquid_dist.model.moe import PRECISION_DTYPES
 from liquid_dist.model.pretrained import canonical_names, weight_source
 from liquid_dist.parallel.build_plan import BuildPlan
 from liquid_dist.parallel.ds_compat import is_expert_parameter
 from liquid_dist.parallel.expert_parallel import ExpertLayout, apply_expert_parallel
-from liquid_dist.params import count_parameters
 
 
 @dataclass

@@ -13,33 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from liquid_dist.checkpoint_format import (
-    find_checkpoint,
-    open_checkpoint,
-    read_config,
-    verify_checkpoint,
-)
-from liquid_dist.config import Config, config_from_dict
-
-
-def load_trained_model(checkpoint: str | Path) -> tuple[nn.Module, Config]:
-    """A plain model with a checkpoint's weights, in eval mode, and its resolved config.
-
-    ``checkpoint``: a checkpoint directory, a ``checkpoints`` directory or a run
-    directory (its ``latest``); its files verified first (a damaged one is a
-    CheckpointError naming it, as for the converter).
-    """
-    from liquid_dist.model import LiquidFoundationModelOptimized
-
-    ref = find_checkpoint(str(checkpoint))
-    assert ref is not None
-    verify_checkpoint(ref.path)
-    cfg = config_from_dict(read_config(ref))
-    model = LiquidFoundationModelOptimized(cfg.model)
-    model.load_state_dict(open_checkpoint(ref.path).state_dict())
-    return model.eval(), cfg
+from liquid_dist.convert import load_trained_model
 
 
 def _text(tok: Any, ids: torch.Tensor) -> str:
