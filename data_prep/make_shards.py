@@ -10,6 +10,15 @@ Re-running with the same settings keeps complete shards and rewrites the
 partial one; the output bytes depend only on the inputs and settings, not on
 --workers. Bad inputs are counted per file and reported at the end. --verify
 checks an existing output against its manifest.
+
+With --tasks N the same preparation runs as a datatrove pipeline of N tasks
+on this machine, --workers of them at a time: each task reads a contiguous
+run of the input files, writes OUTPUT/task-RANK/{train,val}-NNNNNN.tar and
+OUTPUT/task-RANK/manifest.json, and the merge writes OUTPUT/manifest.json
+listing every task's shards (the loader reads it like any other). The
+documents, their ids and their split are the same for any N. Running the
+command again runs only the unfinished tasks (datatrove's logs and completion
+markers are in OUTPUT/datatrove/).
 """
 
 from __future__ import annotations
@@ -32,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", nargs="+", help="files or directories")
     p.add_argument("--output", required=True, help="shard directory")
     p.add_argument("--shard-size-mb", type=float, default=64.0)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="tokenising processes; with --tasks, tasks run at a time")
+    p.add_argument("--tasks", type=int,
+                   help="run as a datatrove pipeline of this many tasks (see above)")
     p.add_argument("--val-fraction", type=float, default=0.0)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--txt-docs", choices=["blank-line", "file"], default="blank-line")
@@ -55,11 +67,26 @@ def main(argv: list[str] | None = None) -> int:
         if not args.tokenizer or not args.input:
             p.error("--tokenizer and --input are required (unless --verify)")
         start = time.time()
-        manifest = make_shards(
-            args.input, args.output, args.tokenizer, shard_size_mb=args.shard_size_mb,
-            workers=args.workers, val_fraction=args.val_fraction, split_seed=args.split_seed,
-            txt_docs=args.txt_docs, text_field=args.text_field, policy=args.bad_input,
-            overwrite=args.overwrite, progress=not args.no_progress)
+        if args.tasks is not None:
+            if args.tasks < 1:
+                p.error(f"--tasks {args.tasks} must be >= 1")
+            try:
+                from liquid_dist.data.prep import PrepSettings, prepare_shards
+            except ImportError as exc:
+                raise DataError(str(exc)) from exc
+            settings = PrepSettings(
+                str(args.tokenizer), shard_size_mb=args.shard_size_mb,
+                val_fraction=args.val_fraction, split_seed=args.split_seed,
+                txt_docs=args.txt_docs, text_field=args.text_field, policy=args.bad_input)
+            manifest = prepare_shards(args.input, args.output, settings, tasks=args.tasks,
+                                      workers=args.workers, overwrite=args.overwrite)
+        else:
+            manifest = make_shards(
+                args.input, args.output, args.tokenizer, shard_size_mb=args.shard_size_mb,
+                workers=args.workers, val_fraction=args.val_fraction,
+                split_seed=args.split_seed, txt_docs=args.txt_docs,
+                text_field=args.text_field, policy=args.bad_input,
+                overwrite=args.overwrite, progress=not args.no_progress)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

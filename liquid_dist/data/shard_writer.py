@@ -118,7 +118,7 @@ def _encoded(docs: Iterable[tuple[int, str, Document]], model_path: str,
 # ------------------------------------------------------------ shard writing
 
 
-class _SplitWriter:
+class SplitWriter:
     """Writes one split's shards in order; records each completed shard."""
 
     def __init__(self, out: Path, split: str, dtype: str, max_bytes: int, kept: list[dict],
@@ -239,7 +239,7 @@ def make_shards(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path]
         "vocab_size": tok.vocab_size, "inputs": [str(i) for i in inputs],
         "settings": settings, "complete": False,
     }
-    writers: dict[str, _SplitWriter] = {}
+    writers: dict[str, SplitWriter] = {}
 
     def save() -> None:
         manifest["shards"] = [s for split in SPLITS for s in writers[split].shards]
@@ -247,7 +247,7 @@ def make_shards(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path]
 
     max_bytes = int(shard_size_mb * 1024 * 1024)
     for split in SPLITS:
-        writers[split] = _SplitWriter(out, split, dtype, max_bytes, kept[split], save)
+        writers[split] = SplitWriter(out, split, dtype, max_bytes, kept[split], save)
     save()
 
     def todo() -> Iterator[tuple[int, str, Document]]:
