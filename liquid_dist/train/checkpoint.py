@@ -173,21 +173,28 @@ class LoadedCheckpoint:
 class CheckpointManager:
     """Saves and loads the checkpoints of one run directory (see the module docstring).
 
-    ``expert_layout``: this rank's experts (parallel.ep_size > 1), None without.
+    ``every``: the save cadence in steps (:meth:`due`). ``expert_layout``: this rank's
+    experts (parallel.ep_size > 1), None without.
     ``seed``: the run's seed, for the RNG of a rank that did not exist before.
     ``faults``: where a test makes a checkpoint write fail (liquid_dist.train.faults).
     """
 
     def __init__(self, run_dir: str | Path, *, keep_last: int, rank: int, world_size: int,
-                 expert_layout: Any = None, seed: int = 0, faults: Faults = NO_FAULTS):
+                 every: int = 1, expert_layout: Any = None, seed: int = 0,
+                 faults: Faults = NO_FAULTS):
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / CHECKPOINTS
-        self.keep_last = keep_last
+        self.keep_last, self.every = keep_last, every
         self.rank = rank
         self.world_size = world_size
         self.expert_layout = expert_layout
         self.seed = seed
         self.faults = faults
+
+    def due(self, step: int, *, last: bool) -> bool:
+        """Whether the step ``step`` saves: every ``every`` steps (``train.ckpt_every``) and
+        the last one."""
+        return last or step % self.every == 0
 
     @property
     def ep_size(self) -> int:

@@ -224,10 +224,15 @@ def peak_memory_gb(device: Any) -> float:
 
 
 class StepWindow:
-    """Sums over the steps since the last ``train`` record (the trainer's StepResults)."""
+    """Sums over the steps since the last ``train`` record (the trainer's StepResults); a
+    record is due every ``every`` steps and at the last one (:meth:`due`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: int = 1) -> None:
+        self.every = every
         self.reset(time.perf_counter())
+
+    def due(self, step: int, *, last: bool) -> bool:
+        return last or step % self.every == 0
 
     def reset(self, now: float) -> None:
         self.start = now

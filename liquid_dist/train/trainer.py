@@ -71,6 +71,7 @@ from liquid_dist.train.schedule import lr_at
 from liquid_dist.train.signals import StopFlag
 from liquid_dist.train.spikes import SpikeGuard
 from liquid_dist.train.state import TrainerState
+from liquid_dist.train.validate import Validator
 
 
 class NonFiniteLossError(RuntimeError):
@@ -147,11 +148,11 @@ class Trainer:
         seed_everything(t.seed + self.env.rank)  # per-rank dropout streams
         if self._train_loader is None:
             self._train_loader = open_loader(cfg.data, plan.train_data, self.env.rank)
-        self.val_loader = None
-        if plan.val_data is not None:
-            self.val_loader = open_loader(cfg.data, plan.val_data, self.env.rank)
-        self.ckpt = CheckpointManager(self.run_dir, keep_last=t.keep_last, rank=self.env.rank,
-                                      world_size=self.env.world_size,
+        self.validator = None if plan.val_data is None else Validator(
+            open_loader(cfg.data, plan.val_data, self.env.rank), every=t.eval_every,
+            device=self.device, precision=self.precision, world_size=self.env.world_size)
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=t.keep_last, every=t.ckpt_every,
+                                      rank=self.env.rank, world_size=self.env.world_size,
                                       expert_layout=self.expert_layout, seed=t.seed,
                                       faults=self.faults)
         self.monitor = BlockMonitor(self.model, cfg.parallel.zero_stage)
@@ -253,7 +254,7 @@ class Trainer:
     def _loop(self, stop: StopFlag, bar: Any) -> int:
         t, st, rank = self.cfg.train, self.state, self.env.rank
         batches = self._batches()
-        window = StepWindow()
+        window = StepWindow(every=t.log_every)
         self.heartbeat.enter("first_step")
         while st.step < t.max_steps:
             began = time.perf_counter()
@@ -267,13 +268,13 @@ class Trainer:
             if result.monitor is not None:
                 self.logger.log({"kind": "monitor", "step": st.step, **result.monitor})
             last = st.step == t.max_steps
-            if st.step % t.log_every == 0 or last:
+            if window.due(st.step, last=last):
                 self._log_train(window, result.lr)
-            if self.val_loader is not None and (st.step % t.eval_every == 0 or last):
+            if self.validator is not None and self.validator.should_validate(st.step, last=last):
                 self._evaluate()
             if result.stop and not last:  # at the last step: just finish
                 return self._preempt(stop)
-            if st.step % t.ckpt_every == 0 or last:
+            if self.ckpt.due(st.step, last=last):
                 self._save()
             self.faults.after_step(st.step, rank, self.run_dir, stop, self.heartbeat)
         if self._last_saved_step != st.step:
@@ -455,27 +456,9 @@ class Trainer:
         self.logger.log(record, human_line(record, t.max_steps, eta))
         w.reset(time.perf_counter())
 
-    @torch.no_grad()
     def _evaluate(self) -> None:
         with self.heartbeat.within("eval"):
-            self.engine.eval()
-            sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-            for batch in self.val_loader:
-                n = float((batch["labels"] != -100).sum())
-                with autocast(self.device, self.precision):
-                    out = self.engine(**self._to_device(batch))
-                sums += torch.stack([out["ce_sum"].detach().double(), sums.new_tensor(n),
-                                     out["aux_loss"].detach().double()])
-            batches = len(self.val_loader)
-            self.engine.train()
-            sums = self._all_reduce(sums).cpu()
-            val_ce = float(sums[0] / sums[1].clamp(min=1))
-            val_loss = val_ce + float(sums[2]) / max(1, batches * self.env.world_size)
-            self.logger.log({"kind": "eval", "step": self.state.step, "val_ce": val_ce,
-                             "val_loss": val_loss,
-                             "val_ppl": math.exp(val_ce) if val_ce < 50 else float("inf")},
-                            f"eval step {self.state.step}: val ce {val_ce:.4f} "
-                            f"(ppl {math.exp(min(val_ce, 50)):.1f}), val loss {val_loss:.4f}")
+            self.logger.log(*self.validator.validate(self.engine, self.state.step))
 
     def _save(self) -> None:
         with self.heartbeat.within("save"):
