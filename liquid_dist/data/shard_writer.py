@@ -161,6 +161,64 @@ class SplitWriter:
         self.on_shard()
 
 
+class ShardSet:
+    """The shards of one output directory being written: a :class:`SplitWriter` per split
+    and ``manifest.json``, rewritten after every completed shard.
+
+    ``manifest``: its header (:func:`manifest_header` and the writer's own fields);
+    ``kept``: per split, the shards kept from an earlier run.
+    """
+
+    def __init__(self, out: Path, manifest: dict[str, Any], shard_size_mb: float,
+                 kept: Optional[dict[str, list[dict]]] = None):
+        self.out, self.manifest = out, manifest
+        max_bytes = int(shard_size_mb * 1024 * 1024)
+        self.writers = {split: SplitWriter(out, split, manifest["dtype"], max_bytes,
+                                           (kept or {}).get(split, []), self.save)
+                        for split in SPLITS}
+        self.save()
+
+    def save(self) -> None:
+        self.manifest["shards"] = [s for w in self.writers.values() for s in w.shards]
+        write_json_atomic(self.out / MANIFEST_NAME, self.manifest)
+
+    def add(self, ordinal: int, split: str, doc: Document, payload: bytes,
+            report: InputReport, policy: str) -> bool:
+        """Write ``doc`` (its ids ``payload``) to ``split``; a document without tokens is
+        counted ``empty`` in ``report`` instead (DataError under policy fail). Whether it
+        was written."""
+        if not payload:
+            if policy == "fail":
+                raise DataError(f"{doc.key}: document {doc.index} has no tokens")
+            report.count(doc.key, "empty", f"document {doc.index}: no tokens")
+            return False
+        self.writers[split].add(ordinal, doc, payload)
+        return True
+
+    def finish(self, report: InputReport) -> dict[str, Any]:
+        """Close the last shards; the manifest, complete, with the totals per split and
+        ``report``."""
+        for w in self.writers.values():
+            w.close_shard()
+        self.manifest["complete"] = True
+        self.manifest["totals"] = {
+            split: {"shards": len(w.shards), "documents": sum(x["documents"] for x in w.shards),
+                    "tokens": sum(x["tokens"] for x in w.shards)}
+            for split, w in self.writers.items()}
+        self.manifest["report"] = report.to_dict()
+        self.save()
+        return self.manifest
+
+
+def manifest_header(tok: Tokenizer, tokenizer_path: Union[str, Path]) -> dict[str, Any]:
+    """The fields every shard manifest starts with: the format, the ids' dtype and suffix,
+    the tokenizer (path, sha256, vocabulary), not yet complete."""
+    dtype = tok.ids_dtype
+    return {"format_version": FORMAT_VERSION, "dtype": dtype,
+            "ids_suffix": SUFFIX_OF_DTYPE[dtype], "tokenizer": str(tokenizer_path),
+            "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "complete": False}
+
+
 def _settings(files: list, tok: Tokenizer,
               shard_size_mb: float, val_fraction: float, split_seed: int, txt_docs: str,
               text_field: str) -> dict:
@@ -212,7 +270,6 @@ def make_shards(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(tokenizer_path)
-    dtype = tok.ids_dtype
     files = expand_inputs(inputs)
     settings = _settings(files, tok, shard_size_mb, val_fraction, split_seed, txt_docs,
                          text_field)
@@ -233,22 +290,9 @@ def make_shards(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path]
     resume_from = {s: (kept[s][-1]["last_doc"] + 1 if kept[s] else 0) for s in SPLITS}
 
     report = InputReport()
-    manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "dtype": dtype, "ids_suffix": SUFFIX_OF_DTYPE[dtype],
-        "tokenizer": str(tokenizer_path), "tokenizer_sha256": tok.sha256,
-        "vocab_size": tok.vocab_size, "inputs": [str(i) for i in inputs],
-        "settings": settings, "complete": False,
-    }
-    writers: dict[str, SplitWriter] = {}
-
-    def save() -> None:
-        manifest["shards"] = [s for split in SPLITS for s in writers[split].shards]
-        write_json_atomic(manifest_path, manifest)
-
-    max_bytes = int(shard_size_mb * 1024 * 1024)
-    for split in SPLITS:
-        writers[split] = SplitWriter(out, split, dtype, max_bytes, kept[split], save)
-    save()
+    shards = ShardSet(out, {**manifest_header(tok, tokenizer_path),
+                            "inputs": [str(i) for i in inputs], "settings": settings},
+                      shard_size_mb, kept)
 
     def todo() -> Iterator[tuple[int, str, Document]]:
         docs = iter_documents(files, report, txt_docs=txt_docs, text_field=text_field,
@@ -260,21 +304,7 @@ def make_shards(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path]
                 yield ordinal, split, doc
 
     for ordinal, split, doc, payload in _encoded(todo(), str(tokenizer_path), workers):
-        if not payload:
-            if policy == "fail":
-                raise DataError(f"{doc.key}: document {doc.index} has no tokens")
-            report.count(doc.key, "empty", f"document {doc.index}: no tokens")
-            continue
-        writers[split].add(ordinal, doc, payload)
-    for split in SPLITS:
-        writers[split].close_shard()
-    manifest["complete"] = True
-    manifest["totals"] = {
-        split: {"shards": len(writers[split].shards),
-                "documents": sum(s["documents"] for s in writers[split].shards),
-                "tokens": sum(s["tokens"] for s in writers[split].shards)}
-        for split in SPLITS}
-    manifest["report"] = report.to_dict()
-    save()
+        shards.add(ordinal, split, doc, payload, report, policy)
+    manifest = shards.finish(report)
     log.info("%s", report.summary())
     return manifest

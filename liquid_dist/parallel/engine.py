@@ -127,6 +127,11 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host batch on ``device`` (non-blocking from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def plain_grad_norm(engine: Any) -> Optional[float]:
     """The global gradient norm of an engine without ZeRO, which DeepSpeed (fp32) does not
     compute; None without gradients. Read before the update."""

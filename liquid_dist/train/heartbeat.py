@@ -125,9 +125,9 @@ class Heartbeat:
 
     def step_allowance(self) -> float:
         """Seconds a training step may take (see the module doc)."""
-        timed = self._step_times[1:]
         if self.step_timeout_s is not None:
             return self.step_timeout_s
+        timed = self._step_times[1:]
         if len(timed) < TIMED_STEPS:
             return self.long_timeout_s
         return max(MIN_STEP_ALLOWANCE_S, 10 * max(timed))

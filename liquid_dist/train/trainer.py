@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from liquid_dist.parallel.distributed import DistEnv
 from liquid_dist.parallel.ds_compat import pending_grad_norm
-from liquid_dist.parallel.engine import autocast, build_engine, plain_grad_norm
+from liquid_dist.parallel.engine import autocast, build_engine, plain_grad_norm, to_device
 from liquid_dist.train.checkpoint import (
     CheckpointManager,
     find_damage_together,
@@ -181,9 +181,6 @@ class Trainer:
         """Training batches on the host, endlessly (the loader starts each epoch itself)."""
         while True:
             yield from self._train_loader
-
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, on the device; the result stays there."""
@@ -337,7 +334,7 @@ class Trainer:
             if monitoring:
                 self.monitor.resume()
             with autocast(self.device, self.precision):
-                out = self.engine(**self._to_device(batch))
+                out = self.engine(**to_device(batch, self.device))
             if monitoring:
                 self.monitor.pause()
             ce_sum = out["ce_sum"] if factor is None else out["ce_sum"] * factor

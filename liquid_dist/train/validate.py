@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from liquid_dist.parallel.engine import autocast
+from liquid_dist.parallel.engine import autocast, to_device
 
 
 class Validator:
@@ -33,8 +33,7 @@ class Validator:
         for batch in self.loader:
             n = float((batch["labels"] != -100).sum())
             with autocast(self.device, self.precision):
-                out = engine(**{k: v.to(self.device, non_blocking=True)
-                                for k, v in batch.items()})
+                out = engine(**to_device(batch, self.device))
             sums += torch.stack([out["ce_sum"].detach().double(), sums.new_tensor(n),
                                  out["aux_loss"].detach().double()])
         batches = len(self.loader)

@@ -30,14 +30,10 @@ from datatrove.pipeline.base import PipelineStep
 
 from liquid_dist.data.errors import DataError
 from liquid_dist.data.prep.plan import TaskPlan, doc_ordinal
-from liquid_dist.data.shard_writer import SPLITS, SplitWriter, assign_split
+from liquid_dist.data.shard_writer import ShardSet, assign_split, manifest_header
 from liquid_dist.data.shards import (
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    SUFFIX_OF_DTYPE,
     encode_ids,
     sample_key,
-    write_json_atomic,
 )
 from liquid_dist.data.text_inputs import Document as InputDocument
 from liquid_dist.data.text_inputs import InputReport, iter_documents
@@ -187,45 +183,18 @@ class WebDatasetShardWriter(PipelineStep):
         clear_shard_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         tok = Tokenizer(self.settings.tokenizer)
-        dtype = tok.ids_dtype
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION, "dtype": dtype,
-            "ids_suffix": SUFFIX_OF_DTYPE[dtype], "tokenizer": self.settings.tokenizer,
-            "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "task": rank,
-            "files": [f.file.key for f in self.plan.files_of(rank)],
-            "settings": self.settings.recorded(tok, self.plan), "complete": False}
-        writers: dict[str, SplitWriter] = {}
-
-        def save() -> None:
-            manifest["shards"] = [s for split in SPLITS for s in writers[split].shards]
-            write_json_atomic(out / MANIFEST_NAME, manifest)
-
-        max_bytes = int(self.settings.shard_size_mb * 1024 * 1024)
-        for split in SPLITS:
-            writers[split] = SplitWriter(out, split, dtype, max_bytes, [], save)
-        save()
+        shards = ShardSet(out, {**manifest_header(tok, self.settings.tokenizer), "task": rank,
+                                "files": [f.file.key for f in self.plan.files_of(rank)],
+                                "settings": self.settings.recorded(tok, self.plan)},
+                          self.settings.shard_size_mb)
         for doc in data or ():
             meta = doc.metadata
             source, index = meta["source"], meta["doc"]
-            if not meta["ids"]:
-                if self.settings.policy == "fail":
-                    raise DataError(f"{source}: document {index} has no tokens")
-                self.reader.report.count(source, "empty", f"document {index}: no tokens")
-                continue
             split = assign_split(source, index, self.settings.val_fraction,
                                  self.settings.split_seed)
-            writers[split].add(meta["ordinal"], InputDocument(source, index, doc.text),
-                               meta["ids"])
-            self.stat_update(split)
-            yield doc
-        for split in SPLITS:
-            writers[split].close_shard()
-        manifest["totals"] = {
-            split: {"shards": len(writers[split].shards),
-                    "documents": sum(s["documents"] for s in writers[split].shards),
-                    "tokens": sum(s["tokens"] for s in writers[split].shards)}
-            for split in SPLITS}
-        manifest["report"] = self.reader.report.to_dict()
-        manifest["complete"] = True
-        save()
+            if shards.add(meta["ordinal"], split, InputDocument(source, index, doc.text),
+                          meta["ids"], self.reader.report, self.settings.policy):
+                self.stat_update(split)
+                yield doc
+        shards.finish(self.reader.report)
 
