@@ -1,12 +1,10 @@
-"""Throughput of the data pipeline on the Shakespeare corpus.
+"""Throughput of the data loader on the Shakespeare corpus (preparing shards: bench/data_prep.py).
 
     python bench/data_loader.py [--data DIR] [--out bench/results/data_loader.json]
 
-* make_shards: tokens/s with 1 and 2 tokenising workers, and per core, on
-  four copies of the corpus;
-* the loader: raw tokens/s drawn per loader worker for each objective
-  (encoder 512 / decoder 128, batch 16) with 0 (in-process), 1 and 2
-  workers, and the time to the first batch of a resumed loader.
+The loader's raw tokens/s drawn per loader worker for each objective
+(encoder 512 / decoder 128, batch 16) with 0 (in-process), 1 and 2 workers,
+and the time to the first batch of a resumed loader.
 
 ``--data`` is a prepare_shakespeare.py output (made in a temporary folder
 when absent). Results, with machine and date, go to a JSON file.
@@ -19,7 +17,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -31,7 +28,7 @@ import torch
 import webdataset
 
 from liquid_dist.config import DataConfig
-from liquid_dist.data import build_train_loader, make_shards, read_manifest
+from liquid_dist.data import build_train_loader, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "data_prep"))
@@ -51,29 +48,6 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "sentencepiece": sentencepiece.__version__,
             "webdataset": getattr(webdataset, "__version__", "?")}
-
-
-def bench_make_shards(data: Path, scratch: Path, copies: int = 4) -> list[dict]:
-    """The corpus ``copies`` times over (about 7M tokens), so start-up is not what is timed."""
-    text = data / "text" / "shakespeare.jsonl"
-    inputs = scratch / "inputs"
-    inputs.mkdir(exist_ok=True)
-    for i in range(copies):
-        shutil.copy(text, inputs / f"copy{i}.jsonl")
-    model = data / "tokenizer" / "tokenizer.model"
-    rows = []
-    for workers in (1, 2):
-        out = scratch / f"shards_w{workers}"
-        start = time.perf_counter()
-        manifest = make_shards([inputs], out, model, shard_size_mb=8, workers=workers,
-                               val_fraction=0.05, overwrite=True)
-        seconds = time.perf_counter() - start
-        tokens = sum(s["tokens"] for s in manifest["shards"])
-        rows.append({"workers": workers, "tokens": tokens, "seconds": round(seconds, 3),
-                     "tokens_per_s": round(tokens / seconds),
-                     "tokens_per_s_per_core": round(tokens / seconds / workers)})
-        shutil.rmtree(out)
-    return rows
 
 
 def _cfg(data: Path, objective: str, workers: int) -> DataConfig:
@@ -127,7 +101,7 @@ def main() -> None:
         data = args.data
         if data is None:
             data = scratch / "shakespeare"
-            prepare_shakespeare.prepare(data, workers=2)
+            prepare_shakespeare.prepare(data)
         manifest = read_manifest(data / "shards")
         result = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -136,7 +110,6 @@ def main() -> None:
             "corpus": {"documents": manifest["totals"]["train"]["documents"],
                        "train_tokens": manifest["totals"]["train"]["tokens"],
                        "vocab_size": manifest["vocab_size"]},
-            "make_shards": bench_make_shards(data, scratch),
             "loader": [bench_loader(data, objective, workers)
                        for objective in ("span_corruption", "prefix_lm", "mixture")
                        for workers in (0, 1, 2)],

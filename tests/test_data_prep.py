@@ -3,30 +3,32 @@
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from data_fixtures import (
+    PREP_VAL_FRACTION,
     TMP,
-    corpus_docs,
     data_config,
     load_prep_module,
-    scenes,
+    mixed_inputs,
+    prep_settings,
     shard_dir,
     tokenizer_path,
-    write_jsonl,
 )
 
 from liquid_dist.data import (
     DataError,
+    InputFile,
     InputReport,
     Tokenizer,
     build_train_loader,
@@ -34,53 +36,21 @@ from liquid_dist.data import (
     iter_documents,
 )
 from liquid_dist.data.prep import (
-    PrepSettings,
     assign_tasks,
     merge_tasks,
     plan_tasks,
     prepare_shards,
+    task_dir_name,
     task_log,
+    unfinished_tasks,
 )
 from liquid_dist.data.shard_writer import assign_split
 from liquid_dist.data.shards import decode_sample, read_manifest, resolve_shards, verify_shards
 
-VAL_FRACTION = 0.1
-
-
-@functools.cache
-def mixed_inputs() -> Path:
-    """10 files: jsonl (plain and gzip), parquet, text (plain and gzip), one bad, one empty."""
-    root = TMP / "prep_inputs"
-    docs = list(corpus_docs())
-    write_jsonl(root / "jsonl" / "part0.jsonl", docs[0:60])
-    (root / "jsonl" / "part1.jsonl.gz").write_bytes(gzip.compress(
-        "".join(json.dumps({"text": t}) + "\n" for t in docs[60:120]).encode()))
-    (root / "jsonl" / "part2.jsonl.gz").write_bytes(gzip.compress(
-        "".join(json.dumps({"text": t}) + "\nnot json\n" for t in docs[120:150]).encode()))
-    (root / "parquet").mkdir(parents=True)
-    pq.write_table(pa.table({"text": docs[150:200]}), root / "parquet" / "rows0.parquet")
-    pq.write_table(pa.table({"text": docs[200:260] + [""]}), root / "parquet" / "rows1.parquet",
-                   row_group_size=16)
-    (root / "text").mkdir()
-    (root / "text" / "scenes0.txt").write_text("\n\n".join(scenes()[400:403]) + "\n")
-    (root / "text" / "scenes1.txt").write_text("\n\n".join(scenes()[403:405]) + "\n")
-    (root / "text" / "scenes2.txt.gz").write_bytes(gzip.compress(
-        ("\n\n".join(docs[260:301]) + "\n").encode()))
-    (root / "text" / "latin1.txt").write_bytes("caf\u00e9\n\nna\u00efve\n".encode("latin-1"))
-    (root / "text" / "empty.txt").write_text("\n")
-    return root
-
-
-def _settings(**overrides: object) -> PrepSettings:
-    base = {"tokenizer": str(tokenizer_path()), "shard_size_mb": 0.05,
-            "val_fraction": VAL_FRACTION}
-    base.update(overrides)
-    return PrepSettings(**base)  # type: ignore[arg-type]
-
 
 def _prepare(name: str, tasks: int, **overrides: object) -> Path:
     out = TMP / name
-    prepare_shards([mixed_inputs()], out, _settings(**overrides), tasks=tasks)
+    prepare_shards([mixed_inputs()], out, prep_settings(**overrides), tasks=tasks)
     return out
 
 
@@ -89,11 +59,21 @@ def four_tasks() -> Path:
     return _prepare("prep_4", 4)
 
 
+def _units() -> list[InputFile]:
+    """The input units of mixed_inputs(): its files, the large ones cut in byte ranges."""
+    settings = prep_settings()
+    return [f.file for f in plan_tasks([mixed_inputs()], 1, split_bytes=settings.split_bytes,
+                                       txt_docs=settings.txt_docs).files]
+
+
 def _one_machine() -> tuple[dict[tuple[str, int], list[int]], InputReport]:
-    """(file key, index) -> Tokenizer.encode ids of every document, and the input report."""
+    """(unit key, index) -> Tokenizer.encode ids of every document, read in one process, and
+    the input report. The units' documents are the whole files' documents, in order."""
     tok = Tokenizer(tokenizer_path())
     report = InputReport()
-    docs = iter_documents(expand_inputs([mixed_inputs()]), report)
+    docs = list(iter_documents(_units(), report))
+    whole = iter_documents(expand_inputs([mixed_inputs()]), InputReport())
+    assert [d.text for d in docs] == [d.text for d in whole]
     return {(d.key, d.index): tok.encode(d.text) for d in docs}, report
 
 
@@ -120,14 +100,16 @@ def test_four_tasks_write_every_document_once_with_the_one_machine_ids():
     written = _written(out)
     assert {k: ids for k, (_, _, ids) in written.items()} == expected
     assert {k: split for k, (split, _, _) in written.items()} == {
-        k: assign_split(k[0], k[1], VAL_FRACTION, 0) for k in expected}
+        k: assign_split(k[0], k[1], PREP_VAL_FRACTION, 0) for k in expected}
     manifest = read_manifest(out)
     assert manifest["report"] == report.to_dict()
     assert manifest["report"]["files"]["prep_inputs/text/latin1.txt"] == {"invalid_utf8": 2}
     assert {t["task"] for t in manifest["tasks"] if t["totals"]["train"]["documents"]} == {
         0, 1, 2, 3}
     assert [f for t in manifest["tasks"] for f in t["files"]] == [
-        f.key for f in expand_inputs([mixed_inputs()])]
+        f.key for f in _units()]
+    split = [t["task"] for t in manifest["tasks"] for f in t["files"] if "part0.jsonl@" in f]
+    assert len(split) == 4 and len(set(split)) == 3  # one file's ranges in three tasks
     assert sum(t["totals"]["train"]["tokens"] + t["totals"]["val"]["tokens"]
                for t in manifest["tasks"]) == sum(len(ids) for ids in expected.values())
     assert verify_shards(out) == []
@@ -157,7 +139,7 @@ def test_one_task_writes_the_same_documents_keys_ids_and_split_as_four():
 
 def test_concurrent_tasks_write_the_same_shards_as_one_at_a_time():
     out = TMP / "prep_4_workers"
-    prepare_shards([mixed_inputs()], out, _settings(), tasks=4, workers=2)
+    prepare_shards([mixed_inputs()], out, prep_settings(), tasks=4, workers=2)
     shards = sorted(p.relative_to(out) for p in out.glob("task-*/*.tar"))
     assert shards == sorted(p.relative_to(four_tasks()) for p in four_tasks().glob("task-*/*.tar"))
     for name in shards:
@@ -210,27 +192,49 @@ def test_a_rerun_runs_only_the_unfinished_tasks():
     shutil.rmtree(out / "task-00001")  # marked complete by datatrove, but its shards are gone
     (out / "manifest.json").unlink()
     kept = {p: p.stat().st_mtime_ns for p in out.glob("task-0000[03]/*")}
-    prepare_shards([mixed_inputs()], out, _settings(), tasks=4)
+    prepare_shards([mixed_inputs()], out, prep_settings(), tasks=4)
     assert {p: p.stat().st_mtime_ns for p in out.glob("task-0000[03]/*")} == kept
     assert _written(out) == _written(four_tasks())
     assert (out / "manifest.json").read_bytes() == (four_tasks() / "manifest.json").read_bytes()
     finished = {p: p.stat().st_mtime_ns for p in out.glob("task-*/*")}
-    prepare_shards([mixed_inputs()], out, _settings(), tasks=4)
+    prepare_shards([mixed_inputs()], out, prep_settings(), tasks=4)
     assert {p: p.stat().st_mtime_ns for p in out.glob("task-*/*")} == finished
+
+
+def test_a_task_killed_part_way_keeps_its_complete_shards_and_the_rerun_equals_one_run():
+    out, rank = TMP / "prep_killed", 2
+    settings = prep_settings()
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("prep_kill_worker.py")), str(out),
+         str(rank), json.dumps(asdict(settings)), str(mixed_inputs())],
+        capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    task = out / task_dir_name(rank)
+    left = json.loads((task / "manifest.json").read_text())
+    assert not left["complete"] and left["shards"] and list(task.glob("*.tar.tmp"))
+    assert unfinished_tasks(out, 4) == [2, 3]
+    kept = {task / s["name"]: (task / s["name"]).stat().st_mtime_ns for s in left["shards"]}
+    prepare_shards([mixed_inputs()], out, settings, tasks=4)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    reference = four_tasks()
+    files = sorted(p.relative_to(reference) for p in reference.glob("task-*/*"))
+    assert files == sorted(p.relative_to(out) for p in out.glob("task-*/*"))
+    for name in [*files, Path("manifest.json")]:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
 def test_other_settings_task_count_or_layout_are_refused_unless_overwrite():
     out = TMP / "prep_settings"
     shutil.copytree(four_tasks(), out)
     with pytest.raises(DataError, match="prep.json: shards of a run with other plan, recorded"):
-        prepare_shards([mixed_inputs()], out, _settings(), tasks=3)
-    manifest = prepare_shards([mixed_inputs()], out, _settings(), tasks=3, overwrite=True)
+        prepare_shards([mixed_inputs()], out, prep_settings(), tasks=3)
+    manifest = prepare_shards([mixed_inputs()], out, prep_settings(), tasks=3, overwrite=True)
     assert len(manifest["tasks"]) == 3 and not (out / "task-00003").exists()
-    one_machine = TMP / "prep_over_make_shards"
-    shutil.copytree(shard_dir(), one_machine)
+    one_machine = TMP / "prep_over_make_shards"  # shards of a directory without tasks
+    shutil.copytree(shard_dir() / "task-00000", one_machine)
     with pytest.raises(DataError, match="manifest.json: shards written without tasks"):
-        prepare_shards([mixed_inputs()], one_machine, _settings(), tasks=2)
-    prepare_shards([mixed_inputs()], one_machine, _settings(), tasks=2, overwrite=True)
+        prepare_shards([mixed_inputs()], one_machine, prep_settings(), tasks=2)
+    prepare_shards([mixed_inputs()], one_machine, prep_settings(), tasks=2, overwrite=True)
     assert sorted(p.name for p in one_machine.iterdir()) == [
         "datatrove", "manifest.json", "prep.json", "task-00000", "task-00001"]
 
@@ -238,8 +242,8 @@ def test_other_settings_task_count_or_layout_are_refused_unless_overwrite():
 def test_a_failed_task_names_the_task_its_log_and_the_file():
     out = TMP / "prep_fail"
     with pytest.raises(DataError) as info:
-        prepare_shards([mixed_inputs()], out, _settings(policy="fail"), tasks=4)
-    failing = plan_tasks([mixed_inputs()], 4)
+        prepare_shards([mixed_inputs()], out, prep_settings(policy="fail"), tasks=4)
+    failing = plan_tasks([mixed_inputs()], 4, split_bytes=prep_settings().split_bytes)
     rank = next(f.task for f in failing.files if f.file.key.endswith("part2.jsonl.gz"))
     message = str(info.value)
     assert f"task {rank} (log {task_log(out, rank)})" in message
@@ -261,8 +265,9 @@ def test_cli_tasks_runs_the_pipeline_and_verify_checks_its_shards(capsys):
     out = TMP / "prep_cli"
     main = load_prep_module("make_shards").main
     assert main(["--tokenizer", str(tokenizer_path()), "--input", str(mixed_inputs()),
-                 "--output", str(out), "--shard-size-mb", "0.05", "--val-fraction",
-                 str(VAL_FRACTION), "--tasks", "4", "--workers", "1"]) == 0
+                 "--output", str(out), "--shard-size-mb", "0.05", "--split-mb", "0.1",
+                 "--val-fraction",
+                 str(PREP_VAL_FRACTION), "--tasks", "4", "--workers", "1"]) == 0
     assert (out / "manifest.json").read_bytes() == (four_tasks() / "manifest.json").read_bytes()
     assert main(["--verify", "--output", str(out)]) == 0
     with open(out / "task-00002" / "train-000000.tar", "r+b") as fh:

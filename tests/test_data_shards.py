@@ -1,4 +1,5 @@
-"""make_shards: contents equal the tokenised input, manifest, determinism, resume, reports."""
+"""One task's shards (make_shards' default): contents equal the tokenised input, manifest,
+resume inside the task, settings, bad input, the command line."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from data_fixtures import (
     write_jsonl,
 )
 
-from liquid_dist.data import DataError, Tokenizer, make_shards, read_manifest, verify_shards
+from liquid_dist.data import DataError, Tokenizer, read_manifest, verify_shards
+from liquid_dist.data.prep import PrepSettings, prepare_shards
 from liquid_dist.data.shards import file_sha256
 
 
@@ -85,60 +87,51 @@ def test_webdataset_reads_the_same_samples():
         assert first["ids.u16"] == tar.extractfile(f"{first['__key__']}.ids.u16").read()
 
 
-def test_output_is_identical_for_any_worker_count():
-    a, b = TMP / "det_w1", TMP / "det_w2"
-    make_shards([corpus_file()], a, tokenizer_path(), shard_size_mb=0.3, workers=1,
-                val_fraction=0.1)
-    make_shards([corpus_file()], b, tokenizer_path(), shard_size_mb=0.3, workers=2,
-                val_fraction=0.1)
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+def _settings(**overrides: object) -> PrepSettings:
+    return PrepSettings(**{"tokenizer": str(tokenizer_path()), "shard_size_mb": 0.3,
+                           "val_fraction": 0.1, **overrides})  # type: ignore[arg-type]
 
 
-def test_rerun_keeps_complete_shards_and_rewrites_the_partial_one():
-    reference = TMP / "det_w1"
-    if not reference.exists():
-        make_shards([corpus_file()], reference, tokenizer_path(), shard_size_mb=0.3,
-                    val_fraction=0.1)
-    full = read_manifest(reference)
+def test_a_rerun_keeps_the_verified_shards_of_a_task_and_rewrites_the_partial_one():
+    reference = shard_dir()
+    full = read_manifest(reference / "task-00000")
     out = TMP / "resume"
     shutil.copytree(reference, out)
-    # an interrupted run: manifest lists 1 train shard, a partial .tmp and a stale shard remain
+    task = out / "task-00000"
+    # an interrupted task: its manifest lists 1 train shard, a partial .tmp and a stale shard
+    # remain, datatrove has not marked it complete and there is no merged manifest
     interrupted = dict(full, complete=False, shards=[full["shards"][0]])
     interrupted.pop("totals")
     interrupted.pop("report")
-    (out / "manifest.json").write_text(json.dumps(interrupted))
-    (out / "train-000001.tar.tmp").write_bytes(b"half a shard")
-    (out / "train-000002.tar").write_bytes(b"stale")
-    kept_inode = (out / "train-000000.tar").stat().st_ino
-    kept_mtime = (out / "train-000000.tar").stat().st_mtime_ns
-    manifest = make_shards([corpus_file()], out, tokenizer_path(), shard_size_mb=0.3,
-                           val_fraction=0.1)
-    assert (out / "train-000000.tar").stat().st_ino == kept_inode
-    assert (out / "train-000000.tar").stat().st_mtime_ns == kept_mtime
-    assert not (out / "train-000001.tar.tmp").exists()
+    (task / "manifest.json").write_text(json.dumps(interrupted))
+    (task / "train-000001.tar.tmp").write_bytes(b"half a shard")
+    (task / "train-000002.tar").write_bytes(b"stale")
+    (out / "datatrove" / "completions" / "00000").unlink()
+    (out / "manifest.json").unlink()
+    kept = (task / "train-000000.tar").stat()
+    manifest = prepare_shards([corpus_file()], out, _settings())
+    assert (task / "train-000000.tar").stat().st_ino == kept.st_ino
+    assert (task / "train-000000.tar").stat().st_mtime_ns == kept.st_mtime_ns
+    assert not (task / "train-000001.tar.tmp").exists()
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in full["shards"]]
-    assert manifest["report"] == full["report"]
-    # a kept shard that no longer matches its checksum is rewritten, with all after it
-    with open(out / "train-000001.tar", "r+b") as fh:
+    assert (out / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
+    # a listed shard that no longer matches its checksum is rewritten, with all after it
+    with open(task / "train-000001.tar", "r+b") as fh:
         fh.seek(700)
         fh.write(b"\xff")
-    manifest = make_shards([corpus_file()], out, tokenizer_path(), shard_size_mb=0.3,
-                           val_fraction=0.1)
+    (out / "datatrove" / "completions" / "00000").unlink()
+    manifest = prepare_shards([corpus_file()], out, _settings())
+    assert (task / "train-000000.tar").stat().st_mtime_ns == kept.st_mtime_ns
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in full["shards"]]
     assert verify_shards(out) == []
 
 
 def test_rerun_with_other_settings_is_refused():
     out = TMP / "settings"
-    make_shards([corpus_file()], out, tokenizer_path(), shard_size_mb=0.3, val_fraction=0.1)
-    with pytest.raises(DataError, match="val_fraction"):
-        make_shards([corpus_file()], out, tokenizer_path(), shard_size_mb=0.3,
-                    val_fraction=0.2)
-    make_shards([corpus_file()], out, tokenizer_path(), shard_size_mb=0.3, val_fraction=0.2,
-                overwrite=True)
+    prepare_shards([corpus_file()], out, _settings())
+    with pytest.raises(DataError, match="prep.json: shards of a run with other recorded"):
+        prepare_shards([corpus_file()], out, _settings(val_fraction=0.2))
+    prepare_shards([corpus_file()], out, _settings(val_fraction=0.2), overwrite=True)
     assert read_manifest(out)["settings"]["val_fraction"] == 0.2
 
 
@@ -147,28 +140,29 @@ def test_bad_inputs_are_counted_in_the_manifest_or_fail_naming_the_file():
     good = write_jsonl(root / "in" / "good.jsonl", scenes()[500:503])
     (root / "in" / "latin1.txt").write_bytes("d\u00e9j\u00e0 vu\n".encode("latin-1"))
     (root / "in" / "empty.txt").write_bytes(b"")
-    manifest = make_shards([root / "in", root / "nope.txt"], root / "out", tokenizer_path())
+    manifest = prepare_shards([root / "in", root / "nope.txt"], root / "out",
+                              _settings(val_fraction=0.0))
     assert manifest["report"]["files"] == {
         "in/empty.txt": {"empty": 1}, "in/good.jsonl": {"documents": 3},
         "in/latin1.txt": {"invalid_utf8": 1}, "nope.txt": {"unreadable": 1}}
     assert manifest["totals"]["train"]["documents"] == 3
     with pytest.raises(DataError, match="latin1.txt"):
-        make_shards([good, root / "in" / "latin1.txt"], root / "out_fail", tokenizer_path(),
-                    policy="fail")
+        prepare_shards([good, root / "in" / "latin1.txt"], root / "out_fail",
+                       _settings(policy="fail"))
 
 
 def test_cli_end_to_end_and_verify(capsys):
     out = TMP / "cli_shards"
     cmd = [sys.executable, str(REPO / "data_prep" / "make_shards.py"), "--tokenizer",
            str(tokenizer_path()), "--input", str(corpus_file()), "--output", str(out),
-           "--shard-size-mb", "0.3", "--workers", "2", "--val-fraction", "0.1", "--no-progress"]
+           "--shard-size-mb", "0.3", "--val-fraction", "0.1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "train: 3 shards" in done.stdout
     verify = load_prep_module("make_shards").main
     assert verify(["--verify", "--output", str(out)]) == 0
-    with open(out / "val-000000.tar", "r+b") as fh:
+    with open(out / "task-00000" / "val-000000.tar", "r+b") as fh:
         fh.seek(600)
         fh.write(b"\x00\x01")
     assert verify(["--verify", "--output", str(out)]) == 1
-    assert "val-000000.tar: sha256 differs" in capsys.readouterr().err
+    assert "task-00000/val-000000.tar: sha256 differs" in capsys.readouterr().err

@@ -30,7 +30,8 @@ from test_plot import two_step_run
 
 from liquid_dist.config import load_config
 from liquid_dist.convert import load_trained_model
-from liquid_dist.data import Tokenizer, example_shape, make_shards, read_manifest, span_corruption
+from liquid_dist.data import Tokenizer, example_shape, read_manifest, span_corruption
+from liquid_dist.data.prep import PrepSettings, prepare_shards
 from liquid_dist.evaluate import ByteCounter, main
 from liquid_dist.model import LiquidFoundationModelOptimized
 
@@ -282,8 +283,8 @@ def test_shards_score_like_the_text_they_were_made_from(tmp_path, capsys):
     texts = documents()
     src = write_jsonl(tmp_path / "docs.jsonl", texts)
     shards = tmp_path / "shards"
-    make_shards([src], shards, tf.train_data().tokenizer, shard_size_mb=0.005, workers=1,
-                val_fraction=0.0)
+    prepare_shards([src], shards, PrepSettings(str(tf.train_data().tokenizer),
+                                               shard_size_mb=0.005))
     manifest = read_manifest(shards)
     tars = [str(shards / s["name"]) for s in manifest["shards"]]
     assert len(tars) > 1

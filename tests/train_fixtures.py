@@ -56,15 +56,16 @@ def _shakespeare():
 @functools.cache
 def train_data() -> TrainData:
     """Tokenizer (600 pieces, 100 sentinels) and train/val shards of 40 scenes."""
-    from liquid_dist.data import make_shards, train_tokenizer
+    from liquid_dist.data import train_tokenizer
+    from liquid_dist.data.prep import PrepSettings, prepare_shards
 
     scenes = [s.text for _, s in zip(range(120), _shakespeare().iter_scenes(), strict=False)]
     tok = train_tokenizer(scenes[:80], TMP / "tokenizer", vocab_size=600, seed=0,
                           num_threads=1)
     corpus = TMP / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in scenes[80:120]))
-    make_shards([corpus], TMP / "shards", tok, shard_size_mb=0.05, workers=1,
-                val_fraction=0.1)
+    prepare_shards([corpus], TMP / "shards",
+                   PrepSettings(str(tok), shard_size_mb=0.05, val_fraction=0.1))
     return TrainData(tokenizer=tok, shards=TMP / "shards")
 
 

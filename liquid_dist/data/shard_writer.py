@@ -1,55 +1,45 @@
-"""Text -> tokenised WebDataset shards, in parallel, deterministic and resumable.
+"""One directory's tokenised WebDataset shards and manifest: written in order, deterministic,
+resumable.
 
-Documents are read in input order and numbered (their ordinal is the sample
-key). Each is assigned to ``val`` or ``train`` by a hash of (file key,
-position in file, split seed), so the split does not depend on worker count,
-shard size or where the files live. Tokenisation runs in a process pool over
-ordered chunks; the main process writes samples in ordinal order, so the
-output bytes do not depend on ``workers``. Tar members carry fixed metadata
-(mtime 0, uid/gid 0, mode 0444) for byte-identical reruns.
+A sample is one document (``KEY.ids.u16`` or ``KEY.ids.u32`` little-endian ids
+and ``KEY.json``), its key the document's ordinal. Each document goes to
+``val`` or ``train`` by a hash of (file key, position in file, split seed)
+(:func:`assign_split`), so the split depends on nothing else. Tar members
+carry fixed metadata (mtime 0, uid/gid 0, mode 0444) for byte-identical
+reruns; a shard is written as ``NAME.tmp`` and renamed when complete, and
+the manifest is rewritten (atomically) after every completed shard.
 
-Resume: the manifest is rewritten (atomically) after every completed shard.
-A rerun with the same settings keeps every listed shard whose size and sha256
-still match, deletes the rest of that split (a partial ``.tmp`` shard
-included), and continues from the document after the last kept shard: the
-documents before it are read again (for the input report) but not tokenised.
+Resume: :func:`kept_shards` keeps every shard an earlier attempt listed whose
+size and sha256 still match, in order per split, and deletes the rest of the
+directory's shards (a partial ``.tmp`` included); writing continues with the
+document after the last kept shard of each split (:func:`resume_points`).
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import io
-import logging
-import multiprocessing
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
-
-from tqdm import tqdm
+from typing import Any, Optional, Union
 
 from liquid_dist.data.errors import DataError
 from liquid_dist.data.shards import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     SUFFIX_OF_DTYPE,
-    encode_ids,
     file_sha256,
-    read_manifest,
     sample_files,
     sample_key,
     write_json_atomic,
 )
-from liquid_dist.data.text_inputs import Document, InputReport, expand_inputs, iter_documents
+from liquid_dist.data.text_inputs import Document, InputReport
 from liquid_dist.data.tokenizer import Tokenizer
 
-log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
-_CHUNK_DOCS = 64
-_CHUNK_CHARS = 1 << 20
+_SHARD_FILE = re.compile(r"^(train|val)-(\d{6})\.tar(\.tmp)?$")
 
 
 def assign_split(key: str, index: int, val_fraction: float, seed: int) -> str:
@@ -60,66 +50,17 @@ def assign_split(key: str, index: int, val_fraction: float, seed: int) -> str:
     return "val" if int.from_bytes(h, "little") < val_fraction * 2.0**64 else "train"
 
 
-# ------------------------------------------------------------ tokenisation workers
-
-_worker_tok: Optional[Tokenizer] = None
-
-
-def _init_worker(model_path: str) -> None:
-    global _worker_tok
-    _worker_tok = Tokenizer(model_path)
-
-
-def _encode_chunk(texts: list[str]) -> list[bytes]:
-    assert _worker_tok is not None
-    dtype = _worker_tok.ids_dtype
-    return [encode_ids(ids, dtype) for ids in _worker_tok.encode_batch(texts)]
-
-
-def _chunks(docs: Iterable[tuple[int, str, Document]]) -> Iterator[list[tuple[int, str, Document]]]:
-    chunk: list[tuple[int, str, Document]] = []
-    chars = 0
-    for item in docs:
-        chunk.append(item)
-        chars += len(item[2].text)
-        if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
-            yield chunk
-            chunk, chars = [], 0
-    if chunk:
-        yield chunk
-
-
-def _encoded(docs: Iterable[tuple[int, str, Document]], model_path: str,
-             workers: int) -> Iterator[tuple[int, str, Document, bytes]]:
-    """Tokenise in order; at most 2 * workers chunks in flight, so memory stays bounded."""
-    if workers <= 1:
-        _init_worker(model_path)
-        for chunk in _chunks(docs):
-            payloads = _encode_chunk([d.text for _, _, d in chunk])
-            for item, payload in zip(chunk, payloads, strict=True):
-                yield (*item, payload)
-        return
-    ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(model_path,)) as pool:
-        pending: collections.deque = collections.deque()
-        for chunk in _chunks(docs):
-            texts = [d.text for _, _, d in chunk]
-            pending.append((chunk, pool.apply_async(_encode_chunk, (texts,))))
-            if len(pending) >= 2 * workers:
-                done, result = pending.popleft()
-                for item, payload in zip(done, result.get(), strict=True):
-                    yield (*item, payload)
-        while pending:
-            done, result = pending.popleft()
-            for item, payload in zip(done, result.get(), strict=True):
-                yield (*item, payload)
-
-
 # ------------------------------------------------------------ shard writing
 
 
 class SplitWriter:
-    """Writes one split's shards in order; records each completed shard."""
+    """Writes one split's shards in order; records each completed shard.
+
+    A shard's record lists under ``no_tokens`` the ``[file key, index]`` of this
+    split's documents without tokens met since the previous shard (not written,
+    counted ``empty``), so a resumed writer can count them again without
+    tokenising what its kept shards cover.
+    """
 
     def __init__(self, out: Path, split: str, dtype: str, max_bytes: int, kept: list[dict],
                  on_shard: Any):
@@ -129,6 +70,7 @@ class SplitWriter:
         self.tar: Optional[tarfile.TarFile] = None
         self.tmp: Optional[Path] = None
         self.cur: dict[str, int] = {}
+        self.no_tokens: list[list] = []
 
     def add(self, ordinal: int, doc: Document, payload: bytes) -> None:
         if self.tar is None:
@@ -155,9 +97,13 @@ class SplitWriter:
         assert self.tmp is not None
         final = self.tmp.with_name(self.tmp.name[: -len(".tmp")])
         os.replace(self.tmp, final)
-        self.shards.append({"name": final.name, "split": self.split, **self.cur,
-                            "bytes": final.stat().st_size, "sha256": file_sha256(final)})
+        record = {"name": final.name, "split": self.split, **self.cur,
+                  "bytes": final.stat().st_size, "sha256": file_sha256(final)}
+        if self.no_tokens:
+            record["no_tokens"] = self.no_tokens
+        self.shards.append(record)
         self.tar = self.tmp = None
+        self.no_tokens = []
         self.on_shard()
 
 
@@ -190,7 +136,8 @@ class ShardSet:
         if not payload:
             if policy == "fail":
                 raise DataError(f"{doc.key}: document {doc.index} has no tokens")
-            report.count(doc.key, "empty", f"document {doc.index}: no tokens")
+            count_no_tokens(report, doc.key, doc.index)
+            self.writers[split].no_tokens.append([doc.key, doc.index])
             return False
         self.writers[split].add(ordinal, doc, payload)
         return True
@@ -210,35 +157,19 @@ class ShardSet:
         return self.manifest
 
 
-def manifest_header(tok: Tokenizer, tokenizer_path: Union[str, Path]) -> dict[str, Any]:
-    """The fields every shard manifest starts with: the format, the ids' dtype and suffix,
-    the tokenizer (path, sha256, vocabulary), not yet complete."""
-    dtype = tok.ids_dtype
-    return {"format_version": FORMAT_VERSION, "dtype": dtype,
-            "ids_suffix": SUFFIX_OF_DTYPE[dtype], "tokenizer": str(tokenizer_path),
-            "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "complete": False}
+def count_no_tokens(report: InputReport, key: str, index: int) -> None:
+    """Count document ``index`` of file ``key``, which has no tokens, as ``empty``."""
+    report.count(key, "empty", f"document {index}: no tokens")
 
 
-def _settings(files: list, tok: Tokenizer,
-              shard_size_mb: float, val_fraction: float, split_seed: int, txt_docs: str,
-              text_field: str) -> dict:
-    sizes = {f.key: (f.path.stat().st_size if f.path.is_file() else None) for f in files}
-    return {"input_sizes": sizes,
-            "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
-            "shard_size_mb": shard_size_mb, "val_fraction": val_fraction,
-            "split_seed": split_seed, "txt_docs": txt_docs, "text_field": text_field}
-
-
-def _kept_shards(out: Path, old: Optional[dict], settings: dict) -> dict[str, list[dict]]:
+def kept_shards(out: Path, old: Optional[dict[str, Any]]) -> dict[str, list[dict]]:
+    """The shards of ``old`` (the manifest an earlier attempt left in ``out``, or None) to
+    keep, per split: in the manifest's order, while each has the next name of its split and
+    its recorded size and sha256. Deletes every other shard file of ``out`` (partial
+    ``.tmp`` shards included)."""
     kept: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    if old is None:
-        return kept
-    if old.get("settings") != settings:
-        differs = sorted(k for k in settings if old.get("settings", {}).get(k) != settings[k])
-        raise DataError(f"{out / MANIFEST_NAME}: shards made with other settings (differs: "
-                        f"{', '.join(differs)}); use a new output directory or --overwrite")
     broken: set[str] = set()
-    for shard in old["shards"]:
+    for shard in (old or {}).get("shards", []):
         split = shard["split"]
         path = out / shard["name"]
         ok = (split not in broken and shard["name"] == f"{split}-{len(kept[split]):06d}.tar"
@@ -248,63 +179,26 @@ def _kept_shards(out: Path, old: Optional[dict], settings: dict) -> dict[str, li
             kept[split].append(shard)
         else:
             broken.add(split)
+    if out.is_dir():
+        for path in out.iterdir():
+            m = _SHARD_FILE.match(path.name)
+            if m and (m.group(3) or int(m.group(2)) >= len(kept[m.group(1)])):
+                path.unlink()
     return kept
 
 
-def make_shards(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path],
-                tokenizer_path: Union[str, Path], *, shard_size_mb: float = 64.0,
-                workers: int = 1, val_fraction: float = 0.0, split_seed: int = 0,
-                txt_docs: Literal["blank-line", "file"] = "blank-line", text_field: str = "text",
-                policy: Literal["fail", "skip"] = "skip", overwrite: bool = False,
-                progress: bool = False) -> dict:
-    """Tokenise ``inputs`` into ``output_dir``/{train,val}-NNNNNN.tar + manifest.json.
+def resume_points(kept: dict[str, list[dict]]) -> dict[str, int]:
+    """Per split, the first ordinal not covered by its ``kept`` shards (0 when none)."""
+    return {split: shards[-1]["last_doc"] + 1 if shards else 0
+            for split, shards in kept.items()}
 
-    A shard is closed once it reaches ``shard_size_mb``. Returns the manifest,
-    whose ``report`` holds the per-file input problems (also logged). Raises
-    DataError under ``policy="fail"`` on the first bad input, naming the file.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction {val_fraction} is not in [0, 1)")
-    if shard_size_mb <= 0:
-        raise ValueError(f"shard_size_mb {shard_size_mb} must be > 0")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(tokenizer_path)
-    files = expand_inputs(inputs)
-    settings = _settings(files, tok, shard_size_mb, val_fraction, split_seed, txt_docs,
-                         text_field)
-    manifest_path = out / MANIFEST_NAME
-    old = None
-    if manifest_path.is_file() and not overwrite:
-        old = read_manifest(out)
-    kept = _kept_shards(out, old, settings)
-    if old is not None and old.get("complete") and all(
-            len(kept[s]) == sum(1 for x in old["shards"] if x["split"] == s) for s in SPLITS):
-        log.info("%s: all %d shards complete and verified", out, len(old["shards"]))
-        return old
-    pattern = re.compile(r"^(train|val)-(\d{6})\.tar(\.tmp)?$")
-    for path in out.iterdir():
-        m = pattern.match(path.name)
-        if m and (m.group(3) or int(m.group(2)) >= len(kept[m.group(1)])):
-            path.unlink()
-    resume_from = {s: (kept[s][-1]["last_doc"] + 1 if kept[s] else 0) for s in SPLITS}
 
-    report = InputReport()
-    shards = ShardSet(out, {**manifest_header(tok, tokenizer_path),
-                            "inputs": [str(i) for i in inputs], "settings": settings},
-                      shard_size_mb, kept)
+def manifest_header(tok: Tokenizer, tokenizer_path: Union[str, Path]) -> dict[str, Any]:
+    """The fields every shard manifest starts with: the format, the ids' dtype and suffix,
+    the tokenizer (path, sha256, vocabulary), not yet complete."""
+    dtype = tok.ids_dtype
+    return {"format_version": FORMAT_VERSION, "dtype": dtype,
+            "ids_suffix": SUFFIX_OF_DTYPE[dtype], "tokenizer": str(tokenizer_path),
+            "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "complete": False}
 
-    def todo() -> Iterator[tuple[int, str, Document]]:
-        docs = iter_documents(files, report, txt_docs=txt_docs, text_field=text_field,
-                              policy=policy)
-        for ordinal, doc in enumerate(tqdm(docs, desc="documents", unit="doc",
-                                           disable=not progress)):
-            split = assign_split(doc.key, doc.index, val_fraction, split_seed)
-            if ordinal >= resume_from[split]:
-                yield ordinal, split, doc
 
-    for ordinal, split, doc, payload in _encoded(todo(), str(tokenizer_path), workers):
-        shards.add(ordinal, split, doc, payload, report, policy)
-    manifest = shards.finish(report)
-    log.info("%s", report.summary())
-    return manifest
