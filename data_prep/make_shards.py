@@ -22,8 +22,8 @@ merges. --executor slurm submits the tasks as a job array and the merge as a
 job that starts after every element succeeded, prints the job ids and
 returns. Run the same command again after a failure: only unfinished tasks
 run, and a task killed part-way keeps its complete shards. datatrove's logs,
-completion markers and Slurm logs are in OUTPUT/datatrove/. --verify checks an
-existing output against its manifest.
+completion markers and Slurm logs are in OUTPUT/datatrove/ (--logging-dir).
+--verify checks an existing output against its manifest.
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing output instead of resuming it")
     p.add_argument("--verify", action="store_true", help="only check OUTPUT against its manifest")
+    p.add_argument("--logging-dir",
+                   help="datatrove's logs, stats, completion marks and Slurm logs "
+                        "(default: OUTPUT/datatrove)")
     slurm = p.add_argument_group("--executor slurm")
     p.add_argument("--executor", choices=["local", "slurm"], default="local")
     slurm.add_argument("--partition", help="partition of the job array and the merge job")
@@ -113,14 +116,15 @@ def main(argv: list[str] | None = None) -> int:
                               mem_per_cpu_gb=args.mem_per_cpu_gb,
                               concurrency=args.concurrency, job_name=args.job_name,
                               sbatch_args=tuple(args.sbatch_arg)),
-                tasks=args.tasks, overwrite=args.overwrite)
+                tasks=args.tasks, overwrite=args.overwrite, logging_dir=args.logging_dir)
             _print_submitted(submitted, args.tasks, args.output)
             return 0
         workers = args.workers or min(args.tasks, os.cpu_count() or 1)
         if workers < 1:
             p.error(f"--workers {workers} must be >= 1")
         manifest = prepare_shards(args.input, args.output, settings, tasks=args.tasks,
-                                  workers=workers, overwrite=args.overwrite)
+                                  workers=workers, overwrite=args.overwrite,
+                                  logging_dir=args.logging_dir)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

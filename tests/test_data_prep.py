@@ -250,6 +250,16 @@ def test_a_failed_task_names_the_task_its_log_and_the_file():
     assert "part2.jsonl.gz: bad_json" in message
 
 
+def test_datatrove_logs_go_to_the_logging_directory_given():
+    out, logs = TMP / "prep_logs_elsewhere", TMP / "prep_logs"
+    manifest = prepare_shards([mixed_inputs()], out, prep_settings(), tasks=2, logging_dir=logs)
+    assert not (out / "datatrove").exists()
+    assert [t["log"] for t in manifest["tasks"]] == [str(logs / "logs" / f"task_{r:05d}.log")
+                                                     for r in (0, 1)]
+    assert sorted(p.name for p in (logs / "completions").iterdir()) == ["00000", "00001"]
+    assert task_log(out, 1) == logs / "logs" / "task_00001.log" and task_log(out, 1).is_file()
+
+
 def test_files_go_to_tasks_in_input_order_by_their_middle_byte():
     assert assign_tasks([10, 10, 10, 10], 2) == [0, 0, 1, 1]
     assert assign_tasks([100, 1, 1, 1], 2) == [0, 1, 1, 1]

@@ -22,18 +22,26 @@ from liquid_dist.data.text_inputs import PROBLEMS
 RUN_NAME = "prep.json"
 """The run's inputs, settings and task plan, written before any task starts."""
 LOGS_DIR = "datatrove"
-"""datatrove's logging directory inside the output: ``logs/task_RANK.log``, ``completions/``,
-``stats/``."""
+"""datatrove's logging directory inside the output unless the run names another (its record's
+``logging_dir``): ``logs/task_RANK.log``, ``completions/``, ``stats/``, ``slurm/``."""
 _SHOWN = 10
+
+
+def logs_dir(output_dir: Union[str, Path]) -> Path:
+    """datatrove's logging directory of the run in ``output_dir``."""
+    out = Path(output_dir)
+    if (out / RUN_NAME).is_file():
+        return out / read_run(out)["logging_dir"]  # relative to the output, or absolute
+    return out / LOGS_DIR
 
 
 def task_log(output_dir: Union[str, Path], rank: int) -> Path:
     """The log datatrove writes for task ``rank``."""
-    return Path(output_dir) / LOGS_DIR / "logs" / f"task_{rank:05d}.log"
+    return logs_dir(output_dir) / "logs" / f"task_{rank:05d}.log"
 
 
 def completion_marker(output_dir: Path, rank: int) -> Path:
-    return output_dir / LOGS_DIR / "completions" / f"{rank:05d}"
+    return logs_dir(output_dir) / "completions" / f"{rank:05d}"
 
 
 def read_run(output_dir: Union[str, Path]) -> dict:
@@ -70,6 +78,14 @@ def describe_tasks(output_dir: Union[str, Path], ranks: list[int]) -> str:
     shown = "; ".join(f"task {r} (log {task_log(output_dir, r)})" for r in ranks[:_SHOWN])
     more = f"; and {len(ranks) - _SHOWN} more" if len(ranks) > _SHOWN else ""
     return shown + more
+
+
+def shown(path: Path, out: Path) -> str:
+    """``path`` relative to ``out`` when inside it, else as it is."""
+    try:
+        return path.relative_to(out).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _problem_counts(report: dict) -> dict[str, int]:
@@ -118,7 +134,7 @@ def merge_tasks(output_dir: Union[str, Path]) -> dict:
         task_entries.append({"task": rank, "files": manifest["files"],
                              "totals": manifest["totals"],
                              "problems": _problem_counts(manifest["report"]),
-                             "log": task_log(out, rank).relative_to(out).as_posix()})
+                             "log": shown(task_log(out, rank), out)})
     merged = {
         "format_version": FORMAT_VERSION, "dtype": first["dtype"],
         "ids_suffix": first["ids_suffix"], "tokenizer": first["tokenizer"],

@@ -24,6 +24,7 @@ from liquid_dist.data.prep.merge import (
     completion_marker,
     describe_tasks,
     merge_tasks,
+    shown,
     unfinished_tasks,
 )
 from liquid_dist.data.prep.plan import TaskPlan, plan_tasks
@@ -83,12 +84,14 @@ class MergeStep(PipelineStep):
         yield from ()
 
 
-def run_record(inputs: Sequence[Union[str, Path]], plan: TaskPlan,
-               settings: PrepSettings) -> dict[str, Any]:
-    """What ``prep.json`` holds: the inputs, the settings, the recorded settings and the plan."""
+def run_record(inputs: Sequence[Union[str, Path]], plan: TaskPlan, settings: PrepSettings,
+               logging_dir: str) -> dict[str, Any]:
+    """What ``prep.json`` holds: the inputs, the settings, the recorded settings, the plan
+    and datatrove's logging directory (relative to the output when inside it)."""
     tok = Tokenizer(settings.tokenizer)
     return {"inputs": [str(i) for i in inputs], "settings": asdict(settings),
-            "recorded": settings.recorded(tok, plan), "plan": plan.to_dict()}
+            "recorded": settings.recorded(tok, plan), "plan": plan.to_dict(),
+            "logging_dir": logging_dir}
 
 
 def remove_run(output_dir: Path) -> None:
@@ -106,7 +109,9 @@ def remove_run(output_dir: Path) -> None:
 
 def _check_output(out: Path, record: dict[str, Any]) -> None:
     """DataError unless ``out`` is empty of shards or holds a run of the same plan and
-    settings (the inputs may be named by other paths: the plan holds their keys and sizes)."""
+    settings (the inputs may be named by other paths: the plan holds their keys and sizes;
+    another logging directory only loses the earlier completion marks: a task run again
+    keeps its shards)."""
     path = out / RUN_NAME
     if path.is_file():
         try:
@@ -114,7 +119,7 @@ def _check_output(out: Path, record: dict[str, Any]) -> None:
         except ValueError as exc:
             raise DataError(f"{path}: unreadable run record ({exc}); use --overwrite") from None
         differs = sorted(k for k in set(old) | set(record)
-                         if k != "inputs" and old.get(k) != record.get(k))
+                         if k not in ("inputs", "logging_dir") and old.get(k) != record.get(k))
         if differs:
             raise DataError(f"{path}: shards of a run with other {', '.join(differs)}; use a "
                             "new output directory or --overwrite")
@@ -124,13 +129,16 @@ def _check_output(out: Path, record: dict[str, Any]) -> None:
 
 
 def _start(inputs: Sequence[Union[str, Path]], out: Path, settings: PrepSettings,
-           tasks: int, overwrite: bool) -> TaskPlan:
+           tasks: int, overwrite: bool, logging_dir: Optional[Union[str, Path]]
+           ) -> tuple[TaskPlan, Path]:
     """Plan, check or clear the output, write the run record, and unmark every task whose
-    shards are not complete (so that datatrove runs it again); the plan."""
+    shards are not complete (so that datatrove runs it again); the plan and the logging
+    directory (``OUTPUT/datatrove`` unless given)."""
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_tasks(inputs, tasks, split_bytes=settings.split_bytes,
                       txt_docs=settings.txt_docs)
-    record = run_record(inputs, plan, settings)
+    logs = Path(logging_dir).resolve() if logging_dir else out.resolve() / LOGS_DIR
+    record = run_record(inputs, plan, settings, shown(logs, out.resolve()))
     if overwrite:
         remove_run(out)
     else:
@@ -138,12 +146,13 @@ def _start(inputs: Sequence[Union[str, Path]], out: Path, settings: PrepSettings
     write_json_atomic(out / RUN_NAME, record)
     for rank in unfinished_tasks(out, tasks):
         completion_marker(out, rank).unlink(missing_ok=True)
-    return plan
+    return plan, logs
 
 
 def prepare_shards(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path],
                    settings: PrepSettings, *, tasks: int = 1, workers: int = 1,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False,
+                   logging_dir: Optional[Union[str, Path]] = None) -> dict:
     """Prepare ``inputs`` as ``tasks`` tasks on this machine, ``workers`` at a time; merge.
 
     Runs only the tasks not finished by an earlier run with the same inputs,
@@ -151,16 +160,17 @@ def prepare_shards(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pa
     complete and its manifest says complete (a marked task whose manifest is
     gone or partial runs again, keeping its verified complete shards). Another
     run's output is refused unless ``overwrite``, which deletes it first.
-    Returns the merged manifest. A failed task raises DataError naming the
-    unfinished tasks, their logs and the task's error.
+    datatrove's logs, stats and completion marks go to ``logging_dir``
+    (``OUTPUT/datatrove`` by default). Returns the merged manifest. A failed
+    task raises DataError naming the unfinished tasks, their logs and the
+    task's error.
     """
     if tasks < 1 or workers < 1:
         raise ValueError(f"tasks {tasks} and workers {workers} must be >= 1")
     out = Path(output_dir)
-    plan = _start(inputs, out, settings, tasks, overwrite)
+    plan, logs = _start(inputs, out, settings, tasks, overwrite, logging_dir)
     executor = LocalPipelineExecutor(build_pipeline(out, plan, settings), tasks=tasks,
-                                     workers=min(workers, tasks),
-                                     logging_dir=str(out / LOGS_DIR))
+                                     workers=min(workers, tasks), logging_dir=str(logs))
     try:
         executor.run()
     except Exception as exc:
@@ -185,7 +195,8 @@ class Submitted:
 
 def submit_shards(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Path],
                   settings: PrepSettings, slurm: SlurmSettings, *, tasks: int,
-                  overwrite: bool = False) -> Submitted:
+                  overwrite: bool = False,
+                  logging_dir: Optional[Union[str, Path]] = None) -> Submitted:
     """Submit ``inputs`` as a Slurm job array of ``tasks`` tasks and the merge after it.
 
     The same pipeline, plan and resume rules as :func:`prepare_shards`:
@@ -199,8 +210,7 @@ def submit_shards(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
     if tasks < 1:
         raise ValueError(f"tasks {tasks} must be >= 1")
     out = Path(output_dir).resolve()
-    plan = _start(inputs, out, settings, tasks, overwrite)
-    logs = out / LOGS_DIR
+    plan, logs = _start(inputs, out, settings, tasks, overwrite, logging_dir)
     common: dict[str, Any] = {
         "time": slurm.time, "partition": slurm.partition, "qos": "",
         "sbatch_args": dict(slurm.sbatch_args),
@@ -221,8 +231,8 @@ def submit_shards(inputs: Sequence[Union[str, Path]], output_dir: Union[str, Pat
     try:
         merge.run()  # submits the array first (its dependency), then the merge
     except (OSError, subprocess.CalledProcessError) as exc:
-        raise DataError(f"{out}: sbatch failed ({exc}; sbatch's message is above); the "
-                        f"launch script is {logs / 'launch_script.slurm'}") from exc
+        raise DataError(f"{out}: submitting failed: {exc} (sbatch's own message is above; "
+                        f"the launch script is {logs / 'launch_script.slurm'})") from exc
     array_job = array.job_id if array.job_id not in (None, -1) else None
     merge_job = merge.job_id if merge.job_id not in (None, -1) else None
     return Submitted(array_job and str(array_job), to_run if array_job else [],
