@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -46,7 +46,12 @@ class DataConfig:
     """A directory with manifest.json, a brace pattern, or a list of either."""
     val_shards: Union[str, list, None] = None
     sources: list = field(default_factory=list)
-    """Optional list of {name, shards, weight}; overrides ``train_shards``."""
+    """Optional list of {name, shards, weight, manifest, max_repetition}; overrides
+    ``train_shards``."""
+    max_repetition: Optional[float] = 4.0
+    """The most epochs of a training source a run may read (a source's own
+    ``max_repetition`` wins; null: no limit): a longer run is a ConfigError before it
+    starts (liquid_dist.data.mixture)."""
     objective: Literal["span_corruption", "prefix_lm", "mixture"] = "span_corruption"
     objective_weights: dict = field(
         default_factory=lambda: {"span_corruption": 0.5, "prefix_lm": 0.5}
@@ -162,6 +167,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _check_repetition(key: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                              or value <= 0):
+        raise ConfigError(key, value, "a positive number of epochs, or null for no limit")
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError for the first combination that cannot work."""
     validate_model(cfg.model)
@@ -203,12 +214,15 @@ def validate(cfg: Config) -> None:
                           ">= 3 for span corruption (a token, a sentinel and EOS)")
     for i, s in enumerate(d.sources):
         if not isinstance(s, dict) or not {"shards"} <= set(s) <= {
-                "name", "shards", "weight", "manifest"}:
+                "name", "shards", "weight", "manifest", "max_repetition"}:
             raise ConfigError(f"data.sources[{i}]", s,
-                              "a mapping with 'shards' and optional 'name', 'weight', 'manifest'")
+                              "a mapping with 'shards' and optional 'name', 'weight', "
+                              "'manifest', 'max_repetition'")
         w = s.get("weight", 1.0)
         if not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0:
             raise ConfigError(f"data.sources[{i}].weight", w, "a positive number")
+        _check_repetition(f"data.sources[{i}].max_repetition", s.get("max_repetition"))
+    _check_repetition("data.max_repetition", d.max_repetition)
     for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "ckpt_every",
                  "keep_last", "eval_every", "eval_steps"):
         if getattr(t, name) < 1:

@@ -99,7 +99,8 @@ CASES = [
 
 def _loader(directory: Path, policy: str, *, alone: bool = False, num_workers: int = 2):
     """Two shards (the damaged one and a good one), or the damaged one alone."""
-    shards = [str(directory / SMALL)] + ([] if alone else [str(directory / "task-00000" / "train-000000.tar")])
+    good = directory / "task-00000" / "train-000000.tar"
+    shards = [str(directory / SMALL)] + ([] if alone else [str(good)])
     cfg = data_config(train_shards=shards, num_workers=num_workers, batches_per_epoch=12,
                       bad_sample_policy=policy)
     return build_train_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0)

@@ -15,6 +15,7 @@ import train_fixtures as tf
 
 from liquid_dist.checkpoint_format import CheckpointError
 from liquid_dist.config import ConfigError, load_config
+from liquid_dist.data import read_manifest
 from liquid_dist.data.errors import DataError
 from liquid_dist.parallel.build_plan import resolve_build
 from liquid_dist.parallel.deepspeed_config import build_deepspeed_config
@@ -97,6 +98,45 @@ def _imports(path: Path) -> set[str]:
             found.add(module)
             found.update(f"{module}.{a.name}" for a in node.names)
     return found
+
+
+def test_the_token_plan_counts_what_the_run_draws_from_each_source(tmp_path: Path) -> None:
+    plan = resolve_run(_cfg(tmp_path), world_size=2, device_type="cpu")
+    data, cfg = plan.train_data, plan.config
+    totals = read_manifest(tf.train_data().shards)["totals"]["train"]
+    mean_raw = sum(p * shape.raw for p, shape in zip(data.objective_probs, data.shapes,
+                                                      strict=True))
+    (source,) = plan.token_plan.sources
+    assert source.available == totals["tokens"] + totals["documents"]  # an EOS per document
+    assert source.planned == round(cfg.train.max_steps * 4 * mean_raw)  # S = 2 ranks x 2
+    assert source.epochs == source.planned / source.available
+    assert (source.share, source.max_repetition) == (1.0, 4.0)  # data.max_repetition
+    shards = str(tf.train_data().shards)
+    two = resolve_run(_cfg(tmp_path, f"data.sources=[{{name: web, shards: {shards}, weight: 3}}, "
+                                     f"{{name: code, shards: {shards}, max_repetition: 9}}]"),
+                      world_size=2, device_type="cpu").token_plan
+    assert [(s.name, s.share, s.max_repetition) for s in two.sources] == [
+        ("web", 0.75, 4.0), ("code", 0.25, 9)]
+    assert sum(s.planned for s in two.sources) == pytest.approx(source.planned, abs=1)
+    assert "web: 0.750" in two.table() and "code: 0.250" in two.table()
+    assert two.to_dict()["sources"][1]["planned_tokens"] == two.sources[1].planned
+
+
+def test_a_source_read_beyond_its_max_repetition_is_refused_naming_it(tmp_path: Path) -> None:
+    shards = str(tf.train_data().shards)
+    steps = "train.max_steps=4000"
+    with pytest.raises(ConfigError, match=r"'data.max_repetition' = 4.0: expected at least "
+                                          r"\d+\.\d\d: source 'train' has [\d,]+ tokens and "
+                                          r"train.max_steps=4000 draws [\d,]+ of them"):
+        resolve_run(_cfg(tmp_path, steps), world_size=2, device_type="cpu")
+    resolve_run(_cfg(tmp_path, steps, "data.max_repetition=null"), world_size=2,
+                device_type="cpu")
+    with pytest.raises(ConfigError, match=r"'data.sources\[1\].max_repetition' = 0.1: .* source "
+                                          "'code'"):
+        resolve_run(_cfg(tmp_path, "train.max_steps=200", "data.max_repetition=null",
+                         f"data.sources=[{{name: web, shards: {shards}}}, "
+                         f"{{name: code, shards: {shards}, max_repetition: 0.1}}]"),
+                    world_size=2, device_type="cpu")
 
 
 def test_no_back_arrows_from_the_config_into_data_or_out_of_the_model_package() -> None:

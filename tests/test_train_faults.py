@@ -160,6 +160,12 @@ def test_bad_input_leaves_exit_record_2_in_an_existing_run_directory() -> None:
     assert "/nonexistent/shards" in record.reason
 
 
+def test_a_plan_beyond_a_sources_max_repetition_fails_before_any_process_group() -> None:
+    proc = _pretrain_direct(tf.base_overrides(tf.TMP / "repeats") + ["train.max_steps=4000"])
+    assert proc.returncode == EXIT_CONFIG, proc.stdout[-2000:]
+    assert "data.max_repetition" in proc.stdout and "source 'train'" in proc.stdout
+
+
 def test_missing_tokenizer_fails_before_any_process_group() -> None:
     proc = _pretrain_direct(tf.base_overrides(tf.TMP / "bad")
                             + ["data.tokenizer=/nonexistent/tokenizer.model"])

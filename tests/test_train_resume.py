@@ -114,6 +114,8 @@ def test_deterministic_switch_changes_nothing_on_the_cpu() -> None:
                                                                     "threads_a")]
     assert [(e["event"], e["deterministic"]) for e in starts] == [("start", True),
                                                                   ("start", False)]
+    (source,) = starts[0]["token_plan"]["sources"]  # the plan the run drew from, recorded
+    assert source["name"] == "train" and source["planned_tokens"] > 0
 
 
 def _flip_a_byte(ckpt: Path) -> str:

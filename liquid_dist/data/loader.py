@@ -345,23 +345,26 @@ def _objectives(cfg: DataConfig) -> tuple[tuple[str, ...], tuple[float, ...]]:
 def _sources(cfg: DataConfig, split: str, tok: Tokenizer) -> tuple[list[SourceSpec], list]:
     if split == "train" and cfg.sources:
         entries = [(s.get("name", f"source{i}"), s["shards"], float(s.get("weight", 1.0)),
-                    s.get("manifest")) for i, s in enumerate(cfg.sources)]
+                    s.get("manifest"), s.get("max_repetition", cfg.max_repetition))
+                   for i, s in enumerate(cfg.sources)]
     elif split == "train":
-        entries = [("train", cfg.train_shards, 1.0, None)]
+        entries = [("train", cfg.train_shards, 1.0, None, cfg.max_repetition)]
     else:
         if cfg.val_shards is None:
             raise ConfigError("data.val_shards", None, "a shard spec to build a validation loader")
-        entries = [("val", cfg.val_shards, 1.0, None)]
+        entries = [("val", cfg.val_shards, 1.0, None, None)]
     names = [e[0] for e in entries]
     if len(set(names)) != len(names):
         raise ConfigError("data.sources", names, "distinct source names")
     specs, sets = [], []
-    for name, shards, weight, manifest in entries:
+    for name, shards, weight, manifest, max_repetition in entries:
         shard_set = resolve_shards(shards, split, manifest)
+        tokens = (None if shard_set.tokens is None
+                  else shard_set.tokens + shard_set.documents)
         specs.append(SourceSpec(name=name, urls=shard_set.urls,
                                 shard_documents=shard_set.shard_documents, weight=weight,
-                                suffix=shard_set.suffix_for(
-                                    tok, f"source '{name}' ({shards})")))
+                                suffix=shard_set.suffix_for(tok, f"source '{name}' ({shards})"),
+                                tokens=tokens, max_repetition=max_repetition))
         sets.append(shard_set)
     return specs, sets
 
@@ -406,7 +409,7 @@ def stream_spec(cfg: DataConfig, split: str, *, world_size: int, batch_size: int
             raise ConfigError("data.batches_per_epoch", cfg.batches_per_epoch,
                               f"a positive count: sources {unknown} have no manifest to size "
                               "an epoch from")
-        stream_tokens = sum(ss.tokens + ss.documents for ss in sets)
+        stream_tokens = sum(s.tokens for s in sources)
         mean_raw = sum(p * sh.raw for p, sh in zip(probs, shapes, strict=True))
         global_batch = batch_size * grad_accum * world_size
         num_steps = max(1, math.floor(stream_tokens / mean_raw / global_batch))

@@ -57,6 +57,11 @@ class SourceSpec:
     weight: float
     suffix: str
     """``ids.u16`` or ``ids.u32``: the member every sample must carry."""
+    tokens: Optional[int] = None
+    """What one pass over the source gives: its manifests' tokens and one EOS per document
+    (None: a shard without a manifest)."""
+    max_repetition: Optional[float] = None
+    """The most epochs of the source a run may read (liquid_dist.data.mixture)."""
 
 
 @dataclass(frozen=True)

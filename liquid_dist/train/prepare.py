@@ -6,7 +6,9 @@ process group exists (docs/training.md, "From a config to a running engine").
 device only — the precision, the MoE backend, the expert layout and the
 DeepSpeed config — from liquid_dist.parallel.build_plan.resolve_build (which
 the planner, liquid_dist.plan, calls too), and adds what needs files: the
-vocabulary from the tokenizer and the data streams (shards, epoch length).
+vocabulary from the tokenizer, the data streams (shards, epoch length) and the
+token plan (what the run draws from each source, refused beyond a source's
+``max_repetition``).
 :func:`resolve_start` finds the checkpoint to resume and the model to start
 from, each checked against the config, a checkpoint's files verified before
 anything reads them: the launch passes
@@ -34,6 +36,7 @@ from liquid_dist.checkpoint_format import (
     verify_checkpoint,
 )
 from liquid_dist.config import Config, ConfigError, check_same_architecture, validate
+from liquid_dist.data.mixture import TokenPlan, token_plan
 from liquid_dist.data.stream import StreamSpec
 from liquid_dist.parallel.build_plan import BuildPlan, resolve_build
 
@@ -46,6 +49,9 @@ class RunPlan:
     train_data: StreamSpec
     """The training stream (of rank 0; liquid_dist.data.open_loader opens any rank's)."""
     val_data: Optional[StreamSpec]
+    token_plan: TokenPlan
+    """What ``train.max_steps`` steps draw from each training source, checked against the
+    sources' ``max_repetition``."""
 
     @property
     def config(self) -> Config:
@@ -120,7 +126,9 @@ def resolve_run(cfg: Config, *, world_size: int, device_type: str) -> RunPlan:
         val_data = stream_spec(cfg.data, "val", world_size=world_size,
                                batch_size=t.micro_batch_size, seed=t.seed,
                                num_steps=t.eval_steps, grad_accum=t.grad_accum)
-    return RunPlan(build=build, train_data=train_data, val_data=val_data)
+    tokens = token_plan(train_data, t.max_steps)
+    tokens.check()
+    return RunPlan(build=build, train_data=train_data, val_data=val_data, token_plan=tokens)
 
 
 def resolve_start(plan: RunPlan, resume: str = "none", damage: DamageFinder = find_damage

@@ -238,7 +238,8 @@ class Trainer:
                          "parameters": counts["total"], "device": str(self.device),
                          "checkpoint": self.resumed_from,
                          "resharded_from": self.resharded_from,
-                         "heartbeat_dir": hb and str(hb)},
+                         "heartbeat_dir": hb and str(hb),
+                         "token_plan": self.plan.token_plan.to_dict()},
                         f"{event} at step {self.state.step}: {counts['total']:,} parameters, "
                         f"{self.env.world_size} rank(s) on {self.device.type}, "
                         f"{self.precision}, ZeRO-{self.cfg.parallel.zero_stage}"
@@ -246,7 +247,8 @@ class Trainer:
                         + (" (resharded from {} ranks, ep_size {})".format(*self.resharded_from)
                            if self.resharded_from else "")
                         + (f"; hang detection: heartbeats in {hb}, watched by local rank 0's "
-                           "watchdog" if hb else "; hang detection off (train.hang_detection)"))
+                           "watchdog" if hb else "; hang detection off (train.hang_detection)")
+                        + "\n" + self.plan.token_plan.table())
 
     def _loop(self, stop: StopFlag, bar: Any) -> int:
         t, st, rank = self.cfg.train, self.state, self.env.rank
