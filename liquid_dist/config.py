@@ -45,6 +45,9 @@ class DataConfig:
     train_shards: Union[str, list] = "data/shards"
     """A directory with manifest.json, a brace pattern, or a list of either."""
     val_shards: Union[str, list, None] = None
+    val_sources: dict = field(default_factory=dict)
+    """Validation per source: {name: shard spec}, each evaluated on its own at every
+    evaluation (``sources`` in the eval record), besides ``val_shards``."""
     sources: list = field(default_factory=list)
     """Optional list of {name, shards, weight, manifest, max_repetition}; overrides
     ``train_shards``."""
@@ -223,6 +226,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.sources[{i}].weight", w, "a positive number")
         _check_repetition(f"data.sources[{i}].max_repetition", s.get("max_repetition"))
     _check_repetition("data.max_repetition", d.max_repetition)
+    if not isinstance(d.val_sources, dict):
+        raise ConfigError("data.val_sources", d.val_sources, "a mapping from names to shard specs")
+    for name, spec in d.val_sources.items():
+        if not isinstance(name, str) or not name or not isinstance(spec, (str, list)) or not spec:
+            raise ConfigError(f"data.val_sources.{name}", spec,
+                              "a shard spec (a directory, a pattern or a list) under a name")
     for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "ckpt_every",
                  "keep_last", "eval_every", "eval_steps"):
         if getattr(t, name) < 1:

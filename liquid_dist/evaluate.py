@@ -1,8 +1,8 @@
 """Held-out evaluation: cross-entropy, perplexity and bits per byte on raw text or shards.
 
     python -m liquid_dist.evaluate MODEL_DIR --input PATH [PATH ...]
-        [--objective prefix_lm|span_corruption] [--max-tokens N] [--batch-size B]
-        [--device cpu|cuda] [--quiet]
+        [--source NAME=PATH ...] [--objective prefix_lm|span_corruption]
+        [--max-tokens N] [--batch-size B] [--device cpu|cuda] [--quiet]
 
 ``MODEL_DIR`` is a converted model directory (``config.json`` + safetensors +
 ``tokenizer.model``: :meth:`LiquidFoundationModelOptimized.from_pretrained`)
@@ -18,6 +18,11 @@ command). One JSON object goes to stdout (docs/evaluation.md):
   / ``tokens``; ``ppl`` = exp(``ce``);
 * ``bytes``: UTF-8 bytes of the text the target tokens stand for;
   ``bits_per_byte`` = summed nats / ln 2 / ``bytes``.
+
+``--source NAME=PATH`` (repeatable; the mapping a run's ``data.val_sources``
+holds) scores each named input on its own: the object gains ``sources``,
+``{NAME: {tokens, ce, ppl, bytes, bits_per_byte, ...}}``; the top-level
+figures are those of ``--input`` (absent without it).
 
 Each document is scored on its own, as its tokens followed by EOS (the end
 of document the model learned to predict), with the training example
@@ -53,7 +58,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -82,7 +86,6 @@ from liquid_dist.data.tokenizer import MODEL_NAME as TOKENIZER_NAME
 from liquid_dist.model.pretrained import is_pretrained_dir
 
 EXIT_BAD_INPUT = 2
-_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
 class EvalError(RuntimeError):
@@ -251,8 +254,9 @@ def iter_token_documents(inputs: Sequence[str], tok: Tokenizer, report: InputRep
 class ByteCounter:
     """UTF-8 bytes of the text each token of a document stands for.
 
-    A piece's text with "\u2581" as a space, one byte for a byte-fallback piece
-    (``<0xNN>``), none for pad / EOS / BOS; the document's first token as the
+    A token's bytes inside a text (:attr:`Tokenizer.piece_bytes`: its piece with
+    "\u2581" as a space, one byte for a byte-fallback piece, none for pad / EOS /
+    BOS); the document's first token as the
     tokenizer decodes it at the start of a text (without the dummy-prefix
     space). For any text the tokenizer reproduces, a document's counts add up
     to the UTF-8 length of its text (tests/test_evaluate.py).
@@ -260,21 +264,12 @@ class ByteCounter:
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
-        self.table = np.zeros(tok.vocab_size, dtype=np.int64)
-        self.is_byte = np.zeros(tok.vocab_size, dtype=bool)
-        for i in range(tok.vocab_size):
-            if i in (tok.pad_id, tok.eos_id, tok.bos_id):
-                continue
-            piece = tok.id_to_piece(i)
-            if _BYTE_PIECE.match(piece):
-                self.table[i], self.is_byte[i] = 1, True
-            else:
-                self.table[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        self.table = tok.piece_bytes
 
     def document(self, ids: np.ndarray) -> np.ndarray:
         """Bytes per token of a whole document's ``ids``."""
         counts = self.table[ids]
-        if len(ids) and not self.is_byte[ids[0]]:
+        if len(ids) and not self.tok.is_byte_piece(ids[0]):
             counts[0] = len(self.tok.decode(ids[:1]).encode("utf-8"))
         return counts
 
@@ -397,13 +392,23 @@ def evaluate(model: Any, tok: Tokenizer, documents: Iterable[np.ndarray],
 # ------------------------------------------------------------------ command line
 
 
+def _named_input(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=PATH")
+    return name, path
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="liquid-evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a converted model directory, or a training run or "
                                  "checkpoint directory")
-    p.add_argument("--input", nargs="+", required=True,
+    p.add_argument("--input", nargs="+", default=[],
                    help="text files or directories (txt / jsonl / gzip / parquet), or shards "
                         "(a make_shards directory, a .tar, a brace pattern, pipe:...)")
+    p.add_argument("--source", action="append", default=[], type=_named_input,
+                   metavar="NAME=PATH",
+                   help="an input scored on its own under NAME (repeatable): data.val_sources")
     p.add_argument("--objective", choices=OBJECTIVES, default="prefix_lm")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="stop after this many target tokens (the output says truncated)")
@@ -424,6 +429,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no input summary")
     args = p.parse_args(argv)
+    if not args.input and not args.source:
+        p.error("give --input, --source NAME=PATH, or both")
+    names = [name for name, _ in args.source]
+    if len(set(names)) != len(names):
+        p.error(f"--source names repeat: {names}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
 
     report = InputReport()
@@ -433,12 +443,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         settings = make_settings(args.objective, data, tok, model.cfg,
                                  encoder_length=args.encoder_length,
                                  decoder_length=args.decoder_length, seed=args.seed)
-        docs = iter_token_documents(args.input, tok, report, stats, split=args.split,
-                                    txt_docs=args.txt_docs, text_field=args.text_field,
-                                    policy=args.bad_input)
-        result = evaluate(model, tok, docs, settings, batch_size=args.batch_size,
-                          max_tokens=args.max_tokens, device=args.device,
-                          progress=not args.quiet and sys.stderr.isatty())
+
+        def score(inputs: list[str]) -> dict[str, Any]:
+            docs = iter_token_documents(inputs, tok, report, stats, split=args.split,
+                                        txt_docs=args.txt_docs, text_field=args.text_field,
+                                        policy=args.bad_input)
+            return evaluate(model, tok, docs, settings, batch_size=args.batch_size,
+                            max_tokens=args.max_tokens, device=args.device,
+                            progress=not args.quiet and sys.stderr.isatty())
+
+        result = score(args.input) if args.input else {}
+        if args.source:
+            result["sources"] = {name: score([path]) for name, path in args.source}
     except (EvalError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if report.files:

@@ -5,8 +5,9 @@
 Panels (docs/evaluation.md), every run overlaid in its own colour, labelled
 by its directory name:
 
-* cross-entropy against step: train ``ce`` (solid) and validation ``val_ce``
-  (dashed, dots);
+* cross-entropy against step: train ``ce`` (solid), validation ``val_ce``
+  (dashed, dots) and each validation source's ``val_ce`` (``data.val_sources``:
+  dotted, one marker per source);
 * the same against real tokens seen;
 * learning rate ``lr``; gradient norm ``grad_norm`` (before clipping);
 * throughput: ``real_tokens_per_s`` (solid) and ``target_tokens_per_s`` (dashed);
@@ -46,6 +47,7 @@ EXPERT_PREFIX = "expert_usage/"
 FIXED_PANELS = 5
 """Cross-entropy by step, by tokens, learning rate, grad norm, throughput."""
 _EXPERT_STYLES = ("-", "--", ":", "-.")
+_SOURCE_MARKERS = ("s", "^", "v", "D", "P", "X")
 SHORT_RUN_RECORDS = 30
 TOKEN_KEYS = ("step", "real_tokens_per_s", "step_time_s")
 """The keys of a train record that real tokens seen are computed from."""
@@ -88,6 +90,8 @@ class RunCurves:
     eval_steps: np.ndarray
     eval_tokens: np.ndarray
     val_ce: np.ndarray
+    val_sources: dict[str, np.ndarray] = field(default_factory=dict)
+    """validation source -> its ``val_ce`` per eval record (NaN where a record lacks it)."""
     experts: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
     """layer -> expert index -> usage per train record (NaN where a record lacks it)."""
 
@@ -125,6 +129,9 @@ def load_run(run_dir: str | Path, name: str) -> RunCurves:
                for k in ("ce", "lr", "grad_norm", "real_tokens_per_s", "target_tokens_per_s")},
         eval_steps=eval_steps, eval_tokens=np.interp(eval_steps, steps, tokens),
         val_ce=np.array([_num(r.get("val_ce")) for r in evals]),
+        val_sources={name: np.array([_num(r.get("sources", {}).get(name, {}).get("val_ce"))
+                                     for r in evals])
+                     for name in dict.fromkeys(n for r in evals for n in r.get("sources", {}))},
         experts={layer: dict(sorted(e.items())) for layer, e in layers.items()})
 
 
@@ -162,6 +169,10 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path) -> Any:
             if len(run.val_ce):
                 ax.plot(x_eval, run.val_ce, color=colour, linestyle="--", marker="o",
                         label=f"{run.name} val")
+            for k, (source, ce) in enumerate(run.val_sources.items()):
+                ax.plot(x_eval, ce, color=colour, linestyle=":",
+                        marker=_SOURCE_MARKERS[k % len(_SOURCE_MARKERS)],
+                        label=f"{run.name} val {source}")
         lr.plot(run.steps, run.train["lr"], color=colour, marker=dot, label=run.name)
         gnorm.plot(run.steps, run.train["grad_norm"], color=colour, marker=dot, label=run.name)
         speed.plot(run.steps, run.train["real_tokens_per_s"], color=colour, marker=dot,

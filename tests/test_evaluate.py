@@ -295,6 +295,15 @@ def test_shards_score_like_the_text_they_were_made_from(tmp_path, capsys):
         assert [got[k] for k in keys] == [text[k] for k in keys]
         assert got["tokens"] == manifest["totals"]["train"]["tokens"] + len(texts)
         assert got["bad_samples"] == {}
+    # the mapping of data.val_sources: each named input scored on its own
+    named = evaluate(capsys, "--source", f"text={src}", "--source", f"shards={shards}",
+                     "--split", "train")
+    assert "ce" not in named and sorted(named["sources"]) == ["shards", "text"]
+    for got in named["sources"].values():
+        assert [got[k] for k in keys] == [text[k] for k in keys]
+    with pytest.raises(SystemExit, match="2"):  # argparse: the names repeat
+        main([str(model_dir()), "--source", f"text={src}", "--source", f"text={src}"])
+    assert "--source names repeat" in capsys.readouterr().err
     Path(tars[0]).write_bytes(Path(tars[0]).read_bytes()[:700])  # cut inside a sample
     assert main([str(model_dir()), "--input", str(shards), "--split", "train", "--quiet"]) == 2
     err = capsys.readouterr().err

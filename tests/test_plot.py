@@ -54,7 +54,8 @@ def test_tokens_seen_sums_each_window_and_restarts_at_a_resume(tmp_path):
     # step-3 checkpoint, and the resumed attempt's first window is 1 step long
     records = [{"kind": "event", "event": "start", "step": 0},
                train_record(2, 100.0, 0.5, 5.0),            # 2 steps x 0.5 s x 100/s
-               {"kind": "eval", "step": 3, "val_ce": 4.5},
+               {"kind": "eval", "step": 3, "val_ce": 4.5,
+                "sources": {"web": {"val_ce": 4.25, "bits_per_byte": 1.5}}},
                {"kind": "event", "event": "resume", "step": 3},
                train_record(4, 300.0, 1.0, "nan"),          # 1 step x 1.0 s x 300/s
                train_record(6, 50.0, 2.0, 4.0)]             # 2 steps x 2.0 s x 50/s
@@ -62,6 +63,7 @@ def test_tokens_seen_sums_each_window_and_restarts_at_a_resume(tmp_path):
     run = load_run(write_metrics(tmp_path / "r", records), "r")
     assert run.tokens.tolist() == [100.0, 400.0, 600.0]
     assert run.eval_tokens.tolist() == [250.0]  # step 3: halfway between steps 2 and 4
+    assert {k: v.tolist() for k, v in run.val_sources.items()} == {"web": [4.25]}
     assert math.isnan(run.train["ce"][1])       # a window without a good step stays a gap
     assert sorted(run.experts["encoder.blocks.0"]) == [0, 1]
 

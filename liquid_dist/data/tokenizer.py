@@ -14,12 +14,14 @@ import functools
 import hashlib
 import io
 import json
+import re
 import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import sentencepiece as spm
 
 from liquid_dist.data.errors import DataError
@@ -36,6 +38,7 @@ MODEL_NAME = "tokenizer.model"
 SETTINGS_NAME = "tokenizer_settings.json"  # not tokenizer.json: transformers' file
 # sentencepiece skips longer training sentences; long lines are cut instead
 _MAX_TRAIN_LINE_CHARS = 4000
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
 class Tokenizer:
@@ -130,6 +133,24 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
+
+    @functools.cached_property
+    def piece_bytes(self) -> np.ndarray:
+        """Per id, the UTF-8 bytes of the text it stands for inside a text: its piece with
+        "\u2581" as a space (a sentinel its literal text), 1 for a byte-fallback piece
+        (``<0xNN>``), 0 for pad, EOS and BOS (int64, ``vocab_size`` long)."""
+        table = np.zeros(self.vocab_size, dtype=np.int64)
+        silent = {self.pad_id, self.eos_id, self.bos_id}
+        for i in range(self.vocab_size):
+            if i in silent:
+                continue
+            piece = self.id_to_piece(i)
+            table[i] = 1 if _BYTE_PIECE.match(piece) else len(
+                piece.replace("\u2581", " ").encode("utf-8"))
+        return table
+
+    def is_byte_piece(self, i: int) -> bool:
+        return bool(_BYTE_PIECE.match(self.id_to_piece(i)))
 
     def piece_to_id(self, piece: str) -> int:
         return int(self._sp.piece_to_id(piece))

@@ -50,6 +50,25 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def wandb_fields(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of ``record`` under ``KIND/KEY``, a nested mapping's as ``KIND/KEY/SUB``
+    (the eval record's ``sources/NAME/val_ce``); other values are left out."""
+    out: dict[str, float] = {}
+
+    def add(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{prefix}/{k}", v)
+        elif isinstance(value, (int, float)):
+            out[prefix] = value
+
+    kind = record.get("kind", "train")
+    for k, v in record.items():
+        if k not in ("kind", "step"):
+            add(f"{kind}/{k}", v)
+    return out
+
+
 def read_metrics(run_dir: str | Path, kind: Optional[str] = None) -> list[dict[str, Any]]:
     """The records of ``RUN_DIR/metrics.jsonl`` (of one ``kind`` if given), in order."""
     path = Path(run_dir) / METRICS_FILE
@@ -139,8 +158,7 @@ class MetricsLogger:
         step = int(record.get("step", 0))
         if self._wandb is None or (self.sent_through is not None and step <= self.sent_through):
             return
-        data = {f"{record.get('kind', 'train')}/{k}": v for k, v in record.items()
-                if k not in ("kind", "step") and isinstance(v, (int, float))}
+        data = wandb_fields(record)
         try:
             self._wandb.log(data, step=step)
         except Exception as exc:  # any failure of the wandb service

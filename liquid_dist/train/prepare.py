@@ -35,7 +35,13 @@ from liquid_dist.checkpoint_format import (
     read_config,
     verify_checkpoint,
 )
-from liquid_dist.config import Config, ConfigError, check_same_architecture, validate
+from liquid_dist.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    check_same_architecture,
+    validate,
+)
 from liquid_dist.data.mixture import TokenPlan, token_plan
 from liquid_dist.data.stream import StreamSpec
 from liquid_dist.parallel.build_plan import BuildPlan, resolve_build
@@ -49,6 +55,8 @@ class RunPlan:
     train_data: StreamSpec
     """The training stream (of rank 0; liquid_dist.data.open_loader opens any rank's)."""
     val_data: Optional[StreamSpec]
+    val_sources: dict[str, StreamSpec]
+    """The validation stream of each ``data.val_sources`` entry, by name."""
     token_plan: TokenPlan
     """What ``train.max_steps`` steps draw from each training source, checked against the
     sources' ``max_repetition``."""
@@ -121,14 +129,17 @@ def resolve_run(cfg: Config, *, world_size: int, device_type: str) -> RunPlan:
                           "'disabled' unless wandb is installed (pip install wandb)")
     train_data = stream_spec(cfg.data, "train", world_size=world_size,
                              batch_size=t.micro_batch_size, seed=t.seed, grad_accum=t.grad_accum)
-    val_data = None
-    if cfg.data.val_shards is not None:
-        val_data = stream_spec(cfg.data, "val", world_size=world_size,
-                               batch_size=t.micro_batch_size, seed=t.seed,
-                               num_steps=t.eval_steps, grad_accum=t.grad_accum)
+    def val_stream(data: DataConfig) -> StreamSpec:
+        return stream_spec(data, "val", world_size=world_size, batch_size=t.micro_batch_size,
+                           seed=t.seed, num_steps=t.eval_steps, grad_accum=t.grad_accum)
+
+    val_data = None if cfg.data.val_shards is None else val_stream(cfg.data)
+    val_sources = {name: val_stream(dataclasses.replace(cfg.data, val_shards=shards))
+                   for name, shards in cfg.data.val_sources.items()}
     tokens = token_plan(train_data, t.max_steps)
     tokens.check()
-    return RunPlan(build=build, train_data=train_data, val_data=val_data, token_plan=tokens)
+    return RunPlan(build=build, train_data=train_data, val_data=val_data,
+                   val_sources=val_sources, token_plan=tokens)
 
 
 def resolve_start(plan: RunPlan, resume: str = "none", damage: DamageFinder = find_damage

@@ -148,9 +148,19 @@ class Trainer:
         seed_everything(t.seed + self.env.rank)  # per-rank dropout streams
         if self._train_loader is None:
             self._train_loader = open_loader(cfg.data, plan.train_data, self.env.rank)
-        self.validator = None if plan.val_data is None else Validator(
-            open_loader(cfg.data, plan.val_data, self.env.rank), every=t.eval_every,
-            device=self.device, precision=self.precision, world_size=self.env.world_size)
+        self.validator = None
+        if plan.val_data is not None or plan.val_sources:
+            from liquid_dist.data import Tokenizer
+
+            tok = Tokenizer(cfg.data.tokenizer)
+            self.validator = Validator(
+                None if plan.val_data is None else open_loader(cfg.data, plan.val_data,
+                                                               self.env.rank),
+                {name: open_loader(cfg.data, spec, self.env.rank)
+                 for name, spec in plan.val_sources.items()},
+                every=t.eval_every, device=self.device, precision=self.precision,
+                world_size=self.env.world_size,
+                piece_bytes=tok.piece_bytes, sentinel_ids=tok.sentinel_ids)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=t.keep_last, every=t.ckpt_every,
                                       rank=self.env.rank, world_size=self.env.world_size,
                                       expert_layout=self.expert_layout, seed=t.seed,
