@@ -30,3 +30,27 @@ def test_each_validation_source_is_scored_on_its_own_in_the_eval_record() -> Non
         assert 1 < e["val_ce"] / e["bits_per_byte"] / math.log(2) < 8
         assert wandb_fields(e)["eval/sources/train/val_ce"] == e["sources"]["train"]["val_ce"]
     assert "eval step 2: val ce" in proc.stdout and "; all " in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_run_draws_the_tokens_its_token_plan_counts() -> None:
+    """One objective: the plan is exact in total; each source's share is a seeded draw per
+    example, so its tokens follow the plan within the draw's spread."""
+    shards = tf.train_data().shards
+    run = tf.TMP / "token_plan"
+    proc = tf.launch(1, tf.base_overrides(run, steps=6) + [
+        "data.objective=prefix_lm", "data.val_shards=null",
+        f"data.sources=[{{name: web, shards: {shards}, weight: 3}}, "
+        f"{{name: code, shards: {shards}}}]"], launcher="python")
+    assert proc.returncode == 0, tf.tail(proc)
+    (start,) = [e for e in read_metrics(run, "event") if e["event"] == "start"]
+    planned = {s["name"]: s["planned_tokens"] for s in start["token_plan"]["sources"]}
+    last = read_metrics(run, "train")[-1]
+    drawn = {name: last.get(f"data_tokens/{name}", 0) for name in planned}
+    assert sum(drawn.values()) == sum(planned.values())
+    examples = 6 * 2  # steps x global batch (1 rank x micro-batch 2)
+    raw = sum(planned.values()) // examples
+    for name, share in (("web", 0.75), ("code", 0.25)):
+        spread = math.sqrt(examples * share * (1 - share))
+        assert abs(drawn[name] / raw - examples * share) <= 3 * spread, (name, drawn, planned)
+    assert "token plan for 6 steps" in proc.stdout and "web: 0.750" in proc.stdout
