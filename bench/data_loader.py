@@ -4,7 +4,8 @@
 
 The loader's raw tokens/s drawn per loader worker for each objective
 (encoder 512 / decoder 128, batch 16) with 0 (in-process), 1 and 2 workers,
-and the time to the first batch of a resumed loader.
+the time to the first batch of a resumed loader, and what a staged mixture
+costs (``stages``: one stage against a stage change every 10 steps).
 
 ``--data`` is a prepare_shakespeare.py output (made in a temporary folder
 when absent). Results, with machine and date, go to a JSON file.
@@ -13,6 +14,7 @@ when absent). Results, with machine and date, go to a JSON file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -75,6 +77,34 @@ def bench_loader(data: Path, objective: str, workers: int) -> dict:
             "decoder_fill": round(loader.stats()["decoder_fill"], 3)}
 
 
+def bench_stages(data: Path, repeats: int = 3) -> dict:
+    """Loader tokens/s (in-process, mixture objective) over two sources (the corpus under
+    two names) in one stage, against a mixture that changes stage every 10 steps; each
+    measured ``repeats`` times, alternating, the best kept."""
+    sources = [{"name": n, "shards": str(data / "shards")} for n in ("a", "b")]
+    shifting = [{"start_step": k * 10, "weights": {"a": 1 + k % 3, "b": 1 + (k + 1) % 3}}
+                for k in range(32)]
+    one = {"start_step": 0, "weights": {"a": 1, "b": 1}}
+    rates: dict[str, list[float]] = {"one_stage": [], "stage_every_10_steps": []}
+    for _ in range(repeats):
+        for name, stages in (("one_stage", [one]), ("stage_every_10_steps", shifting)):
+            cfg = dataclasses.replace(_cfg(data, "mixture", 0), sources=sources, stages=stages)
+            loader = build_train_loader(cfg, rank=0, world_size=1, batch_size=16, seed=0)
+            it = iter(loader)
+            for _ in range(20):
+                next(it)
+            before = sum(loader.stats()["tokens_per_source"].values())
+            start = time.perf_counter()
+            sum(1 for _ in it)
+            seconds = time.perf_counter() - start
+            tokens = sum(loader.stats()["tokens_per_source"].values()) - before
+            rates[name].append(tokens / seconds)
+    best = {k: max(v) for k, v in rates.items()}
+    return {**{f"{k}_tokens_per_s": round(v) for k, v in best.items()},
+            "ratio": round(best["stage_every_10_steps"] / best["one_stage"], 3),
+            "repeats": repeats}
+
+
 def bench_resume(data: Path) -> dict:
     cfg = _cfg(data, "mixture", 2)
     first = build_train_loader(cfg, rank=0, world_size=1, batch_size=16, seed=0)
@@ -114,6 +144,7 @@ def main() -> None:
                        for objective in ("span_corruption", "prefix_lm", "mixture")
                        for workers in (0, 1, 2)],
             "resume": bench_resume(data),
+            "stages": bench_stages(data),
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -51,6 +51,10 @@ class DataConfig:
     sources: list = field(default_factory=list)
     """Optional list of {name, shards, weight, manifest, max_repetition}; overrides
     ``train_shards``."""
+    stages: list = field(default_factory=list)
+    """Staged mixture: [{start_step, weights: {source name: weight >= 0}}], the first at
+    step 0; a source a stage does not name has weight 0 in it. Replaces the sources'
+    ``weight`` (docs/data.md, "Staged mixtures")."""
     max_repetition: Optional[float] = 4.0
     """The most epochs of a training source a run may read (a source's own
     ``max_repetition`` wins; null: no limit): a longer run is a ConfigError before it
@@ -170,6 +174,38 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _check_stages(d: DataConfig) -> None:
+    if not d.stages:
+        return
+    if not d.sources:
+        raise ConfigError("data.stages", d.stages, "data.sources to mix (stages weigh sources)")
+    names = [s.get("name", f"source{i}") for i, s in enumerate(d.sources)]  # as the loader's
+    weighted = [i for i, s in enumerate(d.sources) if "weight" in s]
+    if weighted:
+        raise ConfigError(f"data.sources[{weighted[0]}].weight", d.sources[weighted[0]]["weight"],
+                          "no weight: with data.stages the stages give the weights")
+    previous = -1
+    for k, stage in enumerate(d.stages):
+        key = f"data.stages[{k}]"
+        if not isinstance(stage, dict) or set(stage) != {"start_step", "weights"}:
+            raise ConfigError(key, stage, "a mapping with 'start_step' and 'weights'")
+        start, weights = stage["start_step"], stage["weights"]
+        if not isinstance(start, int) or isinstance(start, bool) or start <= previous or (
+                k == 0 and start != 0):
+            raise ConfigError(f"{key}.start_step", start,
+                              "0 for the first stage, then steps in increasing order")
+        previous = start
+        if not isinstance(weights, dict) or not weights:
+            raise ConfigError(f"{key}.weights", weights, "a mapping from source names to weights")
+        for name, w in weights.items():
+            if name not in names:
+                raise ConfigError(f"{key}.weights.{name}", w, f"a weight of a source ({names})")
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+                raise ConfigError(f"{key}.weights.{name}", w, "a weight >= 0")
+        if not any(w > 0 for w in weights.values()):
+            raise ConfigError(f"{key}.weights", weights, "at least one positive weight")
+
+
 def _check_repetition(key: str, value: Any) -> None:
     if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
                               or value <= 0):
@@ -226,6 +262,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.sources[{i}].weight", w, "a positive number")
         _check_repetition(f"data.sources[{i}].max_repetition", s.get("max_repetition"))
     _check_repetition("data.max_repetition", d.max_repetition)
+    _check_stages(d)
     if not isinstance(d.val_sources, dict):
         raise ConfigError("data.val_sources", d.val_sources, "a mapping from names to shard specs")
     for name, spec in d.val_sources.items():

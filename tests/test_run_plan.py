@@ -183,3 +183,45 @@ def test_resume_verifies_a_checkpoint_before_reading_it(tmp_path: Path) -> None:
            "changed" in why
     with pytest.raises(CheckpointError, match="step_00000004 is damaged"):
         resolve_start(plan, str(shard.parent))
+
+
+def test_a_resume_that_rewrites_the_trained_mixture_is_refused_before_any_rank(
+        tmp_path: Path) -> None:
+    from test_train_units import _FakeEngine
+
+    from liquid_dist.train.checkpoint import CheckpointManager
+    from liquid_dist.train.prepare import resolve_vocabulary
+    from liquid_dist.train.state import TrainerState
+
+    shards = str(tf.train_data().shards)
+
+    def cfg(stages: str, names: str = "web, code", epoch: int = 40):
+        sources = ", ".join(f"{{name: {n}, shards: {shards}}}" for n in names.split(", "))
+        return _cfg(tmp_path, f"data.sources=[{sources}]", f"data.stages={stages}",
+                    f"data.batches_per_epoch={epoch}")
+
+    first = cfg("[{start_step: 0, weights: {web: 1}}, {start_step: 6, weights: {code: 1}}]")
+    resolved = resolve_vocabulary(first)
+    CheckpointManager(tmp_path / "run", keep_last=3, rank=0, world_size=1).save(
+        _FakeEngine(), TrainerState(step=4), rank_state={"loader": {}},
+        config=resolved.to_dict(), tokenizer_path=resolved.data.tokenizer)
+    # the annealing stage moved to the resume step, and a source added after it: fine
+    later = cfg("[{start_step: 0, weights: {web: 1}}, {start_step: 4, weights: {code: 1}}, "
+                "{start_step: 7, weights: {book: 1}}]", "web, code, book")
+    assert resolve_start(resolve_run(later, world_size=1, device_type="cpu"), "auto").resume
+    plan = resolve_run(later, world_size=1, device_type="cpu")
+    assert [round(s.share, 3) for s in plan.token_plan.sources] == [0.5, 0.375, 0.125]
+    earlier = cfg("[{start_step: 0, weights: {web: 1}}, {start_step: 3, weights: {code: 1}}]")
+    with pytest.raises(ConfigError, match=r"'data.stages' = .*before its step 4: data.stages: "
+                                          r"the mixture at step 3 was \{'web': 1.0\}, it is "
+                                          r"\{'code': 1.0\} now"):
+        resolve_start(resolve_run(earlier, world_size=1, device_type="cpu"), "auto")
+    grown = cfg("[{start_step: 0, weights: {web: 1}}, {start_step: 7, weights: {book: 1}}]",
+                "web, code, book", epoch=0)
+    with pytest.raises(ConfigError, match=r"'data.batches_per_epoch' = 0: .*sources \['book'\] "
+                                          "are added on resume"):
+        resolve_start(resolve_run(grown, world_size=1, device_type="cpu"), "auto")
+    fewer = cfg("[{start_step: 0, weights: {web: 1}}]", "web")
+    with pytest.raises(ConfigError, match=r"'data.sources' = \['web'\]: .*\['code'\] included: "
+                                          "sources may be added on resume, not removed"):
+        resolve_start(resolve_run(fewer, world_size=1, device_type="cpu"), "auto")

@@ -54,3 +54,36 @@ def test_the_run_draws_the_tokens_its_token_plan_counts() -> None:
         spread = math.sqrt(examples * share * (1 - share))
         assert abs(drawn[name] / raw - examples * share) <= 3 * spread, (name, drawn, planned)
     assert "token plan for 6 steps" in proc.stdout and "web: 0.750" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_stage_appended_on_resume_continues_as_if_it_had_been_there_from_the_start() -> None:
+    """Stop at step 4 of a one-stage run; resume with an annealing stage from step 6: the
+    same optimizer, schedule and data positions go on, the resume event says what
+    changed, and every step equals a run that had the second stage from the start."""
+    shards = tf.train_data().shards
+    sources = (f"data.sources=[{{name: web, shards: {shards}}}, "
+               f"{{name: book, shards: {shards}}}]")
+    one = "data.stages=[{start_step: 0, weights: {web: 3, book: 1}}]"
+    two = ("data.stages=[{start_step: 0, weights: {web: 3, book: 1}}, "
+           "{start_step: 6, weights: {book: 1}}]")
+
+    def run(name: str, stages: str, **env: str):
+        proc = tf.launch(1, tf.base_overrides(tf.TMP / name) + [sources, stages],
+                         launcher="python", extra_env=env)
+        return tf.TMP / name, proc
+
+    reference, proc = run("staged", two)
+    assert proc.returncode == 0, tf.tail(proc)
+    changed, proc = run("restaged", one, LIQUID_TEST_STOP_AT_STEP="4")
+    assert sorted(tf.train_losses(changed)) == [1, 2, 3, 4], tf.tail(proc)
+    changed, proc = run("restaged", two)
+    assert proc.returncode == 0, tf.tail(proc)
+    assert "mixture changed from step 6: {'web': 0.75, 'book': 0.25} -> {'book': 1.0}" \
+        in proc.stdout
+    (resume,) = [e for e in read_metrics(changed, "event") if e["event"] == "resume"]
+    assert resume["mixture_changes"] == [
+        "from step 6: {'web': 0.75, 'book': 0.25} -> {'book': 1.0}"]
+    assert tf.train_losses(changed) == tf.train_losses(reference)  # bitwise, steps 1-8
+    last = {r["step"]: r for r in read_metrics(changed, "train")}
+    assert last[8]["data_tokens/web"] == last[6]["data_tokens/web"] > 0  # annealed: book only

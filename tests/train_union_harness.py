@@ -76,8 +76,8 @@ class _Wrapped:
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        return self.loader.load_state_dict(state)
 
     def stats(self) -> dict[str, Any]:
         return self.loader.stats()

@@ -40,13 +40,14 @@ from liquid_dist.data.shards import resolve_shards
 from liquid_dist.data.stream import (
     BATCH_KEYS,
     SourceSpec,
+    Stage,
     StreamSpec,
     WorkerStream,
     unpack_batch,
 )
 from liquid_dist.data.tokenizer import DECODER_START_IDS, Tokenizer
 
-STATE_VERSION = 3
+STATE_VERSION = 4
 
 
 class _EpochDataset(IterableDataset):
@@ -89,11 +90,51 @@ def _add_stats(a: Any, b: Any) -> Any:
 
 
 def _check_signature(saved: dict[str, Any], mine: dict[str, Any]) -> None:
-    differs = sorted(k for k in set(mine) | set(saved) if saved.get(k) != mine.get(k))
-    if differs:
-        detail = ", ".join(f"{k}: saved {saved.get(k)!r} now {mine.get(k)!r}" for k in differs)
+    """ValueError unless ``mine`` continues ``saved``: the same settings, and every saved
+    source with the same shards (a source added since is allowed)."""
+    differs = sorted(k for k in set(mine) | set(saved)
+                     if k != "sources" and saved.get(k) != mine.get(k))
+    changed = sorted(name for name, shards in saved.get("sources", {}).items()
+                     if mine.get("sources", {}).get(name) != shards)
+    if differs or changed:
+        detail = ", ".join([f"{k}: saved {saved.get(k)!r} now {mine.get(k)!r}" for k in differs]
+                           + [f"source '{n}': its shards changed or it is gone" for n in changed])
         raise ValueError(f"loader state is from a different data setup ({detail}); "
                          "a resume needs the same seed, data settings and global batch")
+
+
+def _weights(stage: Stage, names: Sequence[str]) -> dict[str, float]:
+    return {n: w for n, w in zip(names, stage.shares, strict=True) if w > 0}
+
+
+def mixture_changes(saved: list, saved_sources: Sequence[str], spec: StreamSpec,
+                    resume_step: int) -> list[str]:
+    """What the stages of ``spec`` change against ``saved`` (a state's ``stages``: [start
+    step, {source: share}] each, of the sources ``saved_sources``), resuming at global
+    step ``resume_step``: one line per change, each at or after the resume step.
+    ValueError naming the first change before it (it would rewrite steps already
+    trained)."""
+    names = [s.name for s in spec.sources]
+    old = [(start, dict(shares)) for start, shares in saved]
+    new = [(s.start_step, _weights(s, names)) for s in spec.stages]
+
+    def at(stages: list, step: int) -> dict[str, float]:
+        return [w for start, w in stages if start <= step][-1]
+
+    changes = []
+    for step in sorted({start for start, _ in old} | {start for start, _ in new}):
+        before, after = at(old, step), at(new, step)
+        if before == after:
+            continue
+        if step < resume_step:
+            raise ValueError(f"data.stages: the mixture at step {step} was {before}, it is "
+                             f"{after} now; steps before the resume step {resume_step} are "
+                             "trained: change stages only at or after it")
+        changes.append(f"from step {step}: {before} -> {after}")
+    added = [n for n in names if n not in saved_sources]
+    if added:
+        changes.append(f"sources added: {added} (each from its beginning)")
+    return changes
 
 
 def _check_version(state: dict[str, Any]) -> None:
@@ -140,7 +181,7 @@ def merge_loader_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return json.loads(json.dumps({
         "version": STATE_VERSION, "epoch": states[0]["epoch"], "step": states[0]["step"],
         "micro": 0, "layout": None, "streams": list(range(total)), "cursors": cursors,
-        "stats": stats, "signature": states[0]["signature"]}))
+        "stats": stats, "signature": states[0]["signature"], "stages": states[0]["stages"]}))
 
 
 class PretrainingLoader:
@@ -272,17 +313,17 @@ class PretrainingLoader:
     def _signature(self) -> dict[str, Any]:
         """What the data order depends on; not the world size, workers or micro-batch."""
         s = self.spec
-        # the shard list and the manifests' document counts: regenerated shards do not match
-        urls = json.dumps([[list(src.urls), list(src.shard_documents)]
-                           for src in s.sources]).encode()
         return {"seed": s.seed, "global_batch": s.streams,
                 "steps_per_epoch": s.steps_per_epoch, "encoder_length": s.encoder_length,
                 "decoder_length": s.decoder_length, "objectives": list(s.objectives),
                 "shapes": [list(sh) for sh in s.shapes],
                 "objective_probs": list(s.objective_probs), "shuffle": s.shuffle,
                 "shuffle_buffer": s.shuffle_buffer,
-                "sources": [[src.name, src.weight] for src in s.sources],
-                "shards_sha256": hashlib.sha256(urls).hexdigest(),
+                # each source's shard list and the manifests' document counts:
+                # regenerated shards do not match
+                "sources": {src.name: hashlib.sha256(json.dumps(
+                    [list(src.urls), list(src.shard_documents)]).encode()).hexdigest()
+                    for src in s.sources},
                 "noise": [s.noise_density, s.mean_noise_span_length]}
 
     def _layout(self) -> list[int]:
@@ -297,16 +338,25 @@ class PretrainingLoader:
             "version": STATE_VERSION, "epoch": self._epoch, "step": step, "micro": micro,
             "layout": self._layout(), "streams": self.spec.owned_streams(),
             "cursors": {str(k): v for k, v in sorted(self._cursors.items())},
-            "stats": self._stats, "signature": self._signature()}))
+            "stats": self._stats, "signature": self._signature(),
+            "stages": self._stages()}))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _stages(self) -> list:
+        return stage_weights(self.spec.stages, [src.name for src in self.spec.sources])
+
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
         """Continue from ``state``: this rank's own state, or :func:`merge_loader_states`
         of every rank's state (for any world size, grad_accum and micro-batch with the
         same global batch). ValueError if it came from a different data setup, lacks
-        streams this rank owns, or stops mid-step on another layout.
+        streams this rank owns, or stops mid-step on another layout. Returns what the
+        mixture changed against the state's (:func:`mixture_changes`: stages changed and
+        sources added at or after the resume step).
         """
         _check_version(state)
         _check_signature(state["signature"], self._signature())
+        changes = mixture_changes(
+            state["stages"], list(state["signature"]["sources"]), self.spec,
+            state["epoch"] * self.spec.steps_per_epoch + state["step"])
         mine = self.spec.owned_streams()
         missing = sorted(set(mine) - set(state["streams"]))
         if missing:
@@ -325,6 +375,7 @@ class PretrainingLoader:
             self._stats = json.loads(json.dumps(state["stats"]))
         else:
             self._stats = self._empty_stats()
+        return changes
 
 
 # ------------------------------------------------------------ building
@@ -342,27 +393,53 @@ def _objectives(cfg: DataConfig) -> tuple[tuple[str, ...], tuple[float, ...]]:
     return names, tuple(cfg.objective_weights[n] / total for n in names)
 
 
+def source_names(sources: list) -> list[str]:
+    """The names of ``data.sources`` entries (``sourceI`` when unnamed), or ``["train"]``
+    for ``data.train_shards``."""
+    return [s.get("name", f"source{i}") for i, s in enumerate(sources)] or ["train"]
+
+
+def config_stages(stages: list, sources: list) -> tuple[Stage, ...]:
+    """The training mixture by step of ``data.stages`` and ``data.sources`` (as in a config
+    or a checkpoint's saved config): the stages (a source a stage leaves out has weight
+    0), or one stage of the sources' weights; shares normalised to sum to 1."""
+    names = source_names(sources)
+    if stages:
+        weighted = [(st["start_step"], [float(st["weights"].get(n, 0.0)) for n in names])
+                    for st in stages]
+    else:
+        weighted = [(0, [float(s.get("weight", 1.0)) for s in sources] or [1.0])]
+    return tuple(Stage(start, tuple(w / sum(weights) for w in weights))
+                 for start, weights in weighted)
+
+
+def stage_weights(stages: Sequence[Stage], names: Sequence[str]) -> list:
+    """``stages`` as [start step, {source: share}] (positive shares only): what a loader
+    state records and :func:`mixture_changes` compares."""
+    return [[s.start_step, _weights(s, names)] for s in stages]
+
+
 def _sources(cfg: DataConfig, split: str, tok: Tokenizer) -> tuple[list[SourceSpec], list]:
     if split == "train" and cfg.sources:
-        entries = [(s.get("name", f"source{i}"), s["shards"], float(s.get("weight", 1.0)),
-                    s.get("manifest"), s.get("max_repetition", cfg.max_repetition))
-                   for i, s in enumerate(cfg.sources)]
+        entries = [(name, s["shards"], s.get("manifest"),
+                    s.get("max_repetition", cfg.max_repetition))
+                   for name, s in zip(source_names(cfg.sources), cfg.sources, strict=True)]
     elif split == "train":
-        entries = [("train", cfg.train_shards, 1.0, None, cfg.max_repetition)]
+        entries = [("train", cfg.train_shards, None, cfg.max_repetition)]
     else:
         if cfg.val_shards is None:
             raise ConfigError("data.val_shards", None, "a shard spec to build a validation loader")
-        entries = [("val", cfg.val_shards, 1.0, None, None)]
+        entries = [("val", cfg.val_shards, None, None)]
     names = [e[0] for e in entries]
     if len(set(names)) != len(names):
         raise ConfigError("data.sources", names, "distinct source names")
     specs, sets = [], []
-    for name, shards, weight, manifest, max_repetition in entries:
+    for name, shards, manifest, max_repetition in entries:
         shard_set = resolve_shards(shards, split, manifest)
         tokens = (None if shard_set.tokens is None
                   else shard_set.tokens + shard_set.documents)
         specs.append(SourceSpec(name=name, urls=shard_set.urls,
-                                shard_documents=shard_set.shard_documents, weight=weight,
+                                shard_documents=shard_set.shard_documents,
                                 suffix=shard_set.suffix_for(tok, f"source '{name}' ({shards})"),
                                 tokens=tokens, max_repetition=max_repetition))
         sets.append(shard_set)
@@ -414,7 +491,10 @@ def stream_spec(cfg: DataConfig, split: str, *, world_size: int, batch_size: int
         global_batch = batch_size * grad_accum * world_size
         num_steps = max(1, math.floor(stream_tokens / mean_raw / global_batch))
     return StreamSpec(
-        sources=tuple(sources), objectives=objectives, objective_probs=probs,
+        sources=tuple(sources),
+        stages=config_stages(cfg.stages, cfg.sources) if split == "train" else (Stage(0, (1.0,)),),
+        objectives=objectives,
+        objective_probs=probs,
         shapes=tuple(shapes), noise_density=cfg.noise_density,
         mean_noise_span_length=cfg.mean_noise_span_length, encoder_length=cfg.encoder_length,
         decoder_length=cfg.decoder_length, pad_id=tok.pad_id, eos_id=tok.eos_id,

@@ -3,8 +3,9 @@ what the source holds, checked before any process group.
 
 A step draws S examples (the global batch), each of ``raw`` tokens of its
 objective (documents packed with an EOS after each), each from a source
-drawn with the source's weight. Over ``steps`` steps a source is expected to
-give ``steps * S * mean raw * weight / sum of weights`` tokens; one pass over
+drawn with its share in the step's stage (``data.stages``, or the sources'
+weights). Over ``steps`` steps a source is expected to give the sum over the
+stages of ``steps in the stage * S * mean raw * share`` tokens; one pass over
 it gives its manifests' tokens plus one EOS per document. Their ratio is the
 number of epochs the run reads it: a source read more than its
 ``max_repetition`` epochs is a ConfigError naming it, the planned and the
@@ -85,9 +86,14 @@ def token_plan(spec: StreamSpec, steps: int) -> TokenPlan:
     """The :class:`TokenPlan` of ``steps`` steps of the training stream ``spec``."""
     mean_raw = sum(p * shape.raw for p, shape in zip(spec.objective_probs, spec.shapes,
                                                       strict=True))
-    total = sum(s.weight for s in spec.sources)
-    drawn = steps * spec.streams * mean_raw
+    ends = [s.start_step for s in spec.stages[1:]] + [steps]
+    examples = [0.0] * len(spec.sources)  # expected examples per source
+    for stage, end in zip(spec.stages, ends, strict=True):
+        in_stage = max(0, min(end, steps) - stage.start_step)
+        for i, share in enumerate(stage.shares):
+            examples[i] += in_stage * spec.streams * share
+    total = sum(examples) or 1.0
     return TokenPlan(steps, tuple(
-        SourcePlan(name=s.name, share=s.weight / total, available=s.tokens,
-                   planned=round(drawn * s.weight / total), max_repetition=s.max_repetition)
-        for s in spec.sources))
+        SourcePlan(name=s.name, share=n / total, available=s.tokens,
+                   planned=round(n * mean_raw), max_repetition=s.max_repetition)
+        for s, n in zip(spec.sources, examples, strict=True)))

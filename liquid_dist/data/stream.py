@@ -30,6 +30,7 @@ for the epoch) and yields one partial micro-batch per micro-batch.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -54,7 +55,6 @@ class SourceSpec:
     urls: tuple[str, ...]
     shard_documents: tuple[Optional[int], ...]
     """Documents per shard from the manifest (None: unknown) to detect short shards."""
-    weight: float
     suffix: str
     """``ids.u16`` or ``ids.u32``: the member every sample must carry."""
     tokens: Optional[int] = None
@@ -65,10 +65,21 @@ class SourceSpec:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A mixture from global step ``start_step`` on: each source's share of the examples
+    (aligned with the stream's sources; summing to 1)."""
+
+    start_step: int
+    shares: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class StreamSpec:
     """Everything a worker needs; plain data, cheap to send to worker processes."""
 
     sources: tuple[SourceSpec, ...]
+    stages: tuple[Stage, ...]
+    """The mixture by global step: the first from step 0 (one stage without data.stages)."""
     objectives: tuple[str, ...]
     objective_probs: tuple[float, ...]
     shapes: tuple[ExampleShape, ...]
@@ -105,6 +116,10 @@ class StreamSpec:
         j = k * self.world_size + self.rank
         return range(j * self.batch_size, (j + 1) * self.batch_size)
 
+    def stage(self, global_step: int) -> Stage:
+        """The stage of global step ``global_step``."""
+        return [s for s in self.stages if s.start_step <= global_step][-1]
+
     def owned_streams(self) -> list[int]:
         """Every stream this rank reads, in micro-batch order."""
         return [s for k in range(self.grad_accum) for s in self.micro_streams(k)]
@@ -120,6 +135,12 @@ class StreamSpec:
 def _rng(*key: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(
         [k % (1 << 64) for k in key])))
+
+
+def source_key(name: str) -> int:
+    """A source's key in the seeds of its shard plan: from its name, so that adding a
+    source leaves the others' plans as they were."""
+    return zlib.crc32(name.encode("utf-8"))
 
 
 class UnitPlan:
@@ -192,7 +213,7 @@ class SourceStream:
                  rng: np.random.Generator, stats: Stats):
         self.spec, self.src, self.g = spec, spec.sources[index], g
         self.plan = UnitPlan(len(self.src.urls), spec.streams, spec.shuffle, spec.seed, epoch,
-                             index)
+                             source_key(self.src.name))
         self.rng, self.stats = rng, stats
         self.visit = 0
         self.pos = 0
@@ -355,22 +376,22 @@ class VirtualStream:
         self.stats = stats
         self.sources = [SourceStream(spec, i, stream, epoch, self.rng, stats)
                         for i in range(len(spec.sources))]
-        weights = np.array([s.weight for s in spec.sources], dtype=np.float64)
-        self._source_p = weights / weights.sum()
         if cursor is not None:
             self.rng.bit_generator.state = cursor["rng"]
-            for s, c in zip(self.sources, cursor["sources"], strict=True):
-                s.restore(c)
+            for s in self.sources:  # a source added since starts at its beginning
+                if s.src.name in cursor["sources"]:
+                    s.restore(cursor["sources"][s.src.name])
 
     def cursor(self) -> dict[str, Any]:
+        """The stream's position: its generator and each source's cursor, by source name."""
         return {"rng": self.rng.bit_generator.state,
-                "sources": [s.cursor() for s in self.sources]}
+                "sources": {s.src.name: s.cursor() for s in self.sources}}
 
-    def example(self, o: int) -> tuple[np.ndarray, np.ndarray]:
-        """The stream's next example, of objective ``o``."""
+    def example(self, o: int, shares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The stream's next example, of objective ``o``, from a source drawn with
+        ``shares`` (the stage's, float64)."""
         spec = self.spec
-        s = int(self.rng.choice(len(self.sources), p=self._source_p)) if len(self.sources) > 1 \
-            else 0
+        s = int(self.rng.choice(len(self.sources), p=shares)) if len(self.sources) > 1 else 0
         n = spec.shapes[o].raw
         tokens = self.sources[s].take(n)
         self.stats.tokens[s] += n
@@ -415,9 +436,11 @@ class WorkerStream:
         while self.step < spec.steps_per_epoch:
             o = spec.objective(self.epoch, self.step)
             shape = spec.shapes[o]
+            shares = np.array(spec.stage(self.epoch * spec.steps_per_epoch + self.step).shares,
+                              dtype=np.float64)
             while self.micro < spec.grad_accum:
                 mine = spec.micro_streams(self.micro)[self.worker::self.workers]
-                arrays = collate([self.streams[s].example(o) for s in mine],
+                arrays = collate([self.streams[s].example(o, shares) for s in mine],
                                  encoder_length=shape.encoder, decoder_length=shape.decoder,
                                  pad_id=spec.pad_id, decoder_start_id=spec.decoder_start_ids[o])
                 meta = {"step": self.step, "micro": self.micro, "objective": o,

@@ -142,6 +142,34 @@ def resolve_run(cfg: Config, *, world_size: int, device_type: str) -> RunPlan:
                    val_sources=val_sources, token_plan=tokens)
 
 
+def _check_mixture(plan: RunPlan, ref: CheckpointRef) -> None:
+    """ConfigError when the training mixture differs from the checkpoint's before the
+    resume step (data.stages may change only at or after it; docs/data.md)."""
+    from liquid_dist.data.loader import config_stages, mixture_changes, source_names, stage_weights
+
+    saved = read_config(ref)["data"]
+    names = source_names(saved.get("sources", []))
+    stages = config_stages(saved.get("stages", []), saved.get("sources", []))
+    gone = [n for n in names if n not in {s.name for s in plan.train_data.sources}]
+    if gone:
+        raise ConfigError("data.sources", [s.name for s in plan.train_data.sources],
+                          f"the sources of the checkpoint being resumed ({ref.path}), "
+                          f"{gone} included: sources may be added on resume, not removed "
+                          "(give a source weight 0 in the stages instead)")
+    added = [s.name for s in plan.train_data.sources if s.name not in names]
+    if added and plan.config.data.batches_per_epoch == 0:
+        raise ConfigError("data.batches_per_epoch", 0,
+                          f"the loader epoch's length in steps: sources {added} are added on "
+                          f"resume ({ref.path}), and with 0 the epoch length would follow "
+                          "their tokens (set the one the checkpoint's run has)")
+    try:
+        mixture_changes(stage_weights(stages, names), names, plan.train_data, ref.step)
+    except ValueError as exc:
+        raise ConfigError("data.stages", plan.config.data.stages,
+                          f"the mixture of the checkpoint being resumed ({ref.path}) before "
+                          f"its step {ref.step}: {exc}") from None
+
+
 def resolve_start(plan: RunPlan, resume: str = "none", damage: DamageFinder = find_damage
                   ) -> StartPoint:
     """The :class:`StartPoint` of ``plan``: resuming ``resume`` (``auto``, ``none`` or a
@@ -162,6 +190,7 @@ def resolve_start(plan: RunPlan, resume: str = "none", damage: DamageFinder = fi
             verify_checkpoint(ref.path, damage)
     if ref is not None:
         check_resumable(cfg, ref, plan.build.world_size)
+        _check_mixture(plan, ref)
     pretrained = checkpoint = None
     if t.init_from and is_pretrained_dir(t.init_from):
         pretrained = Path(t.init_from)

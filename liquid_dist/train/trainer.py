@@ -111,10 +111,11 @@ class Trainer:
 
     ``train_loader`` replaces the loader of the plan's training stream (tests use
     it to feed one process the union of several ranks' batches); it must yield
-    the same batch dicts and offer ``state_dict`` / ``load_state_dict`` /
-    ``stats``. ``faults``: the run's fault injection (liquid_dist.train.faults;
-    none by default). ``heartbeat``: where the rank reports its progress to the
-    node's watchdog (liquid_dist.train.heartbeat; none by default).
+    the same batch dicts and offer ``state_dict`` / ``load_state_dict`` (returning
+    the mixture's changes, as PretrainingLoader's) / ``stats``. ``faults``: the
+    run's fault injection (liquid_dist.train.faults; none by default).
+    ``heartbeat``: where the rank reports its progress to the node's watchdog
+    (liquid_dist.train.heartbeat; none by default).
     """
 
     def __init__(self, plan: RunPlan, start: StartPoint, dist_env: DistEnv,
@@ -175,11 +176,12 @@ class Trainer:
         self.ckpt.remove_incomplete()
         ref = self.start.resume
         self.resumed_from = None
+        self.mixture_changes: list[str] = []
         if ref is not None:
             loaded = self.ckpt.load(self.engine, ref)
             self.state = loaded.trainer
             self._last_saved_step = self.state.step
-            self._train_loader.load_state_dict(loaded.loader)
+            self.mixture_changes = self._train_loader.load_state_dict(loaded.loader)
             self.resumed_from = str(ref.path)
             self.resharded_from = loaded.resharded_from
         elif self.start.init_from_checkpoint is not None:
@@ -249,7 +251,8 @@ class Trainer:
                          "checkpoint": self.resumed_from,
                          "resharded_from": self.resharded_from,
                          "heartbeat_dir": hb and str(hb),
-                         "token_plan": self.plan.token_plan.to_dict()},
+                         "token_plan": self.plan.token_plan.to_dict(),
+                         "mixture_changes": self.mixture_changes},
                         f"{event} at step {self.state.step}: {counts['total']:,} parameters, "
                         f"{self.env.world_size} rank(s) on {self.device.type}, "
                         f"{self.precision}, ZeRO-{self.cfg.parallel.zero_stage}"
@@ -258,7 +261,8 @@ class Trainer:
                            if self.resharded_from else "")
                         + (f"; hang detection: heartbeats in {hb}, watched by local rank 0's "
                            "watchdog" if hb else "; hang detection off (train.hang_detection)")
-                        + "\n" + self.plan.token_plan.table())
+                        + "\n" + self.plan.token_plan.table()
+                        + "".join(f"\nmixture changed {c}" for c in self.mixture_changes))
 
     def _loop(self, stop: StopFlag, bar: Any) -> int:
         t, st, rank = self.cfg.train, self.state, self.env.rank
