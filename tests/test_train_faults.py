@@ -71,7 +71,9 @@ def _shards_with_a_corrupt_sample_each(out: Path) -> Path:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(tf.train_data().shards, out)
-    for tar in sorted(out.glob("*.tar")):
+    tars = sorted(out.rglob("*.tar"))
+    assert tars, f"no shards under {out}"
+    for tar in tars:
         _write(tar, _flip_ids_byte(_members(tar)))
     return out
 
