@@ -218,7 +218,9 @@ class SourceStream:
         self.visit = 0
         self.pos = 0
         self.visit_docs = 0
-        self.dry_visits = 0
+        self.dry_units: set[int] = set()
+        """The units (shard x slices + slice) visited without a valid sample since the last
+        visit that gave one: all of them means the source has no valid sample left."""
         self.buffer: list[tuple[tuple[int, int], np.ndarray]] = []
         self.cur: Optional[tuple[tuple[int, int], np.ndarray]] = None
         self.off = 0
@@ -229,13 +231,13 @@ class SourceStream:
 
     def cursor(self) -> dict[str, Any]:
         return {"visit": self.visit, "pos": self.pos, "visit_docs": self.visit_docs,
-                "dry_visits": self.dry_visits,
+                "dry_units": sorted(self.dry_units),
                 "buffer": [i for ref, _ in self.buffer for i in ref],
                 "cur": None if self.cur is None else [*self.cur[0], self.off]}
 
     def restore(self, cursor: dict[str, Any]) -> None:
         self.visit, self.pos = cursor["visit"], cursor["pos"]
-        self.visit_docs, self.dry_visits = cursor["visit_docs"], cursor["dry_visits"]
+        self.visit_docs, self.dry_units = cursor["visit_docs"], set(cursor["dry_units"])
         flat = cursor["buffer"]
         buffer_refs = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
         refs = list(buffer_refs)
@@ -280,10 +282,11 @@ class SourceStream:
         self.stats.bad_sample(url, reason, f"{reason}: {detail}")
 
     def _open_visit(self) -> None:
-        if self.dry_visits >= self.plan.units:
+        if len(self.dry_units) >= self.plan.units:
             raise DataError(
-                f"source '{self.src.name}': {self.dry_visits} shard visits in a row gave no "
-                f"valid sample (stream {self.g}); shards: {self.src.urls[:4]}...")
+                f"source '{self.src.name}': every one of its {self.plan.units} shard units "
+                f"gave no valid sample, in a row (stream {self.g}); shards: "
+                f"{self.src.urls[:4]}...")
         self._shard, self._slice = self.plan.unit(self.g, self.visit)
         url = self.src.urls[self._shard]
         self._samples = shard_samples(url)
@@ -296,7 +299,10 @@ class SourceStream:
                                 ) from exc
 
     def _end_visit(self) -> None:
-        self.dry_visits = 0 if self.visit_docs else self.dry_visits + 1
+        if self.visit_docs:
+            self.dry_units.clear()
+        else:
+            self.dry_units.add(self._shard * self.plan.slices + self._slice)
         self.visit += 1
         self.pos = self.visit_docs = 0
         self._samples = None
