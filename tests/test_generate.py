@@ -16,10 +16,15 @@ from liquid_dist.model import LiquidFoundationModelOptimized
 
 @pytest.mark.slow
 def test_generate_prompt_streams_decoded_text() -> None:
-    proc = cli("liquid_dist.generate", str(converted()), "--prompt", "To be, or not to be",
+    """The text streamed token by token is the greedy continuation decoded at once."""
+    prompt = "To be, or not to be"
+    proc = cli("liquid_dist.generate", str(converted()), "--prompt", prompt,
                "--max-new-tokens", "12")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.endswith("\n") and proc.stdout.strip()
+    model = LiquidFoundationModelOptimized.from_pretrained(converted())
+    tok = Tokenizer(converted() / "tokenizer.model")
+    (continuation,) = generate_batch(model, tok, [prompt], max_new_tokens=12)
+    assert proc.stdout == continuation + "\n"
 
 
 @pytest.mark.slow
