@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece
@@ -60,17 +61,23 @@ def _cfg(data: Path, objective: str, workers: int) -> DataConfig:
                       shuffle_buffer=1000, batches_per_epoch=320)
 
 
-def bench_loader(data: Path, objective: str, workers: int) -> dict:
-    loader = build_train_loader(_cfg(data, objective, workers), rank=0, world_size=1,
-                                batch_size=16, seed=0)
+def timed_epoch(loader: Any) -> tuple[int, float, int]:
+    """(raw tokens, seconds, batches) of the rest of the loader's epoch after 20 batches
+    (worker start-up and the shuffle buffer fill are not throughput)."""
     it = iter(loader)
-    for _ in range(20):  # worker start-up and the shuffle buffer fill are not throughput
+    for _ in range(20):
         next(it)
     before = sum(loader.stats()["tokens_per_source"].values())
     start = time.perf_counter()
     n = sum(1 for _ in it)
     seconds = time.perf_counter() - start
-    tokens = sum(loader.stats()["tokens_per_source"].values()) - before
+    return sum(loader.stats()["tokens_per_source"].values()) - before, seconds, n
+
+
+def bench_loader(data: Path, objective: str, workers: int) -> dict:
+    loader = build_train_loader(_cfg(data, objective, workers), rank=0, world_size=1,
+                                batch_size=16, seed=0)
+    tokens, seconds, n = timed_epoch(loader)
     return {"objective": objective, "num_workers": workers, "batches": n,
             "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds),
             "tokens_per_s_per_worker": round(tokens / seconds / max(1, workers)),
@@ -99,14 +106,7 @@ def bench_stages(data: Path, repeats: int = 5) -> dict:
         for name, stages in runs.items():
             cfg = dataclasses.replace(_cfg(data, "mixture", 0), sources=sources, stages=stages)
             loader = build_train_loader(cfg, rank=0, world_size=1, batch_size=16, seed=0)
-            it = iter(loader)
-            for _ in range(20):
-                next(it)
-            before = sum(loader.stats()["tokens_per_source"].values())
-            start = time.perf_counter()
-            n = sum(1 for _ in it)
-            seconds = time.perf_counter() - start
-            tokens = sum(loader.stats()["tokens_per_source"].values()) - before
+            tokens, seconds, n = timed_epoch(loader)
             rates[name].append(tokens / seconds)
             step_seconds.append(seconds / n)
             specs[name] = loader.spec

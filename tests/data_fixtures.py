@@ -21,6 +21,7 @@ from types import ModuleType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from liquid_dist.config import DataConfig
 from liquid_dist.data import read_manifest, train_tokenizer
@@ -135,3 +136,21 @@ def prep_settings(**overrides: object) -> PrepSettings:
             "val_fraction": PREP_VAL_FRACTION}
     base.update(overrides)
     return PrepSettings(**base)  # type: ignore[arg-type]
+
+
+def take_batches(loader, n: int) -> list[dict[str, torch.Tensor]]:
+    """The next n batches of a loader, iterating epochs as a training loop does."""
+    out: list[dict[str, torch.Tensor]] = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out
+
+
+def same_batches(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
+    """Whether two lists of batches are equal, tensor for tensor."""
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        for x, y in zip(a, b, strict=True))

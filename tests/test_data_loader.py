@@ -9,7 +9,14 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from data_fixtures import TMP, data_config, shard_dir, tokenizer_path
+from data_fixtures import (
+    TMP,
+    data_config,
+    same_batches,
+    shard_dir,
+    take_batches,
+    tokenizer_path,
+)
 
 from liquid_dist.config import ConfigError
 from liquid_dist.data import (
@@ -23,24 +30,6 @@ from liquid_dist.data import (
 from liquid_dist.data.tokenizer import DECODER_START_IDS
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _batches(loader, n: int) -> list[dict[str, torch.Tensor]]:
-    """The next n batches, iterating epochs as a training loop does."""
-    out: list[dict[str, torch.Tensor]] = []
-    while len(out) < n:
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
-
-
-def _same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
-    if len(a) != len(b):
-        return False
-    return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-               for x, y in zip(a, b, strict=True))
 
 
 def _shard_documents() -> dict[int, list[int]]:
@@ -64,7 +53,7 @@ def test_batches_have_the_model_format():
                                         max_spans=tok.num_sentinels))[1:]
               for name in ("span_corruption", "prefix_lm")}
     seen = set()
-    for batch in _batches(loader, 12):
+    for batch in take_batches(loader, 12):
         assert set(batch) == {"encoder_input_ids", "encoder_attention_mask",
                               "decoder_input_ids", "labels"}
         enc, mask = batch["encoder_input_ids"], batch["encoder_attention_mask"]
@@ -145,14 +134,14 @@ def test_resume_continues_the_uninterrupted_stream_exactly(stop, shuffle_buffer)
     cfg = data_config(num_workers=2, batches_per_epoch=7, shuffle_buffer=shuffle_buffer)
     args = {"rank": 1, "world_size": 2, "batch_size": 3, "seed": 11}
     total = 17  # 2 epochs and a half: resume mid-epoch, at the boundary, in epoch 2
-    reference = _batches(build_train_loader(cfg, **args), total)
+    reference = take_batches(build_train_loader(cfg, **args), total)
     first = build_train_loader(cfg, **args)
-    before = _batches(first, stop)
+    before = take_batches(first, stop)
     state = json.loads(json.dumps(first.state_dict()))  # survives JSON
     resumed = build_train_loader(cfg, **args)
     resumed.load_state_dict(state)
-    after = _batches(resumed, total - stop)
-    assert _same(before + after, reference)
+    after = take_batches(resumed, total - stop)
+    assert same_batches(before + after, reference)
     assert resumed.stats()["batches"] == total
     assert resumed.epoch == total // 7
 
@@ -160,7 +149,7 @@ def test_resume_continues_the_uninterrupted_stream_exactly(stop, shuffle_buffer)
 def test_resume_refuses_a_state_from_another_setup():
     cfg = data_config(num_workers=2, batches_per_epoch=5)
     a = build_train_loader(cfg, rank=1, world_size=2, batch_size=3, seed=11)
-    _batches(a, 2)
+    take_batches(a, 2)
     other_rank = build_train_loader(cfg, rank=0, world_size=2, batch_size=3, seed=11)
     with pytest.raises(ValueError, match="lacks streams"):
         other_rank.load_state_dict(a.state_dict())
@@ -180,7 +169,7 @@ def test_resume_refuses_a_state_from_another_setup():
                                        world_size=2, batch_size=3, seed=11)
     fewer_workers.load_state_dict(a.state_dict())
     reference = build_train_loader(cfg, rank=1, world_size=2, batch_size=3, seed=11)
-    assert _same(_batches(fewer_workers, 4), _batches(reference, 6)[2:])
+    assert same_batches(take_batches(fewer_workers, 4), take_batches(reference, 6)[2:])
 
 
 def test_brace_patterns_and_pipe_commands_read_the_same_batches():
@@ -189,11 +178,11 @@ def test_brace_patterns_and_pipe_commands_read_the_same_batches():
     specs = [str(d), f"{d}/train-{{000000..000002}}.tar",
              [f"{d}/train-000000.tar", f"{d}/train-00000{{1,2}}.tar"],
              f"pipe:cat {d}/train-{{000000..000002}}.tar"]
-    runs = [_batches(build_train_loader(data_config(train_shards=s, **common), rank=0,
+    runs = [take_batches(build_train_loader(data_config(train_shards=s, **common), rank=0,
                                         world_size=1, batch_size=2, seed=5), 6)
             for s in specs]
     for other in runs[1:]:
-        assert _same(runs[0], other)
+        assert same_batches(runs[0], other)
     with pytest.raises(ConfigError, match="batches_per_epoch"):
         build_train_loader(data_config(train_shards=specs[3]), rank=0, world_size=1,
                            batch_size=2, seed=5)
@@ -205,7 +194,7 @@ def test_sources_are_mixed_by_weight_and_counted():
                                {"name": "b", "shards": d, "weight": 1.0}],
                       batches_per_epoch=40, num_workers=2)
     loader = build_train_loader(cfg, rank=0, world_size=1, batch_size=8, seed=1)
-    _batches(loader, 40)
+    take_batches(loader, 40)
     stats = loader.stats()
     ex = stats["examples_per_source"]
     assert ex["a"] + ex["b"] == 320 == sum(stats["examples_per_objective"].values())
@@ -219,7 +208,7 @@ def test_validation_yields_the_same_batches_every_pass():
     loader = build_val_loader(data_config(num_workers=2), rank=1, world_size=2, batch_size=2,
                               seed=0, num_batches=4)
     assert len(loader) == 4
-    assert _same(list(loader), list(loader))
+    assert same_batches(list(loader), list(loader))
 
 
 def test_setup_errors_name_the_problem():

@@ -7,8 +7,7 @@ import re
 from collections import Counter
 
 import pytest
-import torch
-from data_fixtures import data_config, shard_dir
+from data_fixtures import data_config, same_batches, shard_dir, take_batches
 
 from liquid_dist.config import Config as RunConfig
 from liquid_dist.config import ConfigError, DataConfig, validate
@@ -30,39 +29,24 @@ def _loader(cfg: DataConfig, rank: int = 0, world: int = 1, micro: int = 4):
     return build_train_loader(cfg, rank=rank, world_size=world, batch_size=micro, seed=SEED)
 
 
-def _take(loader, n: int) -> list[dict[str, torch.Tensor]]:
-    out = []
-    while len(out) < n:
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
-
-
-def _equal(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(
-        all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
-
-
 def test_each_stage_draws_from_its_sources_only_from_its_start_step():
     loader = _loader(_cfg([{"start_step": 0, "weights": {"a": 1}},
                            {"start_step": 3, "weights": {"b": 1}}]))
-    _take(loader, 3)
+    take_batches(loader, 3)
     assert loader.stats()["examples_per_source"] == {"a": 12, "b": 0}
-    _take(loader, 2)
+    take_batches(loader, 2)
     assert loader.stats()["examples_per_source"] == {"a": 12, "b": 8}
 
 
 def test_a_source_continues_where_it_stopped_in_its_next_stage():
-    a_b_a = _take(_loader(_cfg([{"start_step": 0, "weights": {"a": 1}},
+    a_b_a = take_batches(_loader(_cfg([{"start_step": 0, "weights": {"a": 1}},
                                 {"start_step": 3, "weights": {"b": 1}},
                                 {"start_step": 6, "weights": {"a": 1}}])), 9)
-    only_a = _take(_loader(_cfg([{"start_step": 0, "weights": {"a": 1}}])), 6)
-    only_b = _take(_loader(_cfg([{"start_step": 0, "weights": {"b": 1}}])), 3)
-    assert _equal(a_b_a[:3], only_a[:3])
-    assert _equal(a_b_a[3:6], only_b)  # b from its beginning
-    assert _equal(a_b_a[6:], only_a[3:])  # a: nothing read twice, nothing skipped
+    only_a = take_batches(_loader(_cfg([{"start_step": 0, "weights": {"a": 1}}])), 6)
+    only_b = take_batches(_loader(_cfg([{"start_step": 0, "weights": {"b": 1}}])), 3)
+    assert same_batches(a_b_a[:3], only_a[:3])
+    assert same_batches(a_b_a[3:6], only_b)  # b from its beginning
+    assert same_batches(a_b_a[6:], only_a[3:])  # a: nothing read twice, nothing skipped
 
 
 STAGES = [{"start_step": 0, "weights": {"a": 3, "b": 1}},
@@ -71,22 +55,22 @@ STAGES = [{"start_step": 0, "weights": {"a": 3, "b": 1}},
 
 def test_exact_and_elastic_resume_across_a_stage_boundary():
     cfg = _cfg(STAGES)
-    straight = _take(_loader(cfg, micro=4), 8)
+    straight = take_batches(_loader(cfg, micro=4), 8)
     # 2 ranks x micro-batch 2 to step 3, then one rank of micro-batch 4 from the merged state
     ranks = [_loader(cfg, r, 2, 2) for r in range(2)]
-    halves = [_take(ld, 3) for ld in ranks]
+    halves = [take_batches(ld, 3) for ld in ranks]
     for step in range(3):
         rows = Counter(tuple(row.tolist()) for h in halves
                        for row in h[step]["encoder_input_ids"])
         assert rows == Counter(tuple(row.tolist()) for row in straight[step]["encoder_input_ids"])
     resumed = _loader(cfg, micro=4)
     assert resumed.load_state_dict(merge_loader_states([ld.state_dict() for ld in ranks])) == []
-    assert _equal(_take(resumed, 5), straight[3:])
+    assert same_batches(take_batches(resumed, 5), straight[3:])
 
 
 def test_stages_may_change_on_resume_at_or_after_the_resume_step_only():
     old = _loader(_cfg(STAGES))
-    _take(old, 4)
+    take_batches(old, 4)
     state = old.state_dict()
     later = [*STAGES[:1], {"start_step": 4, "weights": {"a": 1, "b": 3}},
              {"start_step": 6, "weights": {"b": 1}}]
@@ -94,7 +78,7 @@ def test_stages_may_change_on_resume_at_or_after_the_resume_step_only():
     changes = changed.load_state_dict(state)
     assert changes == ["from step 4: {'a': 0.5, 'b': 0.5} -> {'a': 0.25, 'b': 0.75}",
                        "from step 6: {'a': 0.5, 'b': 0.5} -> {'b': 1.0}"]
-    assert _equal(_take(changed, 4), _take(_loader(_cfg(later)), 8)[4:])
+    assert same_batches(take_batches(changed, 4), take_batches(_loader(_cfg(later)), 8)[4:])
     rewritten = [STAGES[0], {"start_step": 2, "weights": {"a": 1}}]
     with pytest.raises(ValueError, match=r"data.stages: the mixture at step 2 was "
                                          r"\{'a': 0.75, 'b': 0.25\}, it is \{'a': 1.0\} now; "
@@ -104,13 +88,14 @@ def test_stages_may_change_on_resume_at_or_after_the_resume_step_only():
 
 def test_a_source_added_on_resume_starts_at_its_beginning():
     old = _loader(_cfg(STAGES))
-    _take(old, 4)
+    take_batches(old, 4)
     added = [*STAGES, {"start_step": 6, "weights": {"c": 1}}]
     grown = _loader(_cfg(added, names=("a", "b", "c")))
     changes = grown.load_state_dict(old.state_dict())
     assert changes == ["from step 6: {'a': 0.5, 'b': 0.5} -> {'c': 1.0}",
                        "sources added: ['c'] (each from its beginning)"]
-    assert _equal(_take(grown, 4), _take(_loader(_cfg(added, names=("a", "b", "c"))), 8)[4:])
+    from_start = _loader(_cfg(added, names=("a", "b", "c")))
+    assert same_batches(take_batches(grown, 4), take_batches(from_start, 8)[4:])
 
 
 @pytest.mark.parametrize("stages, sources, key", [

@@ -34,11 +34,11 @@ from liquid_dist.data.prep.steps import (
     TextInputsReader,
     WebDatasetShardWriter,
 )
+from liquid_dist.data.shard_writer import kept_shards
 from liquid_dist.data.shards import MANIFEST_NAME, write_json_atomic
 from liquid_dist.data.tokenizer import Tokenizer
 
 _TASK_DIR = re.compile(r"^task-\d{5}$")
-_SHARD_DIR_FILE = re.compile(r"^((train|val)-\d{6}\.tar|manifest\.json)(\.tmp)?$")
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,8 @@ def remove_run(output_dir: Path) -> None:
     directories, datatrove's logs and the manifest and shards at the top (a merged manifest,
     or make_shards' output). Other files stay."""
     (output_dir / RUN_NAME).unlink(missing_ok=True)
-    for path in output_dir.iterdir():
-        if _SHARD_DIR_FILE.match(path.name):
-            path.unlink()
+    (output_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    kept_shards(output_dir, None)  # keeps none: deletes every shard file at the top
     for path in output_dir.iterdir():
         if path.is_dir() and (_TASK_DIR.match(path.name) or path.name == LOGS_DIR):
             shutil.rmtree(path)
