@@ -6,7 +6,9 @@ The loader's raw tokens/s drawn per loader worker for each objective
 (encoder 512 / decoder 128, batch 16) with 0 (in-process), 1 and 2 workers,
 the time to the first batch of a resumed loader, and what staging costs per
 step (``stages``: one stage against the same shares in a new stage every 10
-steps).
+steps), and what apportioning each step's examples to the sources costs
+(``mixer``: the in-process loader's step at S = 16, and S = 1024 over three
+sources).
 
 ``--data`` is a prepare_shakespeare.py output (made in a temporary folder
 when absent). Results, with machine and date, go to a JSON file.
@@ -33,6 +35,7 @@ import webdataset
 
 from liquid_dist.config import DataConfig
 from liquid_dist.data import build_train_loader, read_manifest
+from liquid_dist.data.stream import Mixer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "data_prep"))
@@ -131,6 +134,26 @@ def bench_stages(data: Path, repeats: int = 5) -> dict:
             "ratio_control": ratio("one_stage_again"), "repeats": repeats}
 
 
+def bench_mixer(data: Path) -> dict:
+    """The time of Mixer.step (which source each of a step's S examples reads) for S = 16
+    and 1024 examples over two and three sources: the work each loader worker of each rank
+    does per step for any mixture of sources, staged or not."""
+    out = {}
+    for sources in (2, 3):
+        cfg = dataclasses.replace(_cfg(data, "mixture", 0), sources=[
+            {"name": f"s{i}", "shards": str(data / "shards"), "weight": i + 1}
+            for i in range(sources)])
+        spec = build_train_loader(cfg, rank=0, world_size=1, batch_size=16, seed=0).spec
+        for streams in (16, 1024):
+            mixer = Mixer(dataclasses.replace(spec, batch_size=streams))
+            start = time.perf_counter()
+            for step in range(200):
+                mixer.step(step, 0)
+            out[f"ms_per_step_S{streams}_{sources}_sources"] = round(
+                (time.perf_counter() - start) / 200 * 1e3, 4)
+    return out
+
+
 def bench_resume(data: Path) -> dict:
     cfg = _cfg(data, "mixture", 2)
     first = build_train_loader(cfg, rank=0, world_size=1, batch_size=16, seed=0)
@@ -171,6 +194,7 @@ def main() -> None:
                        for workers in (0, 1, 2)],
             "resume": bench_resume(data),
             "stages": bench_stages(data),
+            "mixer": bench_mixer(data),
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

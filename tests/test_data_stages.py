@@ -3,15 +3,19 @@ stopped, exact and elastic resume across stages, and changing the stages on resu
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 
+import numpy as np
 import pytest
 from data_fixtures import data_config, same_batches, shard_dir, take_batches
 
 from liquid_dist.config import Config as RunConfig
 from liquid_dist.config import ConfigError, DataConfig, validate
 from liquid_dist.data import build_train_loader, merge_loader_states
+from liquid_dist.data.mixture import token_plan
+from liquid_dist.data.stream import Mixer, Stage
 
 pytestmark = pytest.mark.timeout(300)
 SEED = 5
@@ -20,9 +24,10 @@ SEED = 5
 def _cfg(stages: list, names: tuple[str, ...] = ("a", "b"), **extra: object) -> DataConfig:
     # prefix LM without a shuffle buffer: a source's tokens depend on its reading position
     # alone, so one loader's steps can be compared with another's
-    return data_config(objective="prefix_lm", shuffle_buffer=0, batches_per_epoch=40,
-                       sources=[{"name": n, "shards": str(shard_dir())} for n in names],
-                       stages=stages, **extra)
+    settings = {"objective": "prefix_lm", "shuffle_buffer": 0, "batches_per_epoch": 40,
+                **extra}
+    return data_config(sources=[{"name": n, "shards": str(shard_dir())} for n in names],
+                       stages=stages, **settings)
 
 
 def _loader(cfg: DataConfig, rank: int = 0, world: int = 1, micro: int = 4):
@@ -96,6 +101,50 @@ def test_a_source_added_on_resume_starts_at_its_beginning():
                        "sources added: ['c'] (each from its beginning)"]
     from_start = _loader(_cfg(added, names=("a", "b", "c")))
     assert same_batches(take_batches(grown, 4), take_batches(from_start, 8)[4:])
+
+
+def test_every_source_gets_its_share_of_each_objective_within_two_examples():
+    spec = _loader(_cfg([], names=("a", "b", "c"))).spec
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        weights = rng.random(3) ** 3 * (rng.random(3) > 0.2) + [1e-3, 0, 0]
+        shares = weights / weights.sum()
+        mixer = Mixer(dataclasses.replace(spec, stages=(Stage(0, tuple(shares)),)))
+        drawn = np.zeros(3)
+        for step in range(30):  # 4 examples a step
+            picks = mixer.step(step, 0)
+            drawn += np.bincount(picks, minlength=3)
+            assert np.all(np.abs(drawn - (step + 1) * 4 * shares) < 2), (shares, drawn)
+            assert not drawn[shares == 0].any()
+
+
+def test_the_token_plan_equals_what_the_ranks_draw_within_two_examples_per_stage_and_objective():
+    stages = [{"start_step": 0, "weights": {"a": 3, "b": 1}},
+              {"start_step": 5, "weights": {"a": 1, "b": 2}}]
+    cfg = _cfg(stages, objective="mixture", batches_per_epoch=4)  # epochs of 4 steps
+    ranks = [_loader(cfg, r, 2, 3) for r in range(2)]
+    for ld in ranks:
+        take_batches(ld, 11)
+    drawn = Counter()
+    for ld in ranks:
+        drawn.update(ld.stats()["tokens_per_source"])
+    spec = ranks[0].spec
+    plan = {s.name: s.planned for s in token_plan(spec, 11).sources}
+    assert sum(plan.values()) == sum(drawn.values())
+    slack = 2 * len(stages) * sum(shape.raw for shape in spec.shapes)
+    for name in ("a", "b"):
+        assert abs(plan[name] - drawn[name]) <= slack, (plan, drawn)
+
+
+def test_the_sources_go_on_across_a_loader_epoch_boundary():
+    """The loader's epoch only counts steps: the sources' reading positions, shard plans and
+    shuffle buffers go on (a source is read to its end before any document repeats)."""
+    def cfg(steps):
+        return _cfg([{"start_step": 0, "weights": {"a": 3, "b": 1}}], shuffle_buffer=8,
+                    batches_per_epoch=steps)
+    short = _loader(cfg(2))
+    assert same_batches(take_batches(short, 7), take_batches(_loader(cfg(40)), 7))
+    assert short.epoch == 3
 
 
 @pytest.mark.parametrize("stages, sources, key", [

@@ -104,11 +104,11 @@ def test_the_token_plan_counts_what_the_run_draws_from_each_source(tmp_path: Pat
     plan = resolve_run(_cfg(tmp_path), world_size=2, device_type="cpu")
     data, cfg = plan.train_data, plan.config
     totals = read_manifest(tf.train_data().shards)["totals"]["train"]
-    mean_raw = sum(p * shape.raw for p, shape in zip(data.objective_probs, data.shapes,
-                                                      strict=True))
+    assert data.steps_per_epoch >= cfg.train.max_steps
+    raw = [data.shapes[o].raw for o in data.epoch_objectives(0)[:cfg.train.max_steps]]
     (source,) = plan.token_plan.sources
     assert source.available == totals["tokens"] + totals["documents"]  # an EOS per document
-    assert source.planned == round(cfg.train.max_steps * 4 * mean_raw)  # S = 2 ranks x 2
+    assert source.planned == 4 * sum(raw)  # S = 2 ranks x 2 examples of each step's objective
     assert source.epochs == source.planned / source.available
     assert (source.share, source.max_repetition) == (1.0, 4.0)  # data.max_repetition
     shards = str(tf.train_data().shards)

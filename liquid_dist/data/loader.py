@@ -47,7 +47,7 @@ from liquid_dist.data.stream import (
 )
 from liquid_dist.data.tokenizer import DECODER_START_IDS, Tokenizer
 
-STATE_VERSION = 4
+STATE_VERSION = 5
 
 
 class _EpochDataset(IterableDataset):
@@ -59,16 +59,17 @@ class _EpochDataset(IterableDataset):
     """
 
     def __init__(self, spec: StreamSpec, epoch: int, step: int, micro: int, workers: int,
-                 cursors: dict[int, dict[str, Any]]):
+                 cursors: dict[int, dict[str, Any]], mixture: Optional[dict[str, Any]]):
         super().__init__()
         self.spec, self.epoch, self.step, self.micro = spec, epoch, step, micro
-        self.workers, self.cursors = workers, cursors
+        self.workers, self.cursors, self.mixture = workers, cursors, mixture
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         info = get_worker_info()
         t = info.id if info is not None else 0
         return iter(WorkerStream(self.spec, self.epoch, t, self.workers, step=self.step,
-                                 micro=self.micro, cursors=self.cursors))
+                                 micro=self.micro, cursors=self.cursors,
+                                 mixture=self.mixture))
 
 
 def _as_is(item: Any) -> Any:
@@ -156,7 +157,8 @@ def merge_loader_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for st in states:
         _check_version(st)
         _check_signature(st["signature"], states[0]["signature"])
-    positions = {(st["epoch"], st["step"], st["micro"]) for st in states}
+    positions = {(st["epoch"], st["step"], st["micro"], json.dumps(st["mixture"]))
+                  for st in states}
     if len(positions) != 1:
         raise ValueError(f"loader states are at different positions {sorted(positions)}: "
                          "merge the states of one checkpoint")
@@ -181,7 +183,8 @@ def merge_loader_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return json.loads(json.dumps({
         "version": STATE_VERSION, "epoch": states[0]["epoch"], "step": states[0]["step"],
         "micro": 0, "layout": None, "streams": list(range(total)), "cursors": cursors,
-        "stats": stats, "signature": states[0]["signature"], "stages": states[0]["stages"]}))
+        "mixture": states[0]["mixture"], "stats": stats, "signature": states[0]["signature"],
+        "stages": states[0]["stages"]}))
 
 
 class PretrainingLoader:
@@ -202,6 +205,7 @@ class PretrainingLoader:
         self._epoch = 0
         self._pos = 0
         self._cursors: dict[int, dict[str, Any]] = {}
+        self._mixture: Optional[dict[str, Any]] = None
         self._stats = self._empty_stats()
 
     def _empty_stats(self) -> dict[str, Any]:
@@ -220,12 +224,13 @@ class PretrainingLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self.restart_each_iter:
-            self._epoch, self._pos, self._cursors = 0, 0, {}
+            self._epoch, self._pos, self._cursors, self._mixture = 0, 0, {}, None
         elif self._pos >= len(self):
-            self._epoch, self._pos, self._cursors = self._epoch + 1, 0, {}
+            self._epoch, self._pos = self._epoch + 1, 0  # the streams go on where they are
         spec, w = self.spec, self.workers
         step, micro = divmod(self._pos, spec.grad_accum)
-        dataset = _EpochDataset(spec, self._epoch, step, micro, w, dict(self._cursors))
+        dataset = _EpochDataset(spec, self._epoch, step, micro, w, dict(self._cursors),
+                                self._mixture)
         loader = DataLoader(dataset, batch_size=None, collate_fn=_as_is,
                             num_workers=self.num_workers and w,
                             timeout=self.timeout_s if self.num_workers > 0 else 0)
@@ -237,6 +242,7 @@ class PretrainingLoader:
                 for _, meta in parts:
                     self._cursors.update({int(k): v for k, v in meta["cursors"].items()})
                     self._account_delta(meta["stats"])
+                self._mixture = parts[0][1]["mixture"]
                 self._pos += 1
                 self._account_batch(batch)
                 step, micro = divmod(self._pos, spec.grad_accum)
@@ -331,14 +337,14 @@ class PretrainingLoader:
         return [s.rank, s.world_size, s.grad_accum, s.batch_size]
 
     def state_dict(self) -> dict[str, Any]:
-        """The exact data position (JSON-able): epoch, global step and micro-batches into
-        it, the cursors of this rank's streams (by global stream index)."""
+        """The exact data position (JSON-able): epoch, step and micro-batches into it, the
+        cursors of this rank's streams (by global stream index), the mixer's counts."""
         step, micro = divmod(self._pos, self.spec.grad_accum)
         return json.loads(json.dumps({
             "version": STATE_VERSION, "epoch": self._epoch, "step": step, "micro": micro,
             "layout": self._layout(), "streams": self.spec.owned_streams(),
             "cursors": {str(k): v for k, v in sorted(self._cursors.items())},
-            "stats": self._stats, "signature": self._signature(),
+            "mixture": self._mixture, "stats": self._stats, "signature": self._signature(),
             "stages": self._stages()}))
 
     def _stages(self) -> list:
@@ -371,6 +377,7 @@ class PretrainingLoader:
         self._pos = state["step"] * self.spec.grad_accum + state["micro"]
         owned = set(mine)
         self._cursors = {int(k): v for k, v in state["cursors"].items() if int(k) in owned}
+        self._mixture = state["mixture"]
         if state["layout"] == self._layout() or self.spec.rank == 0:
             self._stats = json.loads(json.dumps(state["stats"]))
         else:

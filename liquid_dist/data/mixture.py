@@ -1,12 +1,14 @@
 """The token plan of a run's training mixture: what the run draws from each source, against
 what the source holds, checked before any process group.
 
-A step draws S examples (the global batch), each of ``raw`` tokens of its
-objective (documents packed with an EOS after each), each from a source
-drawn with its share in the step's stage (``data.stages``, or the sources'
-weights). Over ``steps`` steps a source is expected to give the sum over the
-stages of ``steps in the stage * S * mean raw * share`` tokens; one pass over
-it gives its manifests' tokens plus one EOS per document. Their ratio is the
+A step draws S examples (the global batch), each of ``raw`` tokens of the
+step's objective (documents packed with an EOS after each); within a stage
+(``data.stages``, or the sources' weights) the examples of each objective
+are apportioned to the sources by their shares. Over ``steps`` steps a source
+gives the sum over the stages and objectives of ``steps of the objective in
+the stage * S * share * raw`` tokens, within two examples per stage and
+objective; one pass over it gives its manifests' tokens plus one EOS per
+document. Their ratio is the
 number of epochs the run reads it: a source read more than its
 ``max_repetition`` epochs is a ConfigError naming it, the planned and the
 available tokens.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
+
+import numpy as np
 
 from liquid_dist.config import ConfigError
 from liquid_dist.data.stream import StreamSpec
@@ -83,17 +87,31 @@ class TokenPlan:
 
 
 def token_plan(spec: StreamSpec, steps: int) -> TokenPlan:
-    """The :class:`TokenPlan` of ``steps`` steps of the training stream ``spec``."""
-    mean_raw = sum(p * shape.raw for p, shape in zip(spec.objective_probs, spec.shapes,
-                                                      strict=True))
+    """The :class:`TokenPlan` of ``steps`` steps of the training stream ``spec``: each
+    stage's steps of each objective (the objectives drawn per epoch), apportioned to the
+    sources by their shares as the loader's :class:`~liquid_dist.data.stream.Mixer` does
+    (within two examples per stage and objective)."""
     ends = [s.start_step for s in spec.stages[1:]] + [steps]
-    examples = [0.0] * len(spec.sources)  # expected examples per source
+    tokens = [0.0] * len(spec.sources)
+    examples = [0.0] * len(spec.sources)
     for stage, end in zip(spec.stages, ends, strict=True):
-        in_stage = max(0, min(end, steps) - stage.start_step)
-        for i, share in enumerate(stage.shares):
-            examples[i] += in_stage * spec.streams * share
+        for o, n in enumerate(_objective_steps(spec, stage.start_step, min(end, steps))):
+            for i, share in enumerate(stage.shares):
+                examples[i] += n * spec.streams * share
+                tokens[i] += n * spec.streams * share * spec.shapes[o].raw
     total = sum(examples) or 1.0
     return TokenPlan(steps, tuple(
-        SourcePlan(name=s.name, share=n / total, available=s.tokens,
-                   planned=round(n * mean_raw), max_repetition=s.max_repetition)
-        for s, n in zip(spec.sources, examples, strict=True)))
+        SourcePlan(name=s.name, share=n / total, available=s.tokens, planned=round(t),
+                   max_repetition=s.max_repetition)
+        for s, n, t in zip(spec.sources, examples, tokens, strict=True)))
+
+
+def _objective_steps(spec: StreamSpec, start: int, end: int) -> list[int]:
+    """How many of the global steps [start, end) have each objective."""
+    counts = np.zeros(len(spec.objectives), dtype=np.int64)
+    per = spec.steps_per_epoch
+    for epoch in range(start // per, -(-end // per)):
+        lo, hi = max(start, epoch * per) - epoch * per, min(end, (epoch + 1) * per) - epoch * per
+        counts += np.bincount(spec.epoch_objectives(epoch)[lo:hi],
+                              minlength=len(spec.objectives))
+    return [int(c) for c in counts]

@@ -2,9 +2,11 @@
 
 The data order does not depend on the world size. ``S`` = the global batch in
 examples (micro-batch x grad_accum x world size). Virtual stream ``s`` (0 <= s
-< S) is a pure function of (seed, epoch, s) and the shards; global step ``i``
-of an epoch takes exactly one example from every stream, all of the objective
-drawn from (seed, epoch, i). The step's S examples form W * GA micro-batches
+< S) is a pure function of (seed, s), the shards and the sources the
+:class:`Mixer` assigns it; global step ``i`` of an epoch takes exactly one
+example from every stream, all of the step's objective (the epoch's drawn
+from (seed, epoch)). Streams go on across epochs: an epoch counts steps. The
+step's S examples form W * GA micro-batches
 of m = micro_batch_size consecutive streams: micro-batch ``j = k * W + r`` (the
 k-th micro-batch of rank r) holds streams ``[j * m, (j + 1) * m)``. A stream's
 whole position is a small JSON-able cursor:
@@ -13,9 +15,10 @@ whole position is a small JSON-able cursor:
   ``1/k`` slice of one when the source has fewer shards than S: k =
   ceil(S / shards), slice j holds the samples whose index is j mod k). Visit
   v of stream s reads unit ``P[s + v * S]`` of the endless sequence P =
-  perm_0 + perm_1 + ..., perm_c a seeded permutation of the units (identity
-  without shuffling). Streams never run dry, so every step is full: equal
-  batch counts on every rank by construction;
+  perm_0 + perm_1 + ..., perm_c a permutation of the units seeded by (seed,
+  source name, c) (identity without shuffling): cycle c is the source's own
+  epoch. Streams never run dry, so every step is full: equal batch counts on
+  every rank by construction;
 * the reading position: visit index and raw sample index in that shard;
 * the shuffle buffer as references (shard, sample index), the document being
   packed as (shard, sample index, token offset), and the numpy generator
@@ -24,7 +27,7 @@ whole position is a small JSON-able cursor:
 
 A rank's loader workers split its streams: worker t of w takes positions t,
 t + w, ... of each of the rank's micro-batches (a stream stays in one worker
-for the epoch) and yields one partial micro-batch per micro-batch.
+for good) and yields one partial micro-batch per micro-batch.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 _TAG_PLAN = 0x504C414E
 _TAG_STREAM = 0x5354524D
 _TAG_OBJECTIVE = 0x4F424A45
+_TAG_MIX = 0x4D495845
 
 
 @dataclass(frozen=True)
@@ -124,12 +128,14 @@ class StreamSpec:
         """Every stream this rank reads, in micro-batch order."""
         return [s for k in range(self.grad_accum) for s in self.micro_streams(k)]
 
-    def objective(self, epoch: int, step: int) -> int:
-        """The objective of global step ``step`` of ``epoch``: every example of the step."""
+    def epoch_objectives(self, epoch: int) -> np.ndarray:
+        """The objective of each step of ``epoch`` (every example of a step has it): drawn
+        with the objectives' weights from (seed, epoch)."""
         if len(self.objectives) == 1:
-            return 0
-        return int(_rng(self.seed, epoch, step, _TAG_OBJECTIVE).choice(
-            len(self.objectives), p=np.array(self.objective_probs, dtype=np.float64)))
+            return np.zeros(self.steps_per_epoch, dtype=np.int64)
+        return _rng(self.seed, epoch, _TAG_OBJECTIVE).choice(
+            len(self.objectives), size=self.steps_per_epoch,
+            p=np.array(self.objective_probs, dtype=np.float64))
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -146,13 +152,12 @@ def source_key(name: str) -> int:
 class UnitPlan:
     """Which (shard, slice) virtual stream g reads on its v-th visit of a source."""
 
-    def __init__(self, num_shards: int, streams: int, shuffle: bool, seed: int,
-                 epoch: int, source: int):
+    def __init__(self, num_shards: int, streams: int, shuffle: bool, seed: int, source: int):
         self.slices = max(1, -(-streams // num_shards))
         self.units = num_shards * self.slices
         self.streams = streams
         self.shuffle = shuffle
-        self._key = (seed, epoch, source, _TAG_PLAN)
+        self._key = (seed, source, _TAG_PLAN)
         self._cycle = -1
         self._perm: Optional[np.ndarray] = None
 
@@ -167,6 +172,61 @@ class UnitPlan:
             assert self._perm is not None
             u = int(self._perm[r])
         return divmod(u, self.slices)
+
+
+class Mixer:
+    """Which source each example of a step draws from.
+
+    Within a stage, the examples of each objective go to the sources in turn by
+    a greedy rule: the next one to the source furthest behind its share (the
+    largest (n + 1) x share - count after n examples; the lowest index on a
+    tie), so every source stays within two examples of its share of the
+    objective's examples. A step's S picks, in that order, reach the streams
+    through a permutation seeded by (seed, global step). The counts per
+    objective and source are the state: global (the same on every rank),
+    restarted at each stage's first step.
+    """
+
+    def __init__(self, spec: StreamSpec, state: Optional[dict[str, Any]] = None):
+        self.spec = spec
+        self.stage_start = -1
+        self.counts = [[0] * len(spec.sources) for _ in spec.objectives]
+        if state is not None:
+            self.stage_start = state["stage"]
+            self.counts = [[state["counts"].get(o, {}).get(src.name, 0) for src in spec.sources]
+                           for o in spec.objectives]
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able: the first step of the stage counted and the counts by name."""
+        names = [src.name for src in self.spec.sources]
+        return {"stage": self.stage_start,
+                "counts": {o: dict(zip(names, row, strict=True))
+                           for o, row in zip(self.spec.objectives, self.counts, strict=True)}}
+
+    def step(self, global_step: int, o: int) -> np.ndarray:
+        """The source index of each stream's example in global step ``global_step``, whose
+        objective is ``o``."""
+        spec = self.spec
+        stage = spec.stage(global_step)
+        if stage.start_step != self.stage_start:
+            self.stage_start = stage.start_step
+            self.counts = [[0] * len(spec.sources) for _ in spec.objectives]
+        counts, shares = self.counts[o], stage.shares
+        if len(shares) == 1:
+            counts[0] += spec.streams
+            return np.zeros(spec.streams, dtype=np.int64)
+        n = sum(counts)
+        picks = [0] * spec.streams
+        for q in range(spec.streams):
+            n += 1
+            j, best = 0, n * shares[0] - counts[0]
+            for i in range(1, len(shares)):
+                if n * shares[i] - counts[i] > best:
+                    j, best = i, n * shares[i] - counts[i]
+            counts[j] += 1
+            picks[q] = j
+        order = _rng(spec.seed, global_step, _TAG_MIX).permutation(spec.streams)
+        return np.array(picks, dtype=np.int64)[order]
 
 
 def shard_samples(url: str) -> Iterator[dict[str, Any]]:
@@ -209,10 +269,10 @@ class SourceStream:
     doc + [EOS] + ... where documents come out of the shuffle buffer.
     """
 
-    def __init__(self, spec: StreamSpec, index: int, g: int, epoch: int,
-                 rng: np.random.Generator, stats: Stats):
+    def __init__(self, spec: StreamSpec, index: int, g: int, rng: np.random.Generator,
+                 stats: Stats):
         self.spec, self.src, self.g = spec, spec.sources[index], g
-        self.plan = UnitPlan(len(self.src.urls), spec.streams, spec.shuffle, spec.seed, epoch,
+        self.plan = UnitPlan(len(self.src.urls), spec.streams, spec.shuffle, spec.seed,
                              source_key(self.src.name))
         self.rng, self.stats = rng, stats
         self.visit = 0
@@ -373,14 +433,14 @@ class SourceStream:
 
 
 class VirtualStream:
-    """The examples of virtual stream ``stream`` in ``epoch``: one per global step."""
+    """The examples of virtual stream ``stream``: one per global step, across epochs."""
 
-    def __init__(self, spec: StreamSpec, epoch: int, stream: int, stats: Stats,
+    def __init__(self, spec: StreamSpec, stream: int, stats: Stats,
                  cursor: Optional[dict[str, Any]] = None):
-        self.spec, self.epoch, self.stream = spec, epoch, stream
-        self.rng = _rng(spec.seed, epoch, stream, _TAG_STREAM)
+        self.spec, self.stream = spec, stream
+        self.rng = _rng(spec.seed, stream, _TAG_STREAM)
         self.stats = stats
-        self.sources = [SourceStream(spec, i, stream, epoch, self.rng, stats)
+        self.sources = [SourceStream(spec, i, stream, self.rng, stats)
                         for i in range(len(spec.sources))]
         if cursor is not None:
             self.rng.bit_generator.state = cursor["rng"]
@@ -393,11 +453,9 @@ class VirtualStream:
         return {"rng": self.rng.bit_generator.state,
                 "sources": {s.src.name: s.cursor() for s in self.sources}}
 
-    def example(self, o: int, shares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The stream's next example, of objective ``o``, from a source drawn with
-        ``shares`` (the stage's, float64)."""
+    def example(self, o: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """The stream's next example, of objective ``o``, from source ``s``."""
         spec = self.spec
-        s = int(self.rng.choice(len(self.sources), p=shares)) if len(self.sources) > 1 else 0
         n = spec.shapes[o].raw
         tokens = self.sources[s].take(n)
         self.stats.tokens[s] += n
@@ -412,45 +470,53 @@ class VirtualStream:
 
 class WorkerStream:
     """Worker ``worker`` of ``workers`` of ``spec.rank``: its pieces of the rank's
-    micro-batches in ``epoch``, from global step ``step``, micro-batch ``micro`` on.
+    micro-batches in ``epoch``, from step ``step`` of it, micro-batch ``micro`` on.
 
     The piece of micro-batch k holds positions worker, worker + workers, ... of
     it (streams ``micro_streams(k)[worker::workers]``). ``cursors`` (by stream)
-    restores the streams that had already yielded examples in this epoch.
+    restores the streams that had already yielded examples, in this epoch or an
+    earlier one; ``mixture`` the :class:`Mixer` state at the start of step ``step``.
     """
 
     def __init__(self, spec: StreamSpec, epoch: int, worker: int, workers: int, *,
                  step: int = 0, micro: int = 0,
-                 cursors: Optional[dict[int, dict[str, Any]]] = None):
+                 cursors: Optional[dict[int, dict[str, Any]]] = None,
+                 mixture: Optional[dict[str, Any]] = None):
         self.spec, self.epoch, self.worker, self.workers = spec, epoch, worker, workers
         self.step, self.micro = step, micro
         self.stats = Stats(len(spec.sources), len(spec.objectives))
+        self.mixer = Mixer(spec, mixture)
         cursors = cursors or {}
-        self.streams = {s: VirtualStream(spec, epoch, s, self.stats, cursors.get(s))
+        self.streams = {s: VirtualStream(spec, s, self.stats, cursors.get(s))
                         for k in range(spec.grad_accum)
                         for s in spec.micro_streams(k)[worker::workers]}
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         """(packed piece, meta) pairs; meta = {step, micro, objective, cursors of the
-        piece's streams after it, stats delta}.
+        piece's streams after it, the mixer state after it (at the start of the next step
+        after the step's last micro-batch, of this step before), stats delta}.
 
         Every example of a step has the step's objective, at that objective's fixed
         shape: no padding. The piece is :func:`pack_batch`'s single tensor;
         :func:`unpack_batch` restores it.
         """
         spec = self.spec
+        objectives = spec.epoch_objectives(self.epoch)
         while self.step < spec.steps_per_epoch:
-            o = spec.objective(self.epoch, self.step)
+            o = int(objectives[self.step])
             shape = spec.shapes[o]
-            shares = np.array(spec.stage(self.epoch * spec.steps_per_epoch + self.step).shares,
-                              dtype=np.float64)
+            before = self.mixer.state()
+            picks = self.mixer.step(self.epoch * spec.steps_per_epoch + self.step, o)
+            after = self.mixer.state()
             while self.micro < spec.grad_accum:
                 mine = spec.micro_streams(self.micro)[self.worker::self.workers]
-                arrays = collate([self.streams[s].example(o, shares) for s in mine],
+                arrays = collate([self.streams[s].example(o, int(picks[s])) for s in mine],
                                  encoder_length=shape.encoder, decoder_length=shape.decoder,
                                  pad_id=spec.pad_id, decoder_start_id=spec.decoder_start_ids[o])
+                last = self.micro == spec.grad_accum - 1
                 meta = {"step": self.step, "micro": self.micro, "objective": o,
                         "cursors": {s: self.streams[s].cursor() for s in mine},
+                        "mixture": after if last else before,
                         "stats": self.stats.take()}
                 self.micro += 1
                 yield pack_batch(arrays), meta
