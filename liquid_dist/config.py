@@ -121,6 +121,9 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     keep_last: int = 2
+    async_checkpoint: bool = False
+    """Write checkpoints in the background: the loop waits only while each rank's share is
+    serialised into host memory (a buffer as large as that share, kept for the run)."""
     eval_every: int = 100
     eval_steps: int = 10
     monitor_every: int = 0

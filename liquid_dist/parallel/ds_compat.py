@@ -203,6 +203,29 @@ def local_partition(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tens
     return padded[index * part: (index + 1) * part]
 
 
+def zero_partition_padding(engine: Any) -> None:
+    """Zero the padding of every ZeRO-3 partition: the elements of a rank's partition
+    past the parameter's end (each parameter is padded to a multiple of its partition
+    count), which DeepSpeed leaves as uninitialised memory in the working and the fp32
+    master partitions. They never reach the model, but they are saved: with them zeroed
+    a checkpoint's files are a function of the run's seed and data alone. Call once,
+    after ``deepspeed.initialize`` and before the first step."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    with torch.no_grad():
+        for param in engine.module.parameters():
+            part = param.ds_tensor.numel()
+            index = dist.get_rank(group=param.ds_process_group)
+            valid = max(0, min(part, param.ds_numel - index * part))
+            if valid == part:
+                continue
+            param.ds_tensor.data.view(-1)[valid:] = 0
+            master = safe_get_local_fp32_param(param)
+            if master is not None:
+                master.view(-1)[valid:] = 0
+
+
 def share_fp32_master_partitions(engine: Any) -> int:
     """Let a fp32 ZeRO-3 run keep one copy of each parameter partition, not two; returns
     the bytes given back.

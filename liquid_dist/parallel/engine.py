@@ -21,7 +21,7 @@ from liquid_dist.model.utils import param_groups as model_param_groups
 from liquid_dist.parallel.build_plan import BuildPlan
 from liquid_dist.parallel.compile import compile_blocks
 from liquid_dist.parallel.construction import build_model
-from liquid_dist.parallel.ds_compat import share_fp32_master_partitions
+from liquid_dist.parallel.ds_compat import share_fp32_master_partitions, zero_partition_padding
 from liquid_dist.parallel.expert_parallel import ExpertLayout, split_expert_param_groups
 
 
@@ -115,6 +115,7 @@ def build_engine(plan: BuildPlan, device: torch.device, *,
                                            config=plan.ds_config, dist_init_required=False)
     if plan.zero3:  # fp32: one copy of each partition, not two (ds_compat)
         share_fp32_master_partitions(engine)
+        zero_partition_padding(engine)
     return BuiltEngine(engine=engine, optimizer=optimizer, model=built.model,
                        parameter_counts=built.counts, expert_layout=built.expert_layout)
 

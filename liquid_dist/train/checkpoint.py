@@ -12,7 +12,17 @@ liquid_dist.checkpoint_format.hash_shares); rank 0 checks every marker, writes
 the trainer state, config and tokenizer and then ``checksums.json`` (size and
 SHA-256 of every file: liquid_dist.checkpoint_format.verify_checkpoint),
 renames ``<tag>.tmp`` to ``<tag>`` and atomically replaces ``latest``, then
-deletes all but the newest ``train.keep_last`` checkpoints. Each of these
+deletes all but the newest ``train.keep_last`` checkpoints.
+
+With ``train.async_checkpoint`` the step loop waits only while every rank's
+DeepSpeed files are serialised into its host buffer
+(liquid_dist.train.checkpoint_io); each rank then writes, fsyncs and hashes
+them and writes its marker in a thread. :meth:`CheckpointManager.poll`, at each
+step boundary, shares the ranks' progress; once every rank is done, rank 0
+completes the checkpoint as above (the files DeepSpeed wrote directly, such as
+its recovery script, hashed then). At most one save is in flight:
+:meth:`CheckpointManager.finish` waits for it, before the next save, a rewind,
+the end of the run and a preemption exit. Each of these
 phases ends with the ranks sharing their verdicts (:func:`together`, in place
 of a barrier): a phase that fails on one rank raises the same CheckpointError,
 naming that rank and its error, on every rank at once. A rank killed at any
@@ -34,6 +44,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +79,13 @@ from liquid_dist.checkpoint_format import (
     read_config,
     read_trainer_state,
     tag_for,
+)
+from liquid_dist.train.checkpoint_io import (
+    BackgroundWrite,
+    FileStream,
+    HostBuffer,
+    capture,
+    save_through,
 )
 from liquid_dist.train.faults import NO_FAULTS, Faults
 from liquid_dist.train.state import TrainerState
@@ -170,18 +188,46 @@ class LoadedCheckpoint:
     """(world size, ep_size) of the run that wrote it, when that differs from this one."""
 
 
+@dataclass(frozen=True)
+class Saved:
+    """A checkpoint made ``latest``: the step loop waited ``blocked_s`` for it, and
+    ``total_s`` passed from the start of the save to its commit."""
+
+    ref: CheckpointRef
+    step: int
+    blocked_s: float
+    total_s: float
+
+
+@dataclass
+class _InFlight:
+    """An asynchronous save between its capture and its commit."""
+
+    step: int
+    tag: str
+    tmp: Path
+    trainer: dict[str, Any]
+    per_rank: list[Any]
+    config: dict[str, Any]
+    tokenizer_path: str | Path
+    writer: BackgroundWrite
+    began: float
+    blocked_s: float
+
+
 class CheckpointManager:
     """Saves and loads the checkpoints of one run directory (see the module docstring).
 
-    ``every``: the save cadence in steps (:meth:`due`). ``expert_layout``: this rank's
+    ``every``: the save cadence in steps (:meth:`due`). ``asynchronous``: write in the
+    background (``train.async_checkpoint``). ``expert_layout``: this rank's
     experts (parallel.ep_size > 1), None without.
     ``seed``: the run's seed, for the RNG of a rank that did not exist before.
     ``faults``: where a test makes a checkpoint write fail (liquid_dist.train.faults).
     """
 
     def __init__(self, run_dir: str | Path, *, keep_last: int, rank: int, world_size: int,
-                 every: int = 1, expert_layout: Any = None, seed: int = 0,
-                 faults: Faults = NO_FAULTS):
+                 every: int = 1, asynchronous: bool = False, expert_layout: Any = None,
+                 seed: int = 0, faults: Faults = NO_FAULTS):
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / CHECKPOINTS
         self.keep_last, self.every = keep_last, every
@@ -190,6 +236,9 @@ class CheckpointManager:
         self.expert_layout = expert_layout
         self.seed = seed
         self.faults = faults
+        self.asynchronous = asynchronous
+        self._buffer = HostBuffer() if asynchronous else None
+        self._in_flight: Optional[_InFlight] = None
 
     def due(self, step: int, *, last: bool) -> bool:
         """Whether the step ``step`` saves: every ``every`` steps (``train.ckpt_every``) and
@@ -214,18 +263,24 @@ class CheckpointManager:
         return together(f"removing the incomplete checkpoints of {self.dir}", remove)
 
     def save(self, engine: Any, state: TrainerState, rank_state: dict[str, Any],
-             config: dict[str, Any], tokenizer_path: str | Path) -> CheckpointRef:
+             config: dict[str, Any], tokenizer_path: str | Path) -> Optional[Saved]:
         """Write the checkpoint of ``state.step`` (every rank calls this; see the protocol
-        above).
+        above): the checkpoint made ``latest``, or None when it is being written in the
+        background (:meth:`poll` / :meth:`finish` complete it). A save still in flight
+        is finished first: call :meth:`finish` before, to see it.
 
         ``state``: the trainer's (the same on every rank). ``rank_state``: this
         rank's part (data-loader state); RNG states are added here.
         """
+        if self._in_flight is not None:
+            self.finish()
+        began = time.perf_counter()
         step = state.step
         tag = tag_for(step)
         tmp_tag = tag + TMP_SUFFIX
         tmp = self.dir / tmp_tag
         what = f"the checkpoint of step {step} ({tmp})"
+        marker = tmp / f"{DONE_PREFIX}{self.rank}"
 
         def prepare() -> None:
             if self.rank == 0:
@@ -234,12 +289,25 @@ class CheckpointManager:
                     shutil.rmtree(tmp)
 
         def write_part() -> None:
-            engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
+            save_through(engine, FileStream(engine.checkpoint_engine), lambda: (
+                engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)))
             self.faults.in_checkpoint_write(step, self.rank, self.run_dir)
-            write_atomic(tmp / f"{DONE_PREFIX}{self.rank}", str(step), durable=True)
+            write_atomic(marker, str(step), durable=True)
 
         per_rank = _gather({**rank_state, "rng": rng_state()})
         together(f"preparing {what}", prepare)
+        if self.asynchronous:
+            buffer = self._buffer
+            assert buffer is not None
+            files = together(f"capturing {what}", lambda: capture(
+                engine, buffer, lambda: engine.save_checkpoint(
+                    str(self.dir), tag=tmp_tag, save_latest=False)))
+            writer = BackgroundWrite(buffer, files, tmp, marker, str(step), lambda: (
+                self.faults.in_checkpoint_write(step, self.rank, self.run_dir)))
+            self._in_flight = _InFlight(step, tag, tmp, state.state_dict(), per_rank, config,
+                                        tokenizer_path, writer, began,
+                                        time.perf_counter() - began)
+            return None
         together(f"writing {what}", write_part)
         # rank 0 lists DeepSpeed's files (one list: a rank whose view of the directory
         # lags cannot leave a file out), every rank hashes its share of them
@@ -250,15 +318,58 @@ class CheckpointManager:
             name: file_digest(tmp / name)
             for name in hash_shares(sizes, self.world_size)[self.rank]}))
         together(f"completing {what}", lambda: self._commit(
-            tmp, tag, state, per_rank, digests, config, tokenizer_path)
+            tmp, tag, state.state_dict(), per_rank, digests, config, tokenizer_path)
             if self.rank == 0 else None)
-        return CheckpointRef(self.dir, tag)
+        took = time.perf_counter() - began
+        return Saved(CheckpointRef(self.dir, tag), step, took, took)
 
-    def _commit(self, tmp: Path, tag: str, state: TrainerState, per_rank: list[Any],
-                digests: list[dict[str, str]], config: dict[str, Any],
+    @property
+    def in_flight(self) -> Optional[int]:
+        """The step of the save being written in the background, if any."""
+        return None if self._in_flight is None else self._in_flight.step
+
+    def poll(self) -> Optional[Saved]:
+        """At a step boundary (every rank calls it, collective while a save is in flight):
+        complete the save in flight if every rank has written its part; CheckpointError on
+        every rank, naming the rank and file, if one failed."""
+        if self._in_flight is None:
+            return None
+        return self._settle(wait=False)
+
+    def finish(self) -> Optional[Saved]:
+        """Wait for the save in flight and complete it (every rank calls it)."""
+        if self._in_flight is None:
+            return None
+        return self._settle(wait=True)
+
+    def _settle(self, wait: bool) -> Optional[Saved]:
+        job = self._in_flight
+        assert job is not None
+        if wait:
+            job.writer.wait()
+        what = f"the checkpoint of step {job.step} ({job.tmp})"
+        reports = _gather((job.writer.done(), job.writer.error))
+        errors = [f"rank {r}: {error}" for r, (_, error) in enumerate(reports) if error]
+        if errors:
+            self._in_flight = None
+            raise CheckpointError(f"writing {what} failed on {len(errors)} rank(s): "
+                                  + "; ".join(errors))
+        if not all(done for done, _ in reports):
+            return None
+        self._in_flight = None
+        digests = _gather(job.writer.digests)
+        together(f"completing {what}", lambda: self._commit(
+            job.tmp, job.tag, job.trainer, job.per_rank, digests, job.config,
+            job.tokenizer_path) if self.rank == 0 else None)
+        return Saved(CheckpointRef(self.dir, job.tag), job.step, job.blocked_s,
+                     time.perf_counter() - job.began)
+
+    def _commit(self, tmp: Path, tag: str, trainer: dict[str, Any], per_rank: list[Any],
+                digests: list[dict[str, Any]], config: dict[str, Any],
                 tokenizer_path: str | Path) -> None:
         """Rank 0: check every rank's marker, write the trainer state, config, tokenizer and
-        checksums, rename ``<tag>.tmp`` to ``<tag>``, point ``latest`` at it, prune."""
+        checksums (hashing the files no rank hashed), rename ``<tag>.tmp`` to ``<tag>``,
+        point ``latest`` at it, prune."""
         missing = [r for r in range(self.world_size)
                    if not (tmp / f"{DONE_PREFIX}{r}").exists()]
         if missing:
@@ -266,13 +377,14 @@ class CheckpointManager:
                                "part (is the run directory on a filesystem every node "
                                "shares?)")
         torch.save({"version": STATE_VERSION, "world_size": self.world_size,
-                    "ep_size": self.ep_size, "ranks": per_rank, **state.state_dict()},
+                    "ep_size": self.ep_size, "ranks": per_rank, **trainer},
                    tmp / TRAINER_STATE)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         shutil.copy2(tokenizer_path, tmp / TOKENIZER_FILE)
         recorded = {name: d for part in digests for name, d in part.items()}
-        for name in (TRAINER_STATE, CONFIG_FILE, TOKENIZER_FILE):
-            recorded[name] = file_digest(tmp / name)
+        for name in checksummed_files(tmp):
+            if name not in recorded or name in (TRAINER_STATE, CONFIG_FILE, TOKENIZER_FILE):
+                recorded[name] = file_digest(tmp / name)
         write_atomic(tmp / CHECKSUMS, json.dumps(
             {"algorithm": "sha256", "files": dict(sorted(recorded.items()))}, indent=1),
             durable=True)

@@ -163,6 +163,7 @@ class Trainer:
                 world_size=self.env.world_size,
                 piece_bytes=tok.piece_bytes, sentinel_ids=tok.sentinel_ids)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=t.keep_last, every=t.ckpt_every,
+                                      asynchronous=t.async_checkpoint,
                                       rank=self.env.rank, world_size=self.env.world_size,
                                       expert_layout=self.expert_layout, seed=t.seed,
                                       faults=self.faults)
@@ -275,6 +276,8 @@ class Trainer:
             st.step += 1
             self.heartbeat.step_done(st.step, time.perf_counter() - began)
             bar.update(1)
+            if self.ckpt.in_flight is not None:
+                self._log_saved(self.ckpt.poll())
             self._count_nan(result)
             self._judge_spike(result)
             window.add(result, t.grad_accum)
@@ -292,6 +295,7 @@ class Trainer:
             self.faults.after_step(st.step, rank, self.run_dir, stop, self.heartbeat)
         if self._last_saved_step != st.step:
             self._save()
+        self._finish_save()
         self.logger.log({"kind": "event", "event": "done", "step": st.step,
                          "nan_skips_total": st.nan_skips_total},
                         f"done at step {st.step}")
@@ -440,6 +444,7 @@ class Trainer:
         """Reload the newest valid checkpoint before the spike's first step (weights,
         optimizer, RNG, the spike window as it was) and go on from this step with the data
         that follows; checkpoint at once, so that a requeue goes on from here too."""
+        self._finish_save()  # the newest checkpoint may be the one in flight
         with self.heartbeat.within("rewind"):
             st = self.state
             ref, spike = self.spikes.rewind_target(self.run_dir, st.step, find_damage_together)
@@ -474,19 +479,42 @@ class Trainer:
             self.logger.log(*self.validator.validate(self.engine, self.state.step))
 
     def _save(self) -> None:
+        """Checkpoint this step: at once, or captured and written in the background
+        (train.async_checkpoint; a save still in flight completes first)."""
+        self._finish_save()
         with self.heartbeat.within("save"):
             step = self.state.step
-            self.ckpt.save(self.engine, self.state,
-                           rank_state={"loader": self._train_loader.state_dict()},
-                           config=self.cfg.to_dict(), tokenizer_path=self.cfg.data.tokenizer)
+            saved = self.ckpt.save(self.engine, self.state,
+                                   rank_state={"loader": self._train_loader.state_dict()},
+                                   config=self.cfg.to_dict(),
+                                   tokenizer_path=self.cfg.data.tokenizer)
             self._last_saved_step = step
-            self.logger.log({"kind": "event", "event": "checkpoint", "step": step},
-                            f"checkpoint step {step} -> {self.run_dir / 'checkpoints'}")
+        self._log_saved(saved)
+
+    def _finish_save(self) -> None:
+        """Wait for the checkpoint being written in the background, if any, and complete
+        it."""
+        if self.ckpt.in_flight is not None:
+            with self.heartbeat.within("save"):
+                saved = self.ckpt.finish()
+            self._log_saved(saved)
+
+    def _log_saved(self, saved: Any) -> None:
+        if saved is None:
+            return
+        mode = "async" if self.ckpt.asynchronous else "sync"
+        self.logger.log({"kind": "event", "event": "checkpoint", "step": saved.step,
+                         "blocked_s": round(saved.blocked_s, 4),
+                         "total_s": round(saved.total_s, 4), "mode": mode},
+                        f"checkpoint step {saved.step} -> {self.run_dir / 'checkpoints'} "
+                        f"({mode}: the loop waited {saved.blocked_s:.2f} s of "
+                        f"{saved.total_s:.2f} s)")
 
     def _preempt(self, stop: StopFlag) -> int:
         step = self.state.step
         if self._last_saved_step != step:
             self._save()
+        self._finish_save()
         reason = stop.describe()
         self.logger.log({"kind": "event", "event": "preempted", "step": step,
                          "reason": reason},
