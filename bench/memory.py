@@ -18,7 +18,9 @@ peak of the whole run, with the final evaluation and checkpoint save).
 run with a micro model (0.6 M parameters): a rank process with everything but
 the model (the stack's code, the process group, the data pipeline).
 
-Every rank runs with glibc's mmap threshold fixed (:data:`MALLOC`). The figures are set
+Every rank runs as users launch it: the trainer fixes glibc's mmap threshold itself
+(liquid_dist.train.allocator; a ``--baseline-repo`` trainer from before that runs with
+glibc's default). The figures are set
 against ZeRO-3's ideal for fp32 AdamW: 16 bytes per
 parameter / W (weights, gradients, two moments), plus the bounded working set
 of the DeepSpeed config (``zero3_working_set_bytes``: live gathered parameters,
@@ -66,12 +68,6 @@ sys.path.insert(0, str(ROOT))
 from procstatus import proc_status  # noqa: E402  (bench/, the script's own directory)
 
 MIB = 1 << 20
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-"""glibc's allocator, for every rank the benchmark launches: a fixed mmap threshold (64 KiB),
-so that a freed tensor goes back to the kernel. With the default, glibc raises the
-threshold up to 32 MiB as blocks are freed and keeps freed heap memory for reuse, and a
-rank's peak then includes what glibc retains (measured: +19 % on a 0.1 B model at W = 1),
-not only what the program holds."""
 SHORT = ["data.encoder_length=64", "data.decoder_length=32", "train.micro_batch_size=1",
          "train.grad_accum=1", "train.log_every=1", "train.eval_every=1000000",
          "train.ckpt_every=1000000", "data.num_workers=0", "model.dropout=0.0",
@@ -112,7 +108,7 @@ def _launch(world: int, args: list[str], repo: Path, env_extra: dict[str, str],
     """Run ``torchrun`` (W ranks) and poll the ranks' memory; see the module doc."""
     from liquid_dist.parallel import free_port
 
-    env = {**os.environ, **env_extra, "OMP_NUM_THREADS": "1", **MALLOC}
+    env = {**os.environ, **env_extra, "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world),
            "--master_port", str(free_port()), *args]
     start = time.monotonic()
@@ -227,7 +223,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                               "python": platform.python_version()},
                   "settings": {"config": "configs/base-moe.yaml", "short": SHORT,
-                               "steps": args.steps, "vocab_size": vocab, "malloc": MALLOC,
+                               "steps": args.steps, "vocab_size": vocab,
+                               "malloc": "as launched (liquid_dist.train.allocator)",
                                "activation_allowance_mib": args.activation_allowance_mib,
                                "trainers": recorded},
                   "rows": rows}

@@ -25,6 +25,14 @@ Per GPU, under the config's ZeRO stage, ``ep_size`` and precision (docs/parallel
   back, forward and backward;
 * training FLOPs per token (the trainer's own ``ModelFlops``: 3 x forward) and,
   at ``--mfu``, tokens per second and days to ``--tokens``;
+* checkpoints: each rank's share (its fp32 master weights and two AdamW
+  moments, 12 bytes per owned parameter), the time a save blocks the loop
+  every ``train.ckpt_every`` steps and its share of the wall time —
+  synchronous: every rank writes its share and hashes one in W of the files
+  (the whole checkpoint written and read once at ``--ckpt-gbps``, the shared
+  filesystem's aggregate bandwidth); asynchronous (``train.async_checkpoint``):
+  the copy of the share into host memory at ``--host-copy-gbps`` per GPU —
+  and the host buffer an asynchronous save keeps per rank;
 * warnings: does not fit, a global batch (``--global-batch``) too small for
   the world size or not a multiple of it. The precision, the expert layout and
   the DeepSpeed config are the run's own (liquid_dist.parallel.build_plan, which
@@ -84,7 +92,21 @@ class Plan:
     tokens_per_step: int
     tokens_per_s: float
     days: float
+    checkpoint_bytes: float
+    """One rank's share of a checkpoint (the host buffer of an asynchronous save)."""
+    ckpt_every: int
+    sync_save_blocked_s: float
+    async_save_blocked_s: float
     warnings: list[str]
+
+    @property
+    def step_s(self) -> float:
+        return self.tokens_per_step / self.tokens_per_s
+
+    def save_share(self, blocked_s: float) -> float:
+        """The share of the wall time a save blocking ``blocked_s`` every ``ckpt_every``
+        steps takes."""
+        return blocked_s / (blocked_s + self.ckpt_every * self.step_s)
 
     @property
     def model_states_bytes(self) -> float:
@@ -156,12 +178,20 @@ def activation_bytes(cfg: Config, micro_batch: int, dtype: torch.dtype) -> tuple
     return without, checkpointed
 
 
+CHECKPOINT_BYTES_PER_PARAMETER = 12
+"""A rank's checkpoint files per owned parameter: fp32 master weights and two AdamW moments
+(under fp32 the master weights are the parameters)."""
+
+
 def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 0.4,
-         tokens: Optional[float] = None, global_batch: Optional[int] = None) -> Plan:
+         tokens: Optional[float] = None, global_batch: Optional[int] = None,
+         ckpt_gbps: float = 5.0, host_copy_gbps: float = 10.0) -> Plan:
     """The :class:`Plan` of ``cfg`` (resolved vocabulary) on ``nodes`` x ``gpus_per_node``.
 
     ``global_batch`` (sequences per step) sets the gradient accumulation for this
-    world size (``train.grad_accum`` otherwise)."""
+    world size (``train.grad_accum`` otherwise). ``ckpt_gbps``: the filesystem's
+    aggregate bandwidth for checkpoints (GB/s); ``host_copy_gbps``: a GPU's copy into
+    host memory (GB/s)."""
     from liquid_dist.model.counts import count_parameters
     from liquid_dist.model.moe import PRECISION_DTYPES
     from liquid_dist.parallel.build_plan import resolve_build
@@ -247,6 +277,7 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
     tokens_per_s = world * peak_flops_of(gpu, precision) * mfu / per_token
     active = (counts["active_per_token_min"] + counts["active_per_token_max"]) // 2
     budget_tokens = tokens if tokens is not None else 20.0 * active
+    share = optim_local * CHECKPOINT_BYTES_PER_PARAMETER
     return Plan(world_size=world, ep_size=ep, zero_stage=stage, precision=precision,
                 micro_batch=mb, parameters=counts["total"], expert_parameters=counts["experts"],
                 active_per_token=active, params_bytes=params_bytes, grads_bytes=grads_bytes,
@@ -257,14 +288,18 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
                 largest_micro_batch=largest_mb, zero_comm_bytes=zero_comm,
                 moe_comm_bytes=moe_comm, training_flops_per_token=per_token,
                 tokens_per_step=global_batch * tokens_per_sample, tokens_per_s=tokens_per_s,
-                days=budget_tokens / tokens_per_s / 86400, warnings=warnings)
+                days=budget_tokens / tokens_per_s / 86400, checkpoint_bytes=share,
+                ckpt_every=t.ckpt_every,
+                sync_save_blocked_s=2 * share * world / (ckpt_gbps * 1e9),
+                async_save_blocked_s=share / (host_copy_gbps * 1e9), warnings=warnings)
 
 
 def _gb(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x / 1e9:8.2f} GB"
 
 
-def report(p: Plan, gpu: str, mfu: float, tokens: Optional[float]) -> str:
+def report(p: Plan, gpu: str, mfu: float, tokens: Optional[float], ckpt_gbps: float = 5.0,
+           host_copy_gbps: float = 10.0) -> str:
     lines = [
         f"{p.parameters:,} parameters ({p.expert_parameters:,} in experts; "
         f"{p.active_per_token:,} active per token), {p.world_size} x {gpu}, "
@@ -287,6 +322,15 @@ def report(p: Plan, gpu: str, mfu: float, tokens: Optional[float]) -> str:
         f"at MFU {mfu:.0%}: {p.tokens_per_s:,.0f} tokens/s; "
         f"{p.days:.1f} days to {tokens if tokens is not None else 20 * p.active_per_token:.3g} "
         f"tokens ({p.tokens_per_step:,} tokens per step)",
+        f"checkpoint             {_gb(p.checkpoint_bytes).strip()} per GPU, "
+        f"{_gb(p.checkpoint_bytes * p.world_size).strip()} in all, every {p.ckpt_every} "
+        f"steps ({p.ckpt_every * p.step_s / 60:.1f} min at this MFU)",
+        f"  synchronous save     blocks {p.sync_save_blocked_s:.1f} s (written and read "
+        f"once at {ckpt_gbps:g} GB/s): {p.save_share(p.sync_save_blocked_s):.1%} of the "
+        "wall time",
+        f"  asynchronous save    blocks {p.async_save_blocked_s:.1f} s (host copy at "
+        f"{host_copy_gbps:g} GB/s per GPU): {p.save_share(p.async_save_blocked_s):.2%}; "
+        f"host buffer {_gb(p.checkpoint_bytes).strip()} per rank",
     ]
     lines += [f"WARNING: {w}" for w in p.warnings]
     return "\n".join(lines)
@@ -305,6 +349,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--global-batch", type=int, default=None,
                     help="sequences per step; sets the gradient accumulation for this world "
                          "(default: the config's micro-batch x grad_accum x world size)")
+    ap.add_argument("--ckpt-gbps", type=float, default=5.0,
+                    help="the filesystem's aggregate bandwidth for checkpoints, GB/s")
+    ap.add_argument("--host-copy-gbps", type=float, default=10.0,
+                    help="a GPU's copy into host memory (an asynchronous save), GB/s")
     ap.add_argument("--vocab-size", type=int, default=32000,
                     help="used when model.vocab_size is 'auto'")
     args = ap.parse_args(argv)
@@ -314,11 +362,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(
                 cfg.model, vocab_size=args.vocab_size))
         result = plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu,
-                      mfu=args.mfu, tokens=args.tokens, global_batch=args.global_batch)
+                      mfu=args.mfu, tokens=args.tokens, global_batch=args.global_batch,
+                      ckpt_gbps=args.ckpt_gbps, host_copy_gbps=args.host_copy_gbps)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(report(result, args.gpu, args.mfu, args.tokens))
+    print(report(result, args.gpu, args.mfu, args.tokens, args.ckpt_gbps,
+                 args.host_copy_gbps))
     return 0
 
 

@@ -86,3 +86,21 @@ def test_warnings_name_what_does_not_fit_or_fill_and_a_layout_error_is_the_runs(
     with pytest.raises(SystemExit) as info:  # argparse: an unknown GPU
         main([str(CONFIGS / "tiny.yaml"), "--nodes", "1", "--gpus-per-node", "1", "--gpu", "tpu"])
     assert info.value.code == 2
+
+
+def test_the_plan_prices_a_checkpoint_synchronous_and_asynchronous(capsys):
+    assert main([str(CONFIGS / "xl-moe.yaml"), "--nodes", "8", "--gpus-per-node", "8",
+                 "--gpu", "h200", "--ckpt-gbps", "4", "--host-copy-gbps", "8"]) == 0
+    out = capsys.readouterr().out
+    p = plan(_cfg("xl-moe"), nodes=8, gpus_per_node=8, gpu="h200", ckpt_gbps=4,
+             host_copy_gbps=8)
+    # the fp32 master weights and two moments of what the rank owns
+    assert p.checkpoint_bytes == pytest.approx(p.optimizer_bytes)  # bf16: 12 bytes each
+    assert p.sync_save_blocked_s == pytest.approx(2 * 64 * p.checkpoint_bytes / 4e9)
+    assert p.async_save_blocked_s == pytest.approx(p.checkpoint_bytes / 8e9)
+    interval = p.ckpt_every * p.tokens_per_step / p.tokens_per_s
+    assert p.save_share(p.sync_save_blocked_s) == pytest.approx(
+        p.sync_save_blocked_s / (p.sync_save_blocked_s + interval))
+    assert p.save_share(p.async_save_blocked_s) < p.save_share(p.sync_save_blocked_s) / 100
+    assert f"host buffer {p.checkpoint_bytes / 1e9:.2f} GB per rank" in out
+    assert f"blocks {p.sync_save_blocked_s:.1f} s (written and read once at 4 GB/s)" in out

@@ -174,7 +174,9 @@ def test_resume_verifies_a_checkpoint_before_reading_it(tmp_path: Path) -> None:
                      config=resolved.to_dict(), tokenizer_path=resolved.data.tokenizer)
     shard = (tmp_path / "run" / "checkpoints" / "step_00000004"
              / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    shard.write_bytes(b"y")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10  # the same size, another byte
+    shard.write_bytes(bytes(data))
     plan = resolve_run(cfg, world_size=1, device_type="cpu")
     start = resolve_start(plan, "auto")
     assert start.resume is not None and start.resume.tag == "step_00000002"

@@ -214,6 +214,29 @@ def test_usr1_preempts_requeues_and_resumes_the_same_wandb_run(slurm: Cluster,
     assert_wandb_continues(run, attempts=2, resumed_at=4)
 
 
+def test_usr1_with_an_async_save_in_flight_completes_it_and_the_preemption_save(
+        slurm: Cluster, tmp_path: Path) -> None:
+    ref = tf.train_losses(tf.reference_run())
+    run = tmp_path / "run"
+    job = submit(slurm, run, overrides=["train.async_checkpoint=true", "train.ckpt_every=3"],
+                 extra_env={"LIQUID_TEST_HOLD_AT_STEP": "3"})
+    wait_held(slurm, job, run)
+    # step 3's save is captured and written in the background, not yet completed: that
+    # happens at a step boundary
+    assert not (run / CHECKPOINTS / LATEST).exists()
+    slurm.cmd("scancel", "--signal=USR1", str(job))
+    info = wait_final(slurm, job, run, timeout=240)
+    log = output(run).read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "preempted at step 4 (SIGUSR1): requeueing" in log, log
+    saves = events(run, "checkpoint")
+    assert [e["step"] for e in saves] == [3, 4, 6, 8], saves
+    assert all(e["mode"] == "async" for e in saves)
+    assert [e["step"] for e in events(run, "resume")] == [4]
+    assert latest_step(run) == 8
+    assert_losses_equal(run, ref, range(1, 9))
+
+
 def test_time_limit_signal_preempts_and_the_requeued_job_finishes(slurm: Cluster,
                                                                   tmp_path: Path) -> None:
     ref = tf.train_losses(tf.reference_run())

@@ -149,13 +149,17 @@ def test_metrics_written_on_rank_0_only_and_truncated_on_resume(tmp_path: Path) 
 
 
 class _FakeEngine:
-    """Stands in for DeepSpeed (not under test here): writes one shard file per save."""
+    """Stands in for DeepSpeed (not under test here): saves one shard file per save through
+    its checkpoint engine, as DeepSpeed does."""
+
+    checkpoint_engine = None
 
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
         assert save_latest is False
         path = Path(save_dir) / tag
         path.mkdir(parents=True, exist_ok=True)
-        (path / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+        self.checkpoint_engine.save({"x": 1},
+                                    str(path / "zero_pp_rank_0_mp_rank_00_model_states.pt"))
 
 
 def test_checkpoints_keep_last_k_and_resolve_resume_paths(tmp_path: Path) -> None:
@@ -166,7 +170,7 @@ def test_checkpoints_keep_last_k_and_resolve_resume_paths(tmp_path: Path) -> Non
     for step in (5, 10, 15):
         ref = mgr.save(_FakeEngine(), TrainerState(step=step, run_id="abc"),
                        rank_state={"loader": {"pos": step}}, config={"train": {}},
-                       tokenizer_path=tok)
+                       tokenizer_path=tok).ref
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [
         "step_00000010", "step_00000015"]
@@ -224,13 +228,15 @@ def test_the_ranks_share_a_checkpoint_verification_each_reading_its_part(
     tok.write_bytes(b"tokenizer")
 
     class _Engine:
+        checkpoint_engine = None
+
         def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
             (Path(save_dir) / tag).mkdir(parents=True)
             for r in range(3):
                 (Path(save_dir) / tag / f"zero_pp_rank_{r}.pt").write_bytes(b"x" * (r + 1))
 
     ref = CheckpointManager(tmp_path / "run", keep_last=1, rank=0, world_size=1).save(
-        _Engine(), TrainerState(step=1), rank_state={}, config={}, tokenizer_path=tok)
+        _Engine(), TrainerState(step=1), rank_state={}, config={}, tokenizer_path=tok).ref
     assert all(find_damage(ref.path, rank=r, world_size=2) == [] for r in range(2))
     (ref.path / "zero_pp_rank_2.pt").write_bytes(b"yyy")
     (ref.path / "zero_pp_rank_0.pt").unlink()
@@ -278,7 +284,7 @@ def test_two_ranks_verifying_together_reach_one_verdict(tmp_path: Path) -> None:
     tok.write_bytes(b"tokenizer" * 1000)
     mgr = CheckpointManager(tmp_path / "run", keep_last=2, rank=0, world_size=1)
     refs = [mgr.save(_FakeEngine(), TrainerState(step=step), rank_state={}, config={},
-                     tokenizer_path=tok) for step in (1, 2)]
+                     tokenizer_path=tok).ref for step in (1, 2)]
     sizes = {n: d["size"] for n, d in json.loads(
         (refs[1].path / "checksums.json").read_text())["files"].items()}
     # damage the largest file, which rank 0 hashes, and the smallest, which rank 1 hashes
@@ -306,7 +312,7 @@ def test_resuming_with_another_model_is_a_config_error(tmp_path: Path) -> None:
     cfg = Config()
     mgr = CheckpointManager(tmp_path / "run", keep_last=1, rank=0, world_size=1)
     ref = mgr.save(_FakeEngine(), TrainerState(step=1), rank_state={}, config=cfg.to_dict(),
-                   tokenizer_path=tok)
+                   tokenizer_path=tok).ref
     check_resumable(cfg, ref, world_size=1)
     # training and run settings may change (the trainer's NaN message advises check_finite)
     settings = dataclasses.replace(cfg.model, activation_checkpointing=True, check_finite=True,

@@ -30,6 +30,7 @@ from liquid_dist.parallel.distributed import (
 )
 from liquid_dist.parallel.ds_compat import DeepSpeedVersionError, check_deepspeed_version
 from liquid_dist.train import watchdog
+from liquid_dist.train.allocator import fix_mmap_threshold
 from liquid_dist.train.checkpoint import find_damage_together
 from liquid_dist.train.exit_status import (
     EXIT_CONFIG,
@@ -101,9 +102,11 @@ def pretrain(config_path: str, overrides: Iterable[str] = (), *, resume: str = "
 
     The stop handlers are installed first: a SIGTERM / SIGUSR1 that comes while the
     process starts (Slurm may send the time-limit warning that early) is kept and
-    honoured at the first step boundary, not lost or fatal.
+    honoured at the first step boundary, not lost or fatal. Then glibc's mmap
+    threshold is fixed (liquid_dist.train.allocator).
     """
     stop = StopFlag().install()
+    fix_mmap_threshold()
     try:
         return _pretrain(config_path, overrides, resume, local_rank, train_loader_factory,
                          stop)
