@@ -9,11 +9,19 @@ from liquid_dist.config import Config, ConfigError, config_from_dict, load_confi
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "base-moe", "xl-moe"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-anneal", "small", "base-moe", "xl-moe"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, Config)
     assert cfg.model.d_model % cfg.model.n_heads == 0
+
+
+def test_the_annealing_example_is_tiny_with_an_annealing_stage():
+    tiny, anneal = (load_config(CONFIGS / f"{n}.yaml") for n in ("tiny", "tiny-anneal"))
+    assert anneal.model == tiny.model
+    assert [s["start_step"] for s in anneal.data.stages] == [0, 240]
+    assert anneal.data.stages[-1]["weights"] == {"web": 3, "curated": 7}
+    assert set(anneal.data.val_sources) == {"web", "curated"}
 
 
 def test_override_changes_typed_value():

@@ -8,8 +8,8 @@ serialisation setting, so both give the same bytes (``torch.save`` to a path
 would name the archive inside after the file, to a buffer ``archive``).
 :class:`FileStream` writes each file DeepSpeed saves; :class:`HostCapture`
 serialises it into the rank's :class:`HostBuffer` instead. The buffer is one per
-rank, kept from save to save (it grows to the largest share once, then is
-reused). :class:`BackgroundWrite` then writes each
+rank, kept from save to save (it grows in chunks to the largest share once,
+then is reused). :class:`BackgroundWrite` then writes each
 captured file, fsyncs it, hashes the bytes it wrote (no read back) and writes
 the rank's completion marker, in a thread; the protocol around it (commit,
 ``latest``, failures on every rank) is liquid_dist.train.checkpoint's.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,29 +31,45 @@ from liquid_dist.atomic import write_atomic
 
 
 class HostBuffer:
-    """A growable byte buffer with the ``write`` of a file, for ``torch.save``."""
+    """Host memory with the ``write`` of a file, for ``torch.save``: chunks of ``chunk``
+    bytes, added as the writes need them and kept for the next use, so it grows without
+    copying and holds at most one chunk more than the largest contents."""
 
-    def __init__(self) -> None:
-        self.data = bytearray()
+    def __init__(self, chunk: int = 64 << 20) -> None:
+        self.chunk = chunk
+        self.chunks: list[bytearray] = []
         self.size = 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self.chunks) * self.chunk
 
     def reset(self) -> None:
         self.size = 0
 
     def write(self, b: Any) -> int:
         view = memoryview(b).cast("B")
-        end = self.size + view.nbytes
-        if end > len(self.data):
-            self.data.extend(bytes(max(end - len(self.data), len(self.data) // 2)))
-        self.data[self.size:end] = view
-        self.size = end
-        return view.nbytes
+        done = 0
+        while done < view.nbytes:
+            index, offset = divmod(self.size, self.chunk)
+            if index == len(self.chunks):
+                self.chunks.append(bytearray(self.chunk))
+            take = min(self.chunk - offset, view.nbytes - done)
+            self.chunks[index][offset:offset + take] = view[done:done + take]
+            done += take
+            self.size += take
+        return done
 
     def flush(self) -> None:
         pass
 
-    def view(self, start: int, end: int) -> memoryview:
-        return memoryview(self.data)[start:end]
+    def pieces(self, start: int, end: int) -> Iterator[memoryview]:
+        """The bytes [start, end) as views of the chunks, in order."""
+        while start < end:
+            index, offset = divmod(start, self.chunk)
+            take = min(self.chunk - offset, end - start)
+            yield memoryview(self.chunks[index])[offset:offset + take]
+            start += take
 
 
 class FileStream(CheckpointEngine):
@@ -142,15 +158,16 @@ class BackgroundWrite:
         try:
             for path, start, end in self.files:
                 where = path
-                view = self.buffer.view(start, end)
+                digest = hashlib.sha256()
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "wb") as fh:
-                    fh.write(view)
+                    for piece in self.buffer.pieces(start, end):
+                        fh.write(piece)
+                        digest.update(piece)
                     fh.flush()
                     os.fsync(fh.fileno())
                 name = str(Path(path).relative_to(self.root))
-                self.digests[name] = {"size": end - start,
-                                      "sha256": hashlib.sha256(view).hexdigest()}
+                self.digests[name] = {"size": end - start, "sha256": digest.hexdigest()}
             where = str(self.marker)
             self.before_marker()
             write_atomic(self.marker, self.marker_text, durable=True)
