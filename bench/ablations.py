@@ -124,7 +124,7 @@ def prepare_data(data_dir: Path) -> tuple[Path, Path]:
     if not (tokenizer.is_file() and (shards / "manifest.json").is_file()):
         print(f"preparing the Shakespeare corpus into {data_dir}", flush=True)
         subprocess.run([sys.executable, str(ROOT / "data_prep" / "prepare_shakespeare.py"),
-                        "--output", str(data_dir), "--workers", "2"], check=True)
+                        "--output", str(data_dir)], check=True)
     return tokenizer, shards
 
 

@@ -184,7 +184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                              if args.smoke else ROOT / "bench" / "results" / "memory.json")
     if not (args.data / "shards").is_dir():
         subprocess.run([sys.executable, str(ROOT / "data_prep" / "prepare_shakespeare.py"),
-                        "--output", str(args.data), "--workers", "2"], check=True)
+                        "--output", str(args.data)], check=True)
     from liquid_dist.data import Tokenizer
 
     vocab = Tokenizer(str(args.data / "tokenizer" / "tokenizer.model")).vocab_size
