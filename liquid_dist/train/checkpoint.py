@@ -12,22 +12,23 @@ liquid_dist.checkpoint_format.hash_shares); rank 0 checks every marker, writes
 the trainer state, config and tokenizer and then ``checksums.json`` (size and
 SHA-256 of every file: liquid_dist.checkpoint_format.verify_checkpoint),
 renames ``<tag>.tmp`` to ``<tag>`` and atomically replaces ``latest``, then
-deletes all but the newest ``train.keep_last`` checkpoints.
-
-With ``train.async_checkpoint`` the step loop waits only while every rank's
-DeepSpeed files are serialised into its host buffer
-(liquid_dist.train.checkpoint_io); each rank then writes, fsyncs and hashes
-them and writes its marker in a thread. :meth:`CheckpointManager.poll`, at each
-step boundary, shares the ranks' progress; once every rank is done, rank 0
-completes the checkpoint as above (the files DeepSpeed wrote directly, such as
-its recovery script, hashed then). At most one save is in flight:
-:meth:`CheckpointManager.finish` waits for it, before the next save, a rewind,
-the end of the run and a preemption exit. Each of these
+deletes all but the newest ``train.keep_last`` checkpoints. Each of these
 phases ends with the ranks sharing their verdicts (:func:`together`, in place
 of a barrier): a phase that fails on one rank raises the same CheckpointError,
 naming that rank and its error, on every rank at once. A rank killed at any
 point leaves ``latest`` on the previous checkpoint; the ``.tmp`` is deleted by
 the next run. The run directory must be on a filesystem all nodes share.
+
+With ``train.async_checkpoint`` the step loop waits only while every rank's
+DeepSpeed files are serialised into its host buffer
+(liquid_dist.train.checkpoint_io); each rank then writes, fsyncs and hashes
+them and writes its marker in a thread. :meth:`CheckpointManager.poll`, at each
+step boundary, shares the ranks' progress (a failure: the same CheckpointError
+on every rank, naming the rank and the file); once every rank is done, rank 0
+completes the checkpoint as above (the files DeepSpeed wrote directly, such as
+its recovery script, hashed then). At most one save is in flight:
+:meth:`CheckpointManager.finish` waits for it, before the next save, a rewind,
+the end of the run and a preemption exit.
 
 Loading (:meth:`CheckpointManager.load`): on the world size and ``ep_size``
 that wrote the checkpoint, DeepSpeed loads its own files (bitwise). On any

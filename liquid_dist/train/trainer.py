@@ -48,6 +48,7 @@ from liquid_dist.parallel.ds_compat import pending_grad_norm
 from liquid_dist.parallel.engine import autocast, build_engine, plain_grad_norm, to_device
 from liquid_dist.train.checkpoint import (
     CheckpointManager,
+    Saved,
     find_damage_together,
     load_weights,
     seed_everything,
@@ -499,7 +500,7 @@ class Trainer:
                 saved = self.ckpt.finish()
             self._log_saved(saved)
 
-    def _log_saved(self, saved: Any) -> None:
+    def _log_saved(self, saved: Optional[Saved]) -> None:
         if saved is None:
             return
         mode = "async" if self.ckpt.asynchronous else "sync"
