@@ -251,7 +251,9 @@ def test_time_limit_signal_preempts_and_the_requeued_job_finishes(slurm: Cluster
 
     def requeued() -> bool:
         info = job_info(slurm, job)
-        assert info["JobState"] in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED"), info
+        # SIGNALING: slurmctld is delivering the time-limit warning
+        assert info["JobState"] in ("RUNNING", "SIGNALING", "COMPLETING", "PENDING",
+                                    "REQUEUED"), info
         return info["JobState"] == "PENDING" and info["Restarts"] == "1"
     wait_for("requeued", requeued, 150, output(run))
     # the restarted attempt would get the same 2-minute limit and signal again
