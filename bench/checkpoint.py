@@ -68,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     layers = 1 if args.smoke else 4
     model = [*(memory.SMOKE_MODEL if args.smoke else []), f"model.n_encoder_layers={layers}",
              f"model.n_decoder_layers={layers}"]
-    facts = memory._model_facts([*model, *memory.SHORT], vocab)
+    facts = memory.model_facts([*model, *memory.SHORT], vocab)
     data = [f"data.tokenizer={args.data / 'tokenizer' / 'tokenizer.model'}",
             f"data.train_shards={args.data / 'shards'}", "data.val_shards=null"]
     rows = []
@@ -82,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             launch += ["--set", o]
         print(f"{mode}: W={args.world}, {facts['parameters']:,} parameters ...", flush=True)
         try:
-            run = memory._launch(args.world, launch, ROOT, {"PYTHONPATH": str(ROOT)},
+            run = memory.launch_ranks(args.world, launch, ROOT, {"PYTHONPATH": str(ROOT)},
                                  run_dir / "metrics.jsonl", args.steps, args.timeout)
             saves = [e for e in _events(run_dir) if e["event"] == "checkpoint"]
             size = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*")

@@ -103,7 +103,7 @@ def _ranks(launcher_pid: int) -> dict[int, int]:
     return found
 
 
-def _launch(world: int, args: list[str], repo: Path, env_extra: dict[str, str],
+def launch_ranks(world: int, args: list[str], repo: Path, env_extra: dict[str, str],
             events: Optional[Path], last_step: int, timeout: float) -> dict[str, Any]:
     """Run ``torchrun`` (W ranks) and poll the ranks' memory; see the module doc."""
     from liquid_dist.parallel import free_port
@@ -149,7 +149,7 @@ def _launch(world: int, args: list[str], repo: Path, env_extra: dict[str, str],
             "tail": output[-2000:] if proc.returncode else ""}
 
 
-def _model_facts(overrides: list[str], vocab: int) -> dict[str, int]:
+def model_facts(overrides: list[str], vocab: int) -> dict[str, int]:
     import torch
 
     from liquid_dist.config import load_config
@@ -203,7 +203,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             launch_args += ["--set", o]
         env = {"PYTHONPATH": str(repo)}  # this checkout's code, whatever is installed
         try:
-            return _launch(world, launch_args, repo, env, run_dir / "metrics.jsonl",
+            return launch_ranks(world, launch_args, repo, env, run_dir / "metrics.jsonl",
                            args.steps, args.timeout)
         finally:  # a run's checkpoint is GBs: never leave it behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -235,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = SMOKE_MODEL if args.smoke else []
         model = [*model, f"model.n_encoder_layers={case['layers']}",
                  f"model.n_decoder_layers={case['layers']}"]
-        facts = _model_facts([*model, *SHORT], vocab)
+        facts = model_facts([*model, *SHORT], vocab)
         for world in case["worlds"]:
             if world not in idle:
                 print(f"idle rank: W={world} ...", flush=True)

@@ -95,13 +95,23 @@ class Plan:
     checkpoint_bytes: float
     """One rank's share of a checkpoint (the host buffer of an asynchronous save)."""
     ckpt_every: int
-    sync_save_blocked_s: float
-    async_save_blocked_s: float
+    ckpt_gbps: float
+    host_copy_gbps: float
     warnings: list[str]
 
     @property
     def step_s(self) -> float:
         return self.tokens_per_step / self.tokens_per_s
+
+    @property
+    def sync_save_blocked_s(self) -> float:
+        """The whole checkpoint written and read once (hashed) at ``ckpt_gbps``."""
+        return 2 * self.checkpoint_bytes * self.world_size / (self.ckpt_gbps * 1e9)
+
+    @property
+    def async_save_blocked_s(self) -> float:
+        """A rank's share copied into host memory at ``host_copy_gbps``."""
+        return self.checkpoint_bytes / (self.host_copy_gbps * 1e9)
 
     def save_share(self, blocked_s: float) -> float:
         """The share of the wall time a save blocking ``blocked_s`` every ``ckpt_every``
@@ -181,11 +191,16 @@ def activation_bytes(cfg: Config, micro_batch: int, dtype: torch.dtype) -> tuple
 CHECKPOINT_BYTES_PER_PARAMETER = 12
 """A rank's checkpoint files per owned parameter: fp32 master weights and two AdamW moments
 (under fp32 the master weights are the parameters)."""
+CKPT_GBPS = 5.0
+"""The shared filesystem's aggregate checkpoint bandwidth assumed (GB/s): a few GB/s of a
+parallel filesystem seen from one job."""
+HOST_COPY_GBPS = 10.0
+"""A GPU's copy into host memory assumed (GB/s): a pageable device-to-host copy over PCIe."""
 
 
 def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 0.4,
          tokens: Optional[float] = None, global_batch: Optional[int] = None,
-         ckpt_gbps: float = 5.0, host_copy_gbps: float = 10.0) -> Plan:
+         ckpt_gbps: float = CKPT_GBPS, host_copy_gbps: float = HOST_COPY_GBPS) -> Plan:
     """The :class:`Plan` of ``cfg`` (resolved vocabulary) on ``nodes`` x ``gpus_per_node``.
 
     ``global_batch`` (sequences per step) sets the gradient accumulation for this
@@ -289,17 +304,15 @@ def plan(cfg: Config, *, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 
                 moe_comm_bytes=moe_comm, training_flops_per_token=per_token,
                 tokens_per_step=global_batch * tokens_per_sample, tokens_per_s=tokens_per_s,
                 days=budget_tokens / tokens_per_s / 86400, checkpoint_bytes=share,
-                ckpt_every=t.ckpt_every,
-                sync_save_blocked_s=2 * share * world / (ckpt_gbps * 1e9),
-                async_save_blocked_s=share / (host_copy_gbps * 1e9), warnings=warnings)
+                ckpt_every=t.ckpt_every, ckpt_gbps=ckpt_gbps, host_copy_gbps=host_copy_gbps,
+                warnings=warnings)
 
 
 def _gb(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x / 1e9:8.2f} GB"
 
 
-def report(p: Plan, gpu: str, mfu: float, tokens: Optional[float], ckpt_gbps: float = 5.0,
-           host_copy_gbps: float = 10.0) -> str:
+def report(p: Plan, gpu: str, mfu: float, tokens: Optional[float]) -> str:
     lines = [
         f"{p.parameters:,} parameters ({p.expert_parameters:,} in experts; "
         f"{p.active_per_token:,} active per token), {p.world_size} x {gpu}, "
@@ -326,10 +339,10 @@ def report(p: Plan, gpu: str, mfu: float, tokens: Optional[float], ckpt_gbps: fl
         f"{_gb(p.checkpoint_bytes * p.world_size).strip()} in all, every {p.ckpt_every} "
         f"steps ({p.ckpt_every * p.step_s / 60:.1f} min at this MFU)",
         f"  synchronous save     blocks {p.sync_save_blocked_s:.1f} s (written and read "
-        f"once at {ckpt_gbps:g} GB/s): {p.save_share(p.sync_save_blocked_s):.1%} of the "
+        f"once at {p.ckpt_gbps:g} GB/s): {p.save_share(p.sync_save_blocked_s):.1%} of the "
         "wall time",
         f"  asynchronous save    blocks {p.async_save_blocked_s:.1f} s (host copy at "
-        f"{host_copy_gbps:g} GB/s per GPU): {p.save_share(p.async_save_blocked_s):.2%}; "
+        f"{p.host_copy_gbps:g} GB/s per GPU): {p.save_share(p.async_save_blocked_s):.2%}; "
         f"host buffer {_gb(p.checkpoint_bytes).strip()} per rank",
     ]
     lines += [f"WARNING: {w}" for w in p.warnings]
@@ -349,9 +362,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--global-batch", type=int, default=None,
                     help="sequences per step; sets the gradient accumulation for this world "
                          "(default: the config's micro-batch x grad_accum x world size)")
-    ap.add_argument("--ckpt-gbps", type=float, default=5.0,
+    ap.add_argument("--ckpt-gbps", type=float, default=CKPT_GBPS,
                     help="the filesystem's aggregate bandwidth for checkpoints, GB/s")
-    ap.add_argument("--host-copy-gbps", type=float, default=10.0,
+    ap.add_argument("--host-copy-gbps", type=float, default=HOST_COPY_GBPS,
                     help="a GPU's copy into host memory (an asynchronous save), GB/s")
     ap.add_argument("--vocab-size", type=int, default=32000,
                     help="used when model.vocab_size is 'auto'")
@@ -367,8 +380,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(report(result, args.gpu, args.mfu, args.tokens, args.ckpt_gbps,
-                 args.host_copy_gbps))
+    print(report(result, args.gpu, args.mfu, args.tokens))
     return 0
 
 

@@ -190,11 +190,14 @@ class Mixer:
     def __init__(self, spec: StreamSpec, state: Optional[dict[str, Any]] = None):
         self.spec = spec
         self.stage_start = -1
-        self.counts = [[0] * len(spec.sources) for _ in spec.objectives]
+        self.counts = self._zeros()
         if state is not None:
             self.stage_start = state["stage"]
             self.counts = [[state["counts"].get(o, {}).get(src.name, 0) for src in spec.sources]
                            for o in spec.objectives]
+
+    def _zeros(self) -> list[list[int]]:
+        return [[0] * len(self.spec.sources) for _ in self.spec.objectives]
 
     def state(self) -> dict[str, Any]:
         """JSON-able: the first step of the stage counted and the counts by name."""
@@ -210,7 +213,7 @@ class Mixer:
         stage = spec.stage(global_step)
         if stage.start_step != self.stage_start:
             self.stage_start = stage.start_step
-            self.counts = [[0] * len(spec.sources) for _ in spec.objectives]
+            self.counts = self._zeros()
         counts, shares = self.counts[o], stage.shares
         if len(shares) == 1:
             counts[0] += spec.streams
@@ -221,8 +224,9 @@ class Mixer:
             n += 1
             j, best = 0, n * shares[0] - counts[0]
             for i in range(1, len(shares)):
-                if n * shares[i] - counts[i] > best:
-                    j, best = i, n * shares[i] - counts[i]
+                behind = n * shares[i] - counts[i]
+                if behind > best:
+                    j, best = i, behind
             counts[j] += 1
             picks[q] = j
         order = _rng(spec.seed, global_step, _TAG_MIX).permutation(spec.streams)

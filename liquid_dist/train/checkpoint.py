@@ -205,8 +205,6 @@ class _InFlight:
     """An asynchronous save between its capture and its commit."""
 
     step: int
-    tag: str
-    tmp: Path
     trainer: dict[str, Any]
     per_rank: list[Any]
     config: dict[str, Any]
@@ -267,14 +265,13 @@ class CheckpointManager:
              config: dict[str, Any], tokenizer_path: str | Path) -> Optional[Saved]:
         """Write the checkpoint of ``state.step`` (every rank calls this; see the protocol
         above): the checkpoint made ``latest``, or None when it is being written in the
-        background (:meth:`poll` / :meth:`finish` complete it). A save still in flight
-        is finished first: call :meth:`finish` before, to see it.
+        background (:meth:`poll` / :meth:`finish` complete it; :meth:`finish` the save
+        in flight before the next one).
 
         ``state``: the trainer's (the same on every rank). ``rank_state``: this
         rank's part (data-loader state); RNG states are added here.
         """
-        if self._in_flight is not None:
-            self.finish()
+        assert self._in_flight is None, "finish() the save in flight before the next"
         began = time.perf_counter()
         step = state.step
         tag = tag_for(step)
@@ -305,7 +302,7 @@ class CheckpointManager:
                     str(self.dir), tag=tmp_tag, save_latest=False)))
             writer = BackgroundWrite(buffer, files, tmp, marker, str(step), lambda: (
                 self.faults.in_checkpoint_write(step, self.rank, self.run_dir)))
-            self._in_flight = _InFlight(step, tag, tmp, state.state_dict(), per_rank, config,
+            self._in_flight = _InFlight(step, state.state_dict(), per_rank, config,
                                         tokenizer_path, writer, began,
                                         time.perf_counter() - began)
             return None
@@ -348,7 +345,9 @@ class CheckpointManager:
         assert job is not None
         if wait:
             job.writer.wait()
-        what = f"the checkpoint of step {job.step} ({job.tmp})"
+        tag = tag_for(job.step)
+        tmp = self.dir / (tag + TMP_SUFFIX)
+        what = f"the checkpoint of step {job.step} ({tmp})"
         reports = _gather((job.writer.done(), job.writer.error))
         errors = [f"rank {r}: {error}" for r, (_, error) in enumerate(reports) if error]
         if errors:
@@ -360,9 +359,9 @@ class CheckpointManager:
         self._in_flight = None
         digests = _gather(job.writer.digests)
         together(f"completing {what}", lambda: self._commit(
-            job.tmp, job.tag, job.trainer, job.per_rank, digests, job.config,
+            tmp, tag, job.trainer, job.per_rank, digests, job.config,
             job.tokenizer_path) if self.rank == 0 else None)
-        return Saved(CheckpointRef(self.dir, job.tag), job.step, job.blocked_s,
+        return Saved(CheckpointRef(self.dir, tag), job.step, job.blocked_s,
                      time.perf_counter() - job.began)
 
     def _commit(self, tmp: Path, tag: str, trainer: dict[str, Any], per_rank: list[Any],
@@ -383,8 +382,8 @@ class CheckpointManager:
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         shutil.copy2(tokenizer_path, tmp / TOKENIZER_FILE)
         recorded = {name: d for part in digests for name, d in part.items()}
-        for name in checksummed_files(tmp):
-            if name not in recorded or name in (TRAINER_STATE, CONFIG_FILE, TOKENIZER_FILE):
+        for name in checksummed_files(tmp):  # what rank 0 wrote here, or DeepSpeed directly
+            if name not in recorded:
                 recorded[name] = file_digest(tmp / name)
         write_atomic(tmp / CHECKSUMS, json.dumps(
             {"algorithm": "sha256", "files": dict(sorted(recorded.items()))}, indent=1),
