@@ -38,10 +38,9 @@ layers (about 0.37 B parameters) at W = 1, 2, 4, the baseline at W = 1, 2
 (at 4 its ranks would need most of this 24 GiB machine); ``fits`` — cut to
 6 + 6 layers (0.52 B, the size that did not fit before) at W = 4, without
 the baseline (about 8.3 GiB per rank there: killed for memory at step 1;
-docs/parallelism.md, "Construction"). W = 8 of it does not fit this machine with any
-construction: eight ranks' fixed costs (an idle rank, 0.45 GiB, and the working
-set, 1.07 GiB) and their partitions (0.98 GiB) come to 20 GiB before
-activations, out of 23 GiB. Short
+docs/parallelism.md, "Construction"); ``eight`` — the 6 + 6 layers at W = 8,
+with ``parallel.ep_size`` 8 and 1 (eight ranks of about 2.6 GiB at ``ep_size``
+1: most of this machine). Short
 sequences (encoder 64, decoder 32 tokens, micro-batch 1) keep activations
 small and steps short on 2 cores. Results (machine, date, settings, per-rank
 figures) go to ``--output`` (default ``bench/results/memory.json``).
@@ -77,8 +76,11 @@ CASES = {
     # need more than this 24 GiB machine has (the kernel's OOM killer picks its victims)
     "scaling": {"layers": 4, "worlds": [1, 2, 4], "baseline": [1, 2]},
     "fits": {"layers": 6, "worlds": [4], "baseline": []},
+    # W = 8 with and without expert parallelism: the world where a rank's fixed costs
+    # (idle, working set) outweigh its partition
+    "eight": {"layers": 6, "worlds": [8], "ep": [8, 1], "baseline": []},
 }
-SMOKE = {"smoke": {"layers": 1, "worlds": [2], "baseline": []}}
+SMOKE = {"smoke": {"layers": 1, "worlds": [2], "ep": [2], "baseline": []}}
 SMOKE_MODEL = ["model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=128",
                "model.moe.expert_ffn_dim=64", "model.moe.num_experts=2", "model.freq_heads=2",
                "model.hyena_filter_dim=8", "model.max_encoder_length=64",
@@ -149,7 +151,7 @@ def launch_ranks(world: int, args: list[str], repo: Path, env_extra: dict[str, s
             "tail": output[-2000:] if proc.returncode else ""}
 
 
-def model_facts(overrides: list[str], vocab: int) -> dict[str, int]:
+def model_facts(overrides: list[str], vocab: int, ep_size: int = 1) -> dict[str, int]:
     import torch
 
     from liquid_dist.config import load_config
@@ -162,7 +164,34 @@ def model_facts(overrides: list[str], vocab: int) -> dict[str, int]:
         model = LiquidFoundationModelOptimized(cfg.model)
     return {"parameters": sum(p.numel() for p in model.parameters()),
             "largest_tensor": max(p.numel() for p in model.parameters()),
-            "working_set_bytes": zero3_working_set_bytes(zero3_working_set(cfg.model), "fp32")}
+            "working_set_bytes": zero3_working_set_bytes(zero3_working_set(cfg.model, ep_size),
+                                                         "fp32")}
+
+
+def _row(case: str, world: int, ep: int, trainer: str, facts: dict[str, int], idle: list,
+         run: dict[str, Any], allowance: float) -> dict[str, Any]:
+    """One result row: the run's per-rank peaks set against the bound (``new`` trainer)."""
+    ideal = 16 * facts["parameters"] / world
+    working = facts["working_set_bytes"]
+    row = {"case": case, "world_size": world, "ep_size": ep, "trainer": trainer, **facts,
+           "ideal_mib": ideal / MIB, "working_set_mib": working / MIB,
+           "idle_mib": [v / MIB if v else None for v in idle],
+           "construction_peak_mib": [v / MIB if v else None for v in run["built"]],
+           "steps_peak_mib": [v / MIB if v else None for v in run["stepped"]],
+           "peak_mib": [v / MIB if v else None for v in run["peak"]],
+           "returncode": run["returncode"], "wall_s": round(run["wall_s"], 1)}
+    if trainer == "new" and run["returncode"] == 0:
+        bound = [(i or 0) + ideal + working + allowance for i in idle]
+        row["bound_mib"] = [b / MIB for b in bound]
+        row["within_bound"] = all(pk is not None and pk <= b
+                                  for pk, b in zip(run["stepped"], bound, strict=True))
+    if run["returncode"]:
+        row["tail"] = run["tail"]
+    steps = ", ".join(f"{v:.0f}" for v in row["steps_peak_mib"] if v is not None)
+    peaks = ", ".join(f"{v:.0f}" for v in row["peak_mib"] if v is not None)
+    print(f"    rc {run['returncode']}, {run['wall_s']:.0f} s; peak MiB per rank: steps {steps}, "
+          f"run {peaks} (ideal {ideal / MIB:.0f} + working set {working / MIB:.0f})", flush=True)
+    return row
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -235,43 +264,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = SMOKE_MODEL if args.smoke else []
         model = [*model, f"model.n_encoder_layers={case['layers']}",
                  f"model.n_decoder_layers={case['layers']}"]
-        facts = model_facts([*model, *SHORT], vocab)
         for world in case["worlds"]:
             if world not in idle:
                 print(f"idle rank: W={world} ...", flush=True)
                 idle[world] = train(world, [*SMOKE_MODEL, "model.n_encoder_layers=1",
                                             "model.n_decoder_layers=1"], ROOT, "new")["peak"]
-            for trainer, repo in trainers.items():
-                if trainer == "baseline" and world not in case["baseline"]:
-                    continue
-                print(f"{name}: W={world} {trainer} ({facts['parameters']:,} parameters) ...",
-                      flush=True)
-                run = train(world, model, repo, trainer)
-                ideal = 16 * facts["parameters"] / world
-                working = facts["working_set_bytes"]
-                row = {"case": name, "world_size": world, "trainer": trainer, **facts,
-                       "ideal_mib": ideal / MIB, "working_set_mib": working / MIB,
-                       "idle_mib": [v / MIB if v else None for v in idle[world]],
-                       "construction_peak_mib": [v / MIB if v else None for v in run["built"]],
-                       "steps_peak_mib": [v / MIB if v else None for v in run["stepped"]],
-                       "peak_mib": [v / MIB if v else None for v in run["peak"]],
-                       "returncode": run["returncode"], "wall_s": round(run["wall_s"], 1)}
-                if trainer == "new" and run["returncode"] == 0:
-                    allowance = args.activation_allowance_mib * MIB
-                    bound = [(i or 0) + ideal + working + allowance for i in idle[world]]
-                    row["bound_mib"] = [b / MIB for b in bound]
-                    row["within_bound"] = all(
-                        pk is not None and pk <= b
-                        for pk, b in zip(run["stepped"], bound, strict=True))
-                if run["returncode"]:
-                    row["tail"] = run["tail"]
-                rows.append(row)
-                write()
-                steps = ", ".join(f"{v:.0f}" for v in row["steps_peak_mib"] if v is not None)
-                peaks = ", ".join(f"{v:.0f}" for v in row["peak_mib"] if v is not None)
-                print(f"    rc {run['returncode']}, {run['wall_s']:.0f} s; peak MiB per rank: "
-                      f"steps {steps}, run {peaks} (ideal {ideal / MIB:.0f} + working set "
-                      f"{working / MIB:.0f})", flush=True)
+            for ep in case.get("ep", [1]):
+                facts = model_facts([*model, *SHORT], vocab, ep)
+                for trainer, repo in trainers.items():
+                    if trainer == "baseline" and world not in case["baseline"]:
+                        continue
+                    print(f"{name}: W={world} ep={ep} {trainer} "
+                          f"({facts['parameters']:,} parameters) ...", flush=True)
+                    run = train(world, [*model, f"parallel.ep_size={ep}"], repo, trainer)
+                    rows.append(_row(name, world, ep, trainer, facts, idle[world], run,
+                                     args.activation_allowance_mib * MIB))
+                    write()
     write()
     print(f"wrote {output}")
     failed = [r for r in rows if r["trainer"] == "new"

@@ -30,3 +30,26 @@ def test_memory_benchmark_smoke_measures_every_rank() -> None:
                                               strict=True))
     assert row["ideal_mib"] == pytest.approx(16 * row["parameters"] / 2 / 2**20)
     assert row["within_bound"] is True
+
+
+@pytest.mark.slow
+def test_memory_phases_smoke_keeps_each_phase_peak_of_every_rank() -> None:
+    data = tf.train_data()
+    out = tf.TMP / "memory_phases_smoke.json"
+    proc = subprocess.run([sys.executable, "bench/memory_phases.py", "--smoke",
+                           "--data", str(data.shards.parent), "--output", str(out)],
+                          cwd=tf.REPO, env=tf.env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    result = json.loads(out.read_text())
+    assert result["ranks"] == 2
+    names = [p["phase"] for p in result["phases"]]
+    assert names[:3] == ["start", "initialize", "after initialize"]
+    # two optimizer steps, each a forward, a backward and a step
+    assert names[3:] == ["forward", "after forward", "backward", "after backward", "step",
+                         "after step"] * 2
+    for phase in result["phases"]:
+        (low, high), (peak_low, peak_high) = phase["start_mib"], phase["peak_mib"]
+        assert 0 < low <= high and low <= peak_low <= peak_high, phase
+    # the process's whole peak is the largest phase peak (sampled: within a few MiB)
+    assert max(p["peak_mib"][1] for p in result["phases"]) <= max(result["peak_mib"]) + 1

@@ -49,16 +49,17 @@ def test_memory_agrees_with_the_cpu_benchmark_within_15_percent():
     for row in results["rows"]:
         if row["trainer"] != "new" or row["returncode"] != 0:
             continue
-        layers = {"scaling": 4, "fits": 6}[row["case"]]
+        layers = {"scaling": 4, "fits": 6, "eight": 6}[row["case"]]
         cfg = _cfg("base-moe", [*settings["short"], f"model.n_encoder_layers={layers}",
-                                f"model.n_decoder_layers={layers}"],
+                                f"model.n_decoder_layers={layers}",
+                                f"parallel.ep_size={row['ep_size']}"],
                    vocab=settings["vocab_size"])
         p = plan(cfg, nodes=1, gpus_per_node=row["world_size"], gpu="h100")
         predicted = p.model_states_bytes + p.working_set_bytes + p.activations_checkpointed_bytes
         for peak, idle in zip(row["peak_mib"], row["idle_mib"], strict=True):
             measured = (peak - idle) * 2**20
-            assert predicted == pytest.approx(measured, rel=0.15), (row["case"],
-                                                                    row["world_size"])
+            assert predicted == pytest.approx(measured, rel=0.15), (
+                row["case"], row["world_size"], row["ep_size"])
             checked += 1
     assert checked >= 3
 

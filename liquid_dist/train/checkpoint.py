@@ -19,10 +19,10 @@ naming that rank and its error, on every rank at once. A rank killed at any
 point leaves ``latest`` on the previous checkpoint; the ``.tmp`` is deleted by
 the next run. The run directory must be on a filesystem all nodes share.
 
-With ``train.async_checkpoint`` the step loop waits only while every rank's
-DeepSpeed files are serialised into its host buffer
-(liquid_dist.train.checkpoint_io); each rank then writes, fsyncs and hashes
-them and writes its marker in a thread. :meth:`CheckpointManager.poll`, at each
+With ``train.async_checkpoint`` the step loop waits only while every rank copies
+the state of its DeepSpeed files into host memory
+(liquid_dist.train.checkpoint_io); each rank then serialises, writes, fsyncs and
+hashes them and writes its marker in a thread. :meth:`CheckpointManager.poll`, at each
 step boundary, shares the ranks' progress (a failure: the same CheckpointError
 on every rank, naming the rank and the file); once every rank is done, rank 0
 completes the checkpoint as above (the files DeepSpeed wrote directly, such as
@@ -84,7 +84,7 @@ from liquid_dist.checkpoint_format import (
 from liquid_dist.train.checkpoint_io import (
     BackgroundWrite,
     FileStream,
-    HostBuffer,
+    HostStage,
     capture,
     save_through,
 )
@@ -236,7 +236,7 @@ class CheckpointManager:
         self.seed = seed
         self.faults = faults
         self.asynchronous = asynchronous
-        self._buffer = HostBuffer() if asynchronous else None
+        self._stage = HostStage() if asynchronous else None
         self._in_flight: Optional[_InFlight] = None
 
     def due(self, step: int, *, last: bool) -> bool:
@@ -295,12 +295,12 @@ class CheckpointManager:
         per_rank = _gather({**rank_state, "rng": rng_state()})
         together(f"preparing {what}", prepare)
         if self.asynchronous:
-            buffer = self._buffer
-            assert buffer is not None
-            files = together(f"capturing {what}", lambda: capture(
-                engine, buffer, lambda: engine.save_checkpoint(
+            stage = self._stage
+            assert stage is not None
+            captured = together(f"capturing {what}", lambda: capture(
+                engine, stage, lambda: engine.save_checkpoint(
                     str(self.dir), tag=tmp_tag, save_latest=False)))
-            writer = BackgroundWrite(buffer, files, tmp, marker, str(step), lambda: (
+            writer = BackgroundWrite(captured, tmp, marker, str(step), lambda: (
                 self.faults.in_checkpoint_write(step, self.rank, self.run_dir)))
             self._in_flight = _InFlight(step, state.state_dict(), per_rank, config,
                                         tokenizer_path, writer, began,

@@ -1,26 +1,33 @@
 """How a rank's DeepSpeed checkpoint files are serialised: streamed to their files
-(synchronous saves) or captured into host memory while the step loop waits, then
-written, made durable and hashed in a thread (``train.async_checkpoint``).
+(synchronous saves), or copied into host memory while the step loop waits and
+serialised, written, made durable and hashed in a thread (``train.async_checkpoint``).
 
 Both go through a DeepSpeed checkpoint engine of this module in place of the
 engine's own, with ``torch.save`` into a file object and DeepSpeed's own
 serialisation setting, so both give the same bytes (``torch.save`` to a path
-would name the archive inside after the file, to a buffer ``archive``).
-:class:`FileStream` writes each file DeepSpeed saves; :class:`HostCapture`
-serialises it into the rank's :class:`HostBuffer` instead. The buffer is one per
-rank, kept from save to save (it grows in chunks to the largest share once,
-then is reused). :class:`BackgroundWrite` then writes each
-captured file, fsyncs it, hashes the bytes it wrote (no read back) and writes
-the rank's completion marker, in a thread; the protocol around it (commit,
-``latest``, failures on every rank) is liquid_dist.train.checkpoint's.
+would name the archive inside after the file, to a file object ``archive``).
+:class:`FileStream` writes each file DeepSpeed saves. :class:`HostCapture` takes a
+snapshot instead: every tensor storage of the state goes into the rank's
+:class:`HostStage` (page-locked memory when the storage is on a GPU, so the copy
+runs at the link's speed and does not stop the stream), the rest of the state is
+pickled around them. :class:`BackgroundWrite` then, in a thread, rebuilds each file's state on
+the copies and saves it into its file with ``torch.save`` (each storage's
+original device recorded by a registered location tagger), fsyncs the file,
+hashes the bytes it wrote (no read back) and writes the rank's completion
+marker; the protocol around it (commit, ``latest``, failures on every rank) is
+liquid_dist.train.checkpoint's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import pickle
 import threading
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,47 +36,150 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngi
 
 from liquid_dist.atomic import write_atomic
 
+# data_ptr of a staged copy -> location tag of the storage it copies (torch.save asks
+# the registered taggers, lowest priority number first, for each storage it writes)
+_TAGS: dict[int, str] = {}
+_TAGGER_PRIORITY = -100  # before torch's own (cpu 10, cuda 20, ...)
 
-class HostBuffer:
-    """Host memory with the ``write`` of a file, for ``torch.save``: chunks of ``chunk``
-    bytes, added as the writes need them and kept for the next use, so it grows without
-    copying and holds at most one chunk more than the largest contents."""
 
-    def __init__(self, chunk: int = 64 << 20) -> None:
-        self.chunk = chunk
-        self.chunks: list[bytearray] = []
-        self.size = 0
+def _staged_tag(storage: Any) -> Optional[str]:
+    return _TAGS.get(storage.data_ptr()) if storage.device.type == "cpu" else None
+
+
+torch.serialization.register_package(_TAGGER_PRIORITY, _staged_tag, lambda obj, location: None)
+
+
+def _host_bytes(size: int, pin: bool) -> torch.Tensor:
+    """``size`` bytes of host memory, page-locked (``cudaHostRegister``, exact size, unlike
+    the caching host allocator's powers of two) when ``pin``; unlocked when collected."""
+    t = torch.empty(size, dtype=torch.uint8)
+    if pin:
+        err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), size, 0))
+        if err:
+            raise RuntimeError(f"page-locking {size} bytes of host memory for an asynchronous "
+                               f"checkpoint failed: cudaError {err}")
+        weakref.finalize(t, torch.cuda.cudart().cudaHostUnregister, t.data_ptr())
+    return t
+
+
+class HostStage:
+    """A rank's host copies of the tensor storages of a save, kept from save to save: each
+    storage gets a slot of exactly its size, page-locked when the storage is on a GPU
+    (the copy is then asynchronous on the current stream; :meth:`wait` waits for it). A
+    later save stages the same storages in the same order and reuses the slots."""
+
+    def __init__(self) -> None:
+        self._slots: list[torch.Tensor] = []
+        self._pinned: list[bool] = []
+        self._used = 0
+        self._copying: dict[torch.device, Any] = {}  # device copied from -> CUDA event
 
     @property
-    def capacity(self) -> int:
-        return len(self.chunks) * self.chunk
+    def nbytes(self) -> int:
+        return sum(slot.numel() for slot in self._slots)
 
     def reset(self) -> None:
-        self.size = 0
+        for slot in self._slots:
+            _TAGS.pop(slot.data_ptr(), None)
+        self._used = 0
+        self._copying = {}
+
+    def stage(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        """A host copy of ``storage`` (an empty one is its own copy)."""
+        size = storage.nbytes()
+        if size == 0:
+            return storage
+        pin = storage.device.type == "cuda"
+        i = self._used
+        if i == len(self._slots):
+            self._slots.append(_host_bytes(size, pin))
+            self._pinned.append(pin)
+        elif self._slots[i].numel() != size or self._pinned[i] != pin:
+            _TAGS.pop(self._slots[i].data_ptr(), None)
+            self._slots[i], self._pinned[i] = _host_bytes(size, pin), pin
+        self._used += 1
+        slot = self._slots[i]
+        source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+        slot.copy_(source, non_blocking=pin)
+        if pin:
+            self._copying.setdefault(storage.device, torch.cuda.Event())
+        _TAGS[slot.data_ptr()] = torch.serialization.location_tag(storage)
+        return slot.untyped_storage()
+
+    def copied(self) -> None:
+        """After the last :meth:`stage` of a save: mark the end of the device copies."""
+        for device, event in self._copying.items():
+            event.record(torch.cuda.current_stream(device))
+
+    def wait(self) -> None:
+        """Until the copies :meth:`copied` marked are in host memory."""
+        for event in self._copying.values():
+            event.synchronize()
+
+
+class _Snapshot(pickle.Pickler):
+    """Pickles a state with each tensor storage replaced by a key of its staged copy
+    (the way ``torch.save`` keys storages: one per storage, shared by its views)."""
+
+    def __init__(self, file: Any, stage: HostStage):
+        super().__init__(file, protocol=2)
+        self.stage = stage
+        self.storages: dict[str, torch.UntypedStorage] = {}
+        self._keys: dict[int, str] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.storage.TypedStorage):
+            untyped, dtype = obj._untyped_storage, obj.dtype
+        elif isinstance(obj, torch.UntypedStorage):
+            untyped, dtype = obj, None
+        else:
+            return None
+        key = self._keys.get(untyped._cdata)
+        if key is None:
+            key = self._keys[untyped._cdata] = str(len(self._keys))
+            self.storages[key] = self.stage.stage(untyped)
+        return (key, dtype)
+
+
+class _Rebuild(pickle.Unpickler):
+    def __init__(self, file: Any, storages: dict[str, torch.UntypedStorage]):
+        super().__init__(file)
+        self.storages = storages
+
+    def persistent_load(self, pid: Any) -> Any:
+        key, dtype = pid
+        storage = self.storages[key]
+        return storage if dtype is None else torch.storage.TypedStorage(
+            wrap_storage=storage, dtype=dtype, _internal=True)
+
+
+@dataclass
+class StagedFile:
+    """One file of a save in host memory: its state pickled around its staged storages."""
+
+    path: str
+    pickled: bytes
+    storages: dict[str, torch.UntypedStorage]
+
+    def state(self) -> Any:
+        """The state, its tensors on the staged copies."""
+        return _Rebuild(io.BytesIO(self.pickled), self.storages).load()
+
+
+class _HashingFile:
+    """A binary file object that hashes and counts what is written through it."""
+
+    def __init__(self, fh: Any):
+        self.fh, self.size, self.digest = fh, 0, hashlib.sha256()
 
     def write(self, b: Any) -> int:
-        view = memoryview(b).cast("B")
-        done = 0
-        while done < view.nbytes:
-            index, offset = divmod(self.size, self.chunk)
-            if index == len(self.chunks):
-                self.chunks.append(bytearray(self.chunk))
-            take = min(self.chunk - offset, view.nbytes - done)
-            self.chunks[index][offset:offset + take] = view[done:done + take]
-            done += take
-            self.size += take
-        return done
+        self.digest.update(b)
+        n = self.fh.write(b)
+        self.size += n
+        return n
 
     def flush(self) -> None:
-        pass
-
-    def pieces(self, start: int, end: int) -> Iterator[memoryview]:
-        """The bytes [start, end) as views of the chunks, in order."""
-        while start < end:
-            index, offset = divmod(start, self.chunk)
-            take = min(self.chunk - offset, end - start)
-            yield memoryview(self.chunks[index])[offset:offset + take]
-            start += take
+        self.fh.flush()
 
 
 class FileStream(CheckpointEngine):
@@ -101,19 +211,20 @@ class FileStream(CheckpointEngine):
 
 
 class HostCapture(FileStream):
-    """:class:`FileStream` that serialises into ``buffer`` and records (path, start, end)
-    of each file instead of writing it."""
+    """:class:`FileStream` that stages each file's storages into ``stage`` and records a
+    :class:`StagedFile` instead of writing it."""
 
-    def __init__(self, engine: CheckpointEngine, buffer: HostBuffer):
+    def __init__(self, engine: CheckpointEngine, stage: HostStage):
         super().__init__(engine)
         self.name = "liquid_dist.HostCapture"
-        self.buffer = buffer
-        self.files: list[tuple[str, int, int]] = []
+        self.host = stage
+        self.files: list[StagedFile] = []
 
     def save(self, state_dict: Any, path: str) -> None:
-        start = self.buffer.size
-        self._serialise(state_dict, self.buffer)
-        self.files.append((str(path), start, self.buffer.size))
+        out = io.BytesIO()
+        snapshot = _Snapshot(out, self.host)
+        snapshot.dump(state_dict)
+        self.files.append(StagedFile(str(path), out.getvalue(), snapshot.storages))
 
 
 def save_through(engine: Any, through: FileStream, save: Callable[[], None]) -> None:
@@ -127,25 +238,25 @@ def save_through(engine: Any, through: FileStream, save: Callable[[], None]) -> 
         engine.checkpoint_engine = own
 
 
-def capture(engine: Any, buffer: HostBuffer, save: Callable[[], None]) -> list[tuple[str, int,
-                                                                                      int]]:
-    """Run ``save`` with its files captured into ``buffer`` (emptied first): the (path,
-    start, end) of each file."""
-    buffer.reset()
-    through = HostCapture(engine.checkpoint_engine, buffer)
+def capture(engine: Any, stage: HostStage, save: Callable[[], None]) -> HostCapture:
+    """Run ``save`` with its files captured into ``stage`` (its slots reused): the capture,
+    whose ``files`` :class:`BackgroundWrite` writes."""
+    stage.reset()
+    through = HostCapture(engine.checkpoint_engine, stage)
     save_through(engine, through, save)
-    return through.files
+    stage.copied()
+    return through
 
 
 class BackgroundWrite:
-    """Writes captured files under ``root`` in a thread: each file written, fsynced and
-    hashed from memory, then ``before_marker()`` (fault injection), then the completion
-    ``marker`` (durable). ``digests`` ({name relative to root: {size, sha256}}) once
-    done; ``error`` names the file that failed."""
+    """Writes the files of a capture under ``root`` in a thread: each file serialised,
+    written, fsynced and hashed as it is written, then ``before_marker()`` (fault
+    injection), then the completion ``marker`` (durable). ``digests`` ({name relative
+    to root: {size, sha256}}) once done; ``error`` names the file that failed."""
 
-    def __init__(self, buffer: HostBuffer, files: list[tuple[str, int, int]], root: Path,
-                 marker: Path, marker_text: str, before_marker: Callable[[], None]):
-        self.buffer, self.files, self.root = buffer, files, root
+    def __init__(self, captured: HostCapture, root: Path, marker: Path, marker_text: str,
+                 before_marker: Callable[[], None]):
+        self.captured, self.root = captured, root
         self.marker, self.marker_text, self.before_marker = marker, marker_text, before_marker
         self.digests: dict[str, dict[str, Any]] = {}
         self.error: Optional[str] = None
@@ -156,18 +267,17 @@ class BackgroundWrite:
     def _run(self) -> None:
         where = str(self.root)
         try:
-            for path, start, end in self.files:
-                where = path
-                digest = hashlib.sha256()
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "wb") as fh:
-                    for piece in self.buffer.pieces(start, end):
-                        fh.write(piece)
-                        digest.update(piece)
+            self.captured.host.wait()
+            for staged in self.captured.files:
+                where = staged.path
+                Path(staged.path).parent.mkdir(parents=True, exist_ok=True)
+                with open(staged.path, "wb") as fh:
+                    out = _HashingFile(fh)
+                    self.captured._serialise(staged.state(), out)
                     fh.flush()
                     os.fsync(fh.fileno())
-                name = str(Path(path).relative_to(self.root))
-                self.digests[name] = {"size": end - start, "sha256": digest.hexdigest()}
+                name = str(Path(staged.path).relative_to(self.root))
+                self.digests[name] = {"size": out.size, "sha256": out.digest.hexdigest()}
             where = str(self.marker)
             self.before_marker()
             write_atomic(self.marker, self.marker_text, durable=True)
