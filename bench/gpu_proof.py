@@ -1,7 +1,7 @@
 """The one-shot proof of the GPU path, for one bare GPU machine (or ``--cpu-smoke``).
 
     bash bench/fetch_gpu_wheels.sh                      # here: wheels -> bench/wheels
-    python bench/gpu_proof.py --out "$OUT"              # there: one H200 (two training runs)
+    python bench/gpu_proof.py --out "$OUT"              # there: one H200 (three training runs)
     python bench/gpu_proof.py --cpu-smoke --out /tmp/p  # the same script end to end on CPU
 
 The GPU machine has torch but no network, DeepSpeed or WebDataset: the script
@@ -9,9 +9,10 @@ installs the wheels of ``--wheels`` (default ``bench/wheels``, carried with the
 checkout) into ``OUT/site`` when they are missing, and reads the Shakespeare
 shards of ``--data`` (default ``data/shakespeare``, carried too; made by
 ``data_prep/prepare_shakespeare.py``). Everything it writes is under ``--out``:
-``gpu_proof.json`` (every figure and verdict), ``gpu_proof.log`` and the
-training run's ``metrics.jsonl``. Checks, each recorded as ``ok`` / ``failed`` /
-``skipped`` with its reason, so that one failure does not hide the rest:
+``gpu_proof.json`` (every figure and verdict, rewritten after every check),
+``gpu_proof.log`` and the training runs' logs and ``metrics.jsonl``. Checks, each
+recorded as ``ok`` / ``failed`` / ``skipped`` with its reason, so that one failure
+does not hide the rest:
 
 1. ``attention``: every local-attention backend (and cross-attention) against
    the fp32 reference at the training shapes of ``configs/small.yaml`` (GQA,
@@ -26,14 +27,55 @@ training run's ``metrics.jsonl``. Checks, each recorded as ``ok`` / ``failed`` /
    forward+backward under ``torch.cuda.set_sync_debug_mode("error")``.
 3. ``model_step_sync_free``: one forward+backward of the whole ``small``
    model under the same sync check.
-4. ``train``: ``configs/small.yaml`` in bf16 under ZeRO-3 on one GPU for
+4. ``checkpoint_capture``: an asynchronous save's capture
+   (liquid_dist.train.checkpoint_io) of a ZeRO-3 rank's share of the ``small``
+   model at W = 1 (12 bytes a parameter) from the GPU: the time the step loop
+   waits, the time until the page-locked copies have landed and the copy's
+   GB/s (``liquid-plan --host-copy-gbps``), against ``torch.save`` of the same
+   state into memory; and whether the file the background writer makes equals
+   ``torch.save``'s, device tags included.
+5. ``train``: ``configs/small.yaml`` in bf16 under ZeRO-3 on one GPU for
    ``--steps`` steps: first-step loss against a plain forward without
    DeepSpeed, steady real tokens/s, MFU (H200 dense bf16 peak), peak memory,
    and the backends that ran.
-5. ``deterministic``: the same training with ``train.deterministic=true``
+6. ``profile``: where the time of a forward+backward of the ``small`` model goes,
+   at the training shapes and precision (parameters in bf16 under autocast, as
+   DeepSpeed's bf16 runs them; ``train``'s first batch; no optimizer update): the
+   forward and backward time of each component of :data:`PROFILE_COMPONENTS` and of
+   the rest, as shares of the step, beside the CPU shares that
+   ``bench/removal_cost.py`` measured (``bench/results/removal_cost.json``: the step
+   time that removing the component saves, ``tiny`` on a CPU). Timed by
+   :class:`ComponentTimer` (CUDA events on the GPU, the thread's CPU time on the
+   CPU); the labels' times add up to the instrumented step by construction, so the
+   check compares their sum with the step measured without instrumentation
+   (:data:`PROFILE_STEPS` of each, interleaved, Python's garbage collector paused,
+   the middle half of each by step time) and fails when they differ by more than
+   10 %: the instrumentation must not change what it measures.
+7. ``baseline``: ``configs/small-transformer.yaml`` (every component ablated)
+   widened by ``bench/ablations.py``'s equal-parameter rule (the ``model.ffn_dim``
+   that brings its total parameters to the full model's) trained like ``train``:
+   bf16, ZeRO-3, the same data, seed, batches and steps. Both runs' steady real
+   tokens/s, MFU and peak memory, and the ratios full : plain.
+8. ``deterministic``: the same training with ``train.deterministic=true``
    (deterministic algorithms, cuBLAS's fixed workspace): whether every operation
    has a deterministic implementation, its steady step time against ``train``'s
    (the switch's cost), and whether its losses equal ``train``'s.
+
+Time on one H200, estimated (no GPU has run it yet): start-up and wheels ~20 s,
+``attention`` ~60 s (flex attention compiles for both shapes), ``moe`` ~15 s,
+``model_step_sync_free`` ~25 s, ``checkpoint_capture`` ~15 s, ``train`` ~75 s
+(launch, DeepSpeed, compilation, 30 steps, a checkpoint), ``profile`` ~30 s,
+``baseline`` ~60 s, ``deterministic`` ~75 s: about 6.5 minutes, so that the
+proof fits one ten-minute call and a rerun fits the rest of a 15-minute draw
+(``deterministic``, last, is the first to be
+shortened when the estimates are low). ``--budget-s`` (default 360) bounds it: the
+checks from ``train`` on start only with at least :data:`MIN_SECONDS` of the budget
+left (else ``skipped``, with the reason); ``profile`` times fewer steps (down to
+3) when its 20 would overrun; ``baseline`` and ``deterministic`` train fewer steps
+(down to :data:`MIN_STEPS`) when ``train``'s fixed cost and steady step time say
+that ``--steps`` would overrun, and are skipped below that; every training run is
+killed at the end of the budget. The checks run in the order above, so the
+earlier figures always come back.
 """
 
 from __future__ import annotations
@@ -41,8 +83,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
+import gc
 import glob
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -57,6 +102,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 NEEDED = ("deepspeed", "webdataset", "hjson", "pydantic")
+MIN_SECONDS = {"train": 60.0, "profile": 20.0, "baseline": 45.0, "deterministic": 45.0}
+"""The budget a check needs left to start (``--budget-s``)."""
+MIN_STEPS = 15
+"""The fewest steps ``baseline`` and ``deterministic`` train when the budget shortens
+them (the steady figures are medians over the steps after the 10th)."""
 
 
 # ------------------------------------------------------------------ set-up
@@ -83,8 +133,9 @@ def _install_wheels(wheels: Path, site: Path, log: Callable[[str], None]) -> Non
 
 
 def _check(results: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]],
-           log: Callable[[str], None]) -> None:
-    """Run one check; record its figures and verdict, or the error that stopped it."""
+           log: Callable[[str], None], save: Callable[[], None]) -> None:
+    """Run one check; record its figures and verdict, or the error that stopped it, and
+    save the results so far."""
     log(f"== {name}")
     start = time.perf_counter()
     try:
@@ -95,6 +146,7 @@ def _check(results: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]],
                "traceback": traceback.format_exc()[-4000:]}
     out["seconds"] = round(time.perf_counter() - start, 2)
     results[name] = out
+    save()
     log(f"   {out['status']} in {out['seconds']} s"
         + (f": {out.get('error') or out.get('reason')}" if out["status"] != "ok" else ""))
 
@@ -348,8 +400,69 @@ def check_model_step(cfg, device, dtype) -> dict[str, Any]:
     return {"loss": float(out.loss), "sync_free": device.type == "cuda"}
 
 
+def check_checkpoint_capture(cfg, device, smoke: bool) -> dict[str, Any]:
+    """An asynchronous save's capture (liquid_dist.train.checkpoint_io) of a ZeRO-3 rank's
+    share of the ``small`` model at W = 1 (fp32 weights and AdamW's two moments, 12 bytes
+    a parameter) from the device: the time the step loop waits (the staging copies
+    enqueued into page-locked memory, the rest pickled), until the copies have landed,
+    and ``torch.save`` of the same state into memory (what a capture through
+    ``torch.save`` costs: pageable copies and serialisation); the file the background
+    writer makes equals ``torch.save``'s, device tags included."""
+    import io
+
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
+
+    from liquid_dist.model import LiquidFoundationModelOptimized
+    from liquid_dist.train.checkpoint_io import HostCapture, HostStage
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LiquidFoundationModelOptimized(cfg.model).parameters())
+    g = torch.Generator(device=device).manual_seed(0)
+    state = {"optimizer_state_dict": {
+        name: torch.randn(n, generator=g, device=device) for name in ("fp32", "exp_avg",
+                                                                      "exp_avg_sq")},
+        "step": 1}
+    engine = TorchCheckpointEngine()
+    engine.zipfile_serialization = True  # DeepSpeed's default for a configured engine
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    stage = HostStage()
+    runs = []
+    for _ in range(2 if smoke else 3):  # the first pins fresh memory; later ones reuse it
+        sync()
+        start = time.perf_counter()
+        captured = HostCapture(engine, stage)
+        stage.reset()
+        captured.save(state, "capture.pt")
+        stage.copied()
+        blocked = time.perf_counter() - start
+        stage.wait()
+        runs.append((blocked, time.perf_counter() - start))
+    written = io.BytesIO()
+    captured._serialise(captured.files[0].state(), written)
+    sync()
+    start = time.perf_counter()
+    reference = io.BytesIO()
+    torch.save(state, reference)
+    save_s = time.perf_counter() - start
+    blocked, landed = runs[-1]
+    nbytes = 12 * n
+    return {"bytes": nbytes, "blocked_s": blocked, "copied_s": landed,
+            "first_blocked_s": runs[0][0], "copy_gb_per_s": nbytes / landed / 1e9,
+            "torch_save_to_memory_s": save_s, "blocked_ratio": blocked / save_s,
+            "same_file": written.getvalue() == reference.getvalue()}
+
+
 def check_train(cfg_path: str, sets: list[str], run_dir: Path, out_dir: Path, device,
-                steps: int) -> dict[str, Any]:
+                steps: int, seconds: float) -> dict[str, Any]:
+    """Train ``cfg_path`` with ``sets`` for ``steps`` steps in a subprocess, killed after
+    ``seconds``; its steady figures and the first step's loss against a plain forward."""
     import torch
 
     from liquid_dist.config import load_config
@@ -365,8 +478,16 @@ def check_train(cfg_path: str, sets: list[str], run_dir: Path, out_dir: Path, de
     for s in sets:
         cmd += ["--set", s]
     start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=seconds)
+    except subprocess.TimeoutExpired as exc:
+        output = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else \
+            exc.output or ""
+        (out_dir / "train.log").write_text(output)
+        raise RuntimeError(f"training did not finish in the {seconds:.0f} s of the budget "
+                           f"left: {output[-1500:]}") from None
     wall = time.time() - start
     (out_dir / "train.log").write_text(proc.stdout)
     metrics = run_dir / "metrics.jsonl"
@@ -415,20 +536,109 @@ def check_train(cfg_path: str, sets: list[str], run_dir: Path, out_dir: Path, de
     }
 
 
+def _affordable_steps(train: dict[str, Any], wanted: int, seconds: float) -> int:
+    """How many of ``wanted`` steps a training run like ``train`` can take in ``seconds``:
+    its fixed cost (launch, set-up, compilation, checkpoint: wall time less the steps at
+    the steady step time) and steady step time, with a quarter's margin."""
+    per_step = train["step_time_s"]
+    fixed = max(0.0, train["wall_s"] - train["steps"] * per_step)
+    return min(wanted, int((seconds / 1.25 - fixed) / per_step))
+
+
+def _shortened(sets: list[str], steps: int) -> list[str]:
+    return [*sets, f"train.max_steps={steps}", f"train.ckpt_every={steps}",
+            f"train.eval_every={steps}"]
+
+
+def check_baseline(train: dict[str, Any], cfg_path: str, sets: list[str], run_dir: Path,
+                   out_dir: Path, device, steps: int, seconds: float,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """``configs/small-transformer.yaml`` at the full model's total parameters (the
+    ``model.ffn_dim`` of bench/ablations.py's rule), trained like ``train``."""
+    import torch
+
+    from bench.ablations import ffn_matching_total
+    from liquid_dist.config import load_config
+    from liquid_dist.model import LiquidFoundationModelOptimized
+    from liquid_dist.model.counts import count_parameters
+    from liquid_dist.train.metrics import read_metrics
+
+    if train.get("status") != "ok":
+        return {"status": "skipped", "reason": "the train check did not pass"}
+    n = _affordable_steps(train, steps, seconds)
+    if n < min(steps, MIN_STEPS):
+        return {"status": "skipped", "reason": f"{seconds:.0f} s of the budget left: "
+                f"{n} steps, under {MIN_STEPS}"}
+    plain_path = REPO / "configs" / "small-transformer.yaml"
+    with torch.device("meta"):
+        full_total = count_parameters(LiquidFoundationModelOptimized(
+            load_config(cfg_path, sets).model))["total"]
+    ffn = ffn_matching_total(plain_path, sets, full_total)
+    base_run, base_out = run_dir.with_name(run_dir.name + "_baseline"), out_dir / "baseline"
+    base_out.mkdir(exist_ok=True)
+    base_sets = [*sets, f"model.ffn_dim={ffn}", f"train.run_dir={base_run}"]
+    if n < steps:
+        base_sets = _shortened(base_sets, n)
+    with torch.device("meta"):
+        plain_total = count_parameters(LiquidFoundationModelOptimized(
+            load_config(plain_path, base_sets).model))["total"]
+    plain = check_train(str(plain_path), base_sets, base_run, base_out, device, n, seconds)
+    tokens = {name: [r.get("data_tokens/train") for r in read_metrics(d, "train")][:n]
+              for name, d in (("full", run_dir), ("plain", base_run))}
+
+    def ratio(a, b):
+        return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+    keys = ("real_tokens_per_s", "step_time_s", "mfu_positions", "mfu_real_tokens",
+            "peak_memory_gb")
+    out = {
+        "figures": ("CPU smoke: tiny shapes on this machine's CPU, not GPU figures"
+                    if device.type == "cpu" else torch.cuda.get_device_name()),
+        "config": "configs/small-transformer.yaml", "ffn_dim": ffn,
+        "rule": "bench/ablations.py ffn_matching_total: the model.ffn_dim (a multiple of 8) "
+                "closest to the full model's total parameters",
+        "parameters": {"full": full_total, "plain": plain_total}, "steps": n,
+        "shortened": n < steps,
+        "same_data_tokens_per_step": tokens["full"] == tokens["plain"],
+        "full": {k: train.get(k) for k in keys},
+        "plain": {k: plain.get(k) for k in (*keys, "first_step_rel_diff", "last_loss",
+                                            "attention_backend", "moe_backend", "wall_s")},
+        "full_over_plain": {
+            "step_time": ratio(train["step_time_s"], plain["step_time_s"]),
+            "real_tokens_per_s": ratio(train["real_tokens_per_s"], plain["real_tokens_per_s"]),
+            "mfu_real_tokens": ratio(train["mfu_real_tokens"], plain["mfu_real_tokens"]),
+            "peak_memory": ratio(train["peak_memory_gb"], plain["peak_memory_gb"])},
+    }
+    r = out["full_over_plain"]
+    log(f"   {out['figures']}: plain transformer of {plain_total:,} parameters (ffn_dim {ffn}; "
+        f"full {full_total:,}): full : plain step time {r['step_time']:.2f}x, real tokens/s "
+        f"{r['real_tokens_per_s']:.2f}x, peak memory {r['peak_memory']:.2f}x")
+    if not out["same_data_tokens_per_step"]:
+        out["status"] = "failed"
+        out["error"] = "the two runs consumed different data tokens per step"
+    return out
+
+
 def check_deterministic(train: dict[str, Any], cfg_path: str, sets: list[str], run_dir: Path,
-                        out_dir: Path, device, steps: int) -> dict[str, Any]:
+                        out_dir: Path, device, steps: int, seconds: float) -> dict[str, Any]:
     """``train`` again with ``train.deterministic=true``: its cost and its losses."""
     from liquid_dist.train.metrics import read_metrics
 
     if train.get("status") != "ok":
         return {"status": "skipped", "reason": "the train check did not pass"}
+    n = _affordable_steps(train, steps, seconds)
+    if n < min(steps, MIN_STEPS):
+        return {"status": "skipped", "reason": f"{seconds:.0f} s of the budget left: "
+                f"{n} steps, under {MIN_STEPS}"}
     det_run, det_out = run_dir.with_name(run_dir.name + "_deterministic"), out_dir / "deterministic"
     det_out.mkdir(exist_ok=True)
-    got = check_train(cfg_path, [*sets, f"train.run_dir={det_run}", "train.deterministic=true"],
-                      det_run, det_out, device, steps)
+    det_sets = [*sets, f"train.run_dir={det_run}", "train.deterministic=true"]
+    got = check_train(cfg_path, det_sets if n == steps else _shortened(det_sets, n), det_run,
+                      det_out, device, n, seconds)
     losses = [r["loss"] for r in read_metrics(det_run, "train")]
-    base = [r["loss"] for r in read_metrics(run_dir, "train")]
-    return {"step_time_s": got["step_time_s"], "real_tokens_per_s": got["real_tokens_per_s"],
+    base = [r["loss"] for r in read_metrics(run_dir, "train")][:n]
+    return {"steps": n, "shortened": n < steps,
+            "step_time_s": got["step_time_s"], "real_tokens_per_s": got["real_tokens_per_s"],
             "step_time_ratio": (got["step_time_s"] / train["step_time_s"]
                                 if got["step_time_s"] and train["step_time_s"] else None),
             "losses_equal_train": losses == base,
@@ -436,15 +646,345 @@ def check_deterministic(train: dict[str, Any], cfg_path: str, sets: list[str], r
                                  default=None)}
 
 
+# ------------------------------------------------------------------ profile
+
+PROFILE_COMPONENTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    # (name, "module.Class" in liquid_dist.model, the model.ablate names whose CPU
+    # removal cost bench/removal_cost.py measured)
+    ("frequency", "frequency.FrequencyHyenaAttention", ("frequency",)),
+    ("embedding_stem_compression", "embedding.EnhancedLiquidEmbedding",
+     ("embedding_conv", "compression")),
+    ("local_attention", "attention.EnhancedLocalAttentionWithGQA", ()),
+    ("cross_attention", "attention.CrossAttention", ()),
+    ("moe", "moe.MoELayer", ("moe",)),
+    ("gated_conv", "conv.OptimizedGatedConvolution", ("deformable_conv",)),
+    ("lstm", "memory.EnhancedLSTM", ("lstm",)),
+)
+"""The components that ``profile`` times. Every module of a listed class is timed
+under its name, the innermost one where they nest (the frequency module inside the
+embedding); the rest of the step (norms, the blocks' feed-forward layers, residual
+adds, the token and position lookups, the output head and the loss) is ``rest``."""
+REST = "rest"
+PROFILE_STEPS = 20
+"""Steps ``profile`` times with and without instrumentation, interleaved."""
+ADDS_UP_TOLERANCE = 0.10
+"""How far the profile's labelled times may be from the uninstrumented step."""
+
+
+@functools.cache
+def _mark_function():
+    """The autograd identity that calls ``mark`` when its outputs' gradient arrives."""
+    import torch
+
+    class Mark(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, mark, *tensors):
+            ctx.mark = mark
+            ctx.set_materialize_grads(False)  # pass a missing gradient on as None
+            return tuple(t.view_as(t) for t in tensors)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            ctx.mark()
+            return (None, *grads)
+
+    return Mark
+
+
+def _through_mark(obj: Any, mark: Callable[[], None]) -> Any:
+    """``obj`` (a tensor or tuples, lists and dicts holding tensors) with every tensor
+    that requires grad passed through one :func:`_mark_function` node, so that ``mark``
+    runs once in the backward, when all their gradients have arrived; None (keep ``obj``)
+    when no tensor requires grad."""
+    import torch
+
+    found: dict[int, Any] = {}
+
+    def collect(o):
+        if isinstance(o, torch.Tensor):
+            if o.requires_grad:
+                found[id(o)] = o
+        elif isinstance(o, (tuple, list)):
+            for x in o:
+                collect(x)
+        elif isinstance(o, dict):
+            for x in o.values():
+                collect(x)
+
+    collect(obj)
+    if not found or not torch.is_grad_enabled():
+        return None
+    new = dict(zip(found, _mark_function().apply(mark, *found.values()), strict=True))
+
+    def rebuild(o):
+        if isinstance(o, torch.Tensor):
+            return new.get(id(o), o)
+        if isinstance(o, (tuple, list)):
+            return type(o)(rebuild(x) for x in o)
+        if isinstance(o, dict):
+            return {k: rebuild(v) for k, v in o.items()}
+        return o
+
+    return rebuild(obj)
+
+
+class ComponentTimer:
+    """The forward and backward time of each component of a model, in one step.
+
+    A mark is a timestamp with the label and phase that the time up to the next mark
+    belongs to: a CUDA event recorded on the current stream on a GPU; on the CPU,
+    whose operations are synchronous, the thread's CPU time (``time.thread_time()``,
+    which other processes' load inflates far less than the wall clock; run torch
+    with one thread). In the forward, hooks mark a component's entry (its label) and
+    its exit (the enclosing label). In the backward, an identity autograd node on the
+    component's outputs marks the arrival of their gradient (its label), and one on
+    its inputs the moment the gradient has gone through it (the enclosing label, as
+    it was in the forward). A component whose inputs are token ids (the embedding)
+    ends where the gradient reaches its lookup tables (``nn.Embedding``), which count
+    as the rest. Every interval between two marks belongs to one label: nested
+    components are not counted twice, and the labels' times add up to the
+    instrumented step. That they describe the uninstrumented step is what
+    :func:`check_profile` checks. On the CPU the hooks time themselves and their own
+    time (``own``) is left out of the timeline; what autograd spends calling the
+    marker nodes stays in. On a GPU the hooks run on the CPU beside the stream's work,
+    which the events time.
+    """
+
+    def __init__(self, model, components: dict[str, type], device):
+        import torch
+        from torch import nn
+
+        self.cuda = device.type == "cuda"
+        self.labels: dict[Any, str] = {}
+        for module in model.modules():
+            for name, cls in components.items():
+                if isinstance(module, cls):
+                    self.labels[module] = name
+            if isinstance(module, nn.Embedding):
+                self.labels[module] = REST
+        self.event = torch.cuda.Event if self.cuda else None
+        self.marks: list[tuple[str, str, Any]] = []
+        self.stack = [REST]
+        self.own = 0.0  # CPU seconds the hooks took in this step
+
+    def mark(self, label: str, phase: str, at: float | None = None) -> None:
+        """Mark now (on the CPU: at CPU time ``at``, less the hooks' own time so far)."""
+        if self.event is not None:
+            stamp = self.event(enable_timing=True)
+            stamp.record()
+        else:
+            stamp = (time.thread_time() if at is None else at) - self.own
+        self.marks.append((label, phase, stamp))
+
+    def _backward_mark(self, label: str) -> Callable[[], None]:
+        def mark():
+            entered = time.thread_time()
+            self.mark(label, "backward", entered)
+            self.own += time.thread_time() - entered
+        return mark
+
+    def _pre_hook(self, label: str):
+        def hook(module, args, kwargs):
+            entered = time.thread_time()
+            parent = self.stack[-1]
+            self.stack.append(label)
+            self.mark(label, "forward", entered)
+            out = _through_mark((args, kwargs), self._backward_mark(parent))
+            self.own += time.thread_time() - entered
+            return out
+        return hook
+
+    def _post_hook(self, label: str):
+        def hook(module, args, kwargs, output):
+            entered = time.thread_time()
+            self.stack.pop()
+            self.mark(self.stack[-1], "forward", entered)
+            out = _through_mark(output, self._backward_mark(label))
+            self.own += time.thread_time() - entered
+            return out
+        return hook
+
+    def step(self, fn: Callable[[], Any], instrumented: bool) -> dict[tuple[str, str], float]:
+        """Run ``fn`` (forward, then ``.backward()`` of what it returns); seconds per
+        (label, phase), only ``(rest, forward)`` and ``(rest, backward)`` when not
+        ``instrumented``. ``own`` is then the CPU time the hooks took."""
+        import torch
+
+        handles = []
+        if instrumented:
+            for module, label in self.labels.items():
+                handles += [
+                    module.register_forward_pre_hook(self._pre_hook(label), with_kwargs=True),
+                    module.register_forward_hook(self._post_hook(label), with_kwargs=True)]
+        self.marks, self.stack, self.own = [], [REST], 0.0
+        try:
+            self.mark(REST, "forward")
+            loss = fn()
+            self.mark(REST, "backward")
+            loss.backward()
+            self.mark("end", "end")
+        finally:
+            for h in handles:
+                h.remove()
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[tuple[str, str], float] = {}
+        for (label, phase, a), (_, _, b) in itertools.pairwise(self.marks):
+            sec = a.elapsed_time(b) / 1e3 if self.cuda else b - a
+            out[label, phase] = out.get((label, phase), 0.0) + sec
+        return out
+
+
+def _profile_components() -> dict[str, type]:
+    import importlib
+
+    from liquid_dist.config import ABLATIONS
+
+    out = {}
+    for name, where, ablated in PROFILE_COMPONENTS:
+        unknown = set(ablated) - set(ABLATIONS)
+        if unknown:
+            raise ValueError(f"profile component {name}: {sorted(unknown)} are not model.ablate "
+                             f"names {list(ABLATIONS)}")
+        module, cls = where.rsplit(".", 1)
+        out[name] = getattr(importlib.import_module(f"liquid_dist.model.{module}"), cls)
+    return out
+
+
+def cpu_removal_shares(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each profiled component's share of the step by ``bench/removal_cost.py``'s results
+    at ``path`` (the sum over its ``model.ablate`` names; None for a component that cannot
+    be removed), and where they come from."""
+    if not path.is_file():
+        return ({name: None for name, _, _ in PROFILE_COMPONENTS},
+                {"source": str(path.relative_to(REPO)), "missing": True})
+    data = json.loads(path.read_text())
+    share = {r["variant"]: r["share_of_full_step"]["median"] for r in data["rows"]}
+    shares = {name: (sum(share[f"no_{a}"] for a in ablated) if ablated else None)
+              for name, _, ablated in PROFILE_COMPONENTS}
+    return shares, {
+        "source": str(path.relative_to(REPO)), "date": data["date"], "machine": data["machine"],
+        "settings": data["settings"],
+        "method": "CPU removal cost: 1 - step time without the component / the full model's "
+                  "(the MoE's against the dense FFN that replaces it; the embedding stem and "
+                  "compression: the sum of both removals)"}
+
+
+def _middle_half(values: list, key: Callable[[Any], float]) -> list:
+    """The middle half of ``values`` ordered by ``key`` (all of them when fewer than 4)."""
+    cut = len(values) // 4
+    return sorted(values, key=key)[cut:len(values) - cut]
+
+
+def check_profile(cfg, device, dtype, seconds: float, train: dict[str, Any],
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """Each component's forward and backward time in a step of the model at ``cfg``'s
+    training shapes (:class:`ComponentTimer`), in at most about ``seconds``."""
+    import torch
+
+    from liquid_dist.data import build_train_loader
+    from liquid_dist.model import LiquidFoundationModelOptimized
+
+    started = time.perf_counter()
+    components = _profile_components()
+    model = LiquidFoundationModelOptimized(cfg.model, seed=cfg.train.seed)
+    model = model.to(device=device, dtype=dtype).train()
+    loader = build_train_loader(cfg.data, rank=0, world_size=1,
+                                batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed)
+    batch = {k: v.to(device) for k, v in next(iter(loader)).items()}
+    timer = ComponentTimer(model, components, device)
+
+    def forward():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return model(**batch).loss
+
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the CPU timer counts the calling thread's time
+    try:
+        for instrumented in (False, True, False):  # warm-up: compilation, allocator, caches
+            begun = time.perf_counter()
+            timer.step(forward, instrumented)
+        wall = time.perf_counter() - begun
+        left = seconds - (time.perf_counter() - started)
+        steps = max(3, min(PROFILE_STEPS, int(left / (2.5 * wall))))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        gc.collect()
+        gc.disable()  # as timeit does: no collection lands in one kind of step only
+        plain, timed = [], []
+        for _ in range(steps):  # interleaved: machine noise hits both alike
+            plain.append(sum(timer.step(forward, False).values()))
+            timed.append((timer.step(forward, True), timer.own))
+    finally:
+        gc.enable()
+        torch.set_num_threads(threads)
+    # the middle half of each (by step time): the same estimator for both, sparing
+    # the steps that the machine interrupted; the labels' means add up to the
+    # instrumented steps' mean
+    measured = statistics.fmean(_middle_half(plain, float))
+    timed = _middle_half(timed, lambda t: sum(t[0].values()))
+    own = statistics.fmean(o for _, o in timed)
+    timed = [t for t, _ in timed]
+    cpu_shares, cpu_source = cpu_removal_shares(REPO / "bench" / "results" / "removal_cost.json")
+    rows: dict[str, dict[str, Any]] = {}
+    for name in [*components, REST]:
+        fwd = statistics.fmean(t.get((name, "forward"), 0.0) for t in timed)
+        bwd = statistics.fmean(t.get((name, "backward"), 0.0) for t in timed)
+        rows[name] = {"forward_ms": 1e3 * fwd, "backward_ms": 1e3 * bwd,
+                      "total_ms": 1e3 * (fwd + bwd),
+                      "modules": sum(label == name for label in timer.labels.values()),
+                      "cpu_removal_share": cpu_shares.get(name)}
+    attributed = sum(r["total_ms"] for r in rows.values()) / 1e3
+    for r in rows.values():
+        r["share"] = r["total_ms"] / 1e3 / attributed
+    ratio = attributed / measured
+    out: dict[str, Any] = {
+        "figures": ("CPU smoke: tiny shapes on this machine's CPU, not GPU figures"
+                    if device.type == "cpu" else torch.cuda.get_device_name()),
+        "dtype": str(dtype), "timer": ("CUDA events" if device.type == "cuda"
+                                       else "time.thread_time, one torch thread"),
+        "shapes": {"batch": cfg.train.micro_batch_size, "encoder_length": cfg.data.encoder_length,
+                   "decoder_length": cfg.data.decoder_length},
+        "steps": steps, "averaged_steps": len(timed), "measured_step_ms": 1e3 * measured,
+        "attributed_step_ms": 1e3 * attributed, "attributed_over_measured": ratio,
+        "tolerance": ADDS_UP_TOLERANCE, "components": rows,
+        "hooks_own_cpu_ms": 1e3 * own, "cpu_removal_cost": cpu_source,
+        "train_step_ms": (1e3 * train["step_time_s"] if train.get("status") == "ok"
+                          and train.get("step_time_s") else None),
+        "peak_memory_gb": (torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda"
+                           else None),
+    }
+    log(f"   {out['figures']}: step {1e3 * measured:.1f} ms measured, "
+        f"{1e3 * attributed:.1f} ms attributed ({ratio:.3f}x), {steps} steps"
+        + (f"; train's ZeRO-3 step with the update: {out['train_step_ms']:.1f} ms"
+           if out["train_step_ms"] is not None else ""))
+    for name, r in rows.items():
+        cpu = r["cpu_removal_share"]
+        log(f"   {name:>27}: forward {r['forward_ms']:8.2f} ms  backward {r['backward_ms']:8.2f}"
+            f" ms  share {r['share']:6.1%}"
+            + (f"  (CPU removal cost {cpu:.1%})" if cpu is not None else ""))
+    if abs(ratio - 1) > ADDS_UP_TOLERANCE:
+        out["status"] = "failed"
+        out["error"] = (f"the components' times add up to {ratio:.3f}x the uninstrumented step, "
+                        f"outside 1 +- {ADDS_UP_TOLERANCE}: the instrumentation distorts the step")
+    return out
+
+
 # ------------------------------------------------------------------ main
 
 
 def main() -> int:
+    started = time.monotonic()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--wheels", type=Path, default=REPO / "bench" / "wheels")
     p.add_argument("--data", type=Path, default=REPO / "data" / "shakespeare")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--budget-s", type=float, default=360.0,
+                   help="seconds from the start that the checks from train on may take: they "
+                        "shorten or skip themselves to end within it (module doc)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="the same checks on CPU at tiny shapes: proves the script, not the GPU")
     args = p.parse_args()
@@ -498,16 +1038,34 @@ def main() -> int:
                     "triton": _version("triton"), "deepspeed": _version("deepspeed"),
                     "flash_attn": _version("flash_attn")},
     }
-    _check(results, "attention", lambda: check_attention(cfg, device, dtype, args.cpu_smoke),
-           log)
-    _check(results, "moe", lambda: check_moe(cfg, device, dtype), log)
-    _check(results, "model_step_sync_free", lambda: check_model_step(cfg, device, dtype), log)
-    _check(results, "train", lambda: check_train(cfg_path, sets, run_dir, args.out, device,
-                                                 steps), log)
-    _check(results, "deterministic",
-           lambda: check_deterministic(results["train"], cfg_path, sets, run_dir, args.out,
-                                       device, steps), log)
-    (args.out / "gpu_proof.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    out_json = args.out / "gpu_proof.json"
+
+    def save() -> None:
+        results["elapsed_s"] = round(time.monotonic() - started, 1)
+        out_json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+    def left() -> float:
+        return args.budget_s - (time.monotonic() - started)
+
+    def run(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        """A check that needs MIN_SECONDS[name] of the budget left (if it is named there)."""
+        need = MIN_SECONDS.get(name, 0.0)
+        _check(results, name, fn if left() >= need else lambda: {
+            "status": "skipped", "reason": f"{max(left(), 0):.0f} s of the --budget-s "
+                                           f"{args.budget_s:.0f} left, under the {need:.0f} s "
+                                           "it needs"}, log, save)
+
+    results["budget_s"] = args.budget_s
+    run("attention", lambda: check_attention(cfg, device, dtype, args.cpu_smoke))
+    run("moe", lambda: check_moe(cfg, device, dtype))
+    run("model_step_sync_free", lambda: check_model_step(cfg, device, dtype))
+    run("checkpoint_capture", lambda: check_checkpoint_capture(cfg, device, args.cpu_smoke))
+    run("train", lambda: check_train(cfg_path, sets, run_dir, args.out, device, steps, left()))
+    run("profile", lambda: check_profile(cfg, device, dtype, left(), results["train"], log))
+    run("baseline", lambda: check_baseline(results["train"], cfg_path, sets, run_dir, args.out,
+                                           device, steps, left(), log))
+    run("deterministic", lambda: check_deterministic(results["train"], cfg_path, sets, run_dir,
+                                                     args.out, device, steps, left()))
     failed = [k for k, v in results.items() if isinstance(v, dict) and v.get("status") == "failed"]
     log(f"wrote {args.out / 'gpu_proof.json'}; failed checks: {failed or 'none'}")
     return 1 if failed else 0

@@ -2,14 +2,15 @@
 ``torchrun`` through this script, which samples each rank's resident set every 2 ms
 and keeps its peak per phase.
 
-    python bench/memory_phases.py                  # the committed protocol (about 15 minutes)
-    python bench/memory_phases.py --smoke          # a micro model at W = 2 (the test)
+    python bench/memory_phases.py            # the committed protocol (about 15 minutes)
+    python bench/memory_phases.py --smoke    # a micro model at W = 2 (the test)
 
 The protocol is bench/memory.py's ``eight`` case with ``parallel.ep_size=8``:
 ``configs/base-moe.yaml`` cut to 6 + 6 layers (0.53 B parameters), W = 8, its
-short sequences, fp32, 2 steps, no validation data (no evaluation). Each rank runs ``launch/pretrain.py`` unchanged as
-``__main__`` of this script (``--out DIR -- SCRIPT ARGS``): phases are the start
-(imports, construction) up to ``deepspeed.initialize``, the initialisation, then
+short sequences, fp32, 2 steps, no validation data (no evaluation). Each rank
+runs ``launch/pretrain.py`` unchanged as ``__main__`` of this script (``--out DIR
+-- SCRIPT ARGS``): phases are the start (imports, construction) up to
+``deepspeed.initialize``, the initialisation, then
 each call of the DeepSpeed engine's ``forward``, ``backward`` and ``step`` and
 the time after it. A rank writes ``DIR/rankR.json`` (per phase: its resident set,
 ``VmRSS``, at the start and the peak) after its initialisation, after every
