@@ -545,6 +545,18 @@ def _affordable_steps(train: dict[str, Any], wanted: int, seconds: float) -> int
     return min(wanted, int((seconds / 1.25 - fixed) / per_step))
 
 
+def _steps_or_skip(train: dict[str, Any], steps: int, seconds: float) -> int | dict[str, Any]:
+    """The steps a run after ``train`` can afford in ``seconds``, or its ``skipped`` record
+    (``train`` failed, or fewer than :data:`MIN_STEPS` fit)."""
+    if train.get("status") != "ok":
+        return {"status": "skipped", "reason": "the train check did not pass"}
+    n = _affordable_steps(train, steps, seconds)
+    if n < min(steps, MIN_STEPS):
+        return {"status": "skipped", "reason": f"{seconds:.0f} s of the budget left: "
+                f"{n} steps, under {MIN_STEPS}"}
+    return n
+
+
 def _shortened(sets: list[str], steps: int) -> list[str]:
     return [*sets, f"train.max_steps={steps}", f"train.ckpt_every={steps}",
             f"train.eval_every={steps}"]
@@ -563,25 +575,24 @@ def check_baseline(train: dict[str, Any], cfg_path: str, sets: list[str], run_di
     from liquid_dist.model.counts import count_parameters
     from liquid_dist.train.metrics import read_metrics
 
-    if train.get("status") != "ok":
-        return {"status": "skipped", "reason": "the train check did not pass"}
-    n = _affordable_steps(train, steps, seconds)
-    if n < min(steps, MIN_STEPS):
-        return {"status": "skipped", "reason": f"{seconds:.0f} s of the budget left: "
-                f"{n} steps, under {MIN_STEPS}"}
+    n = _steps_or_skip(train, steps, seconds)
+    if isinstance(n, dict):
+        return n
     plain_path = REPO / "configs" / "small-transformer.yaml"
-    with torch.device("meta"):
-        full_total = count_parameters(LiquidFoundationModelOptimized(
-            load_config(cfg_path, sets).model))["total"]
+
+    def total(path, overrides) -> int:
+        with torch.device("meta"):
+            return count_parameters(LiquidFoundationModelOptimized(
+                load_config(path, overrides).model))["total"]
+
+    full_total = total(cfg_path, sets)
     ffn = ffn_matching_total(plain_path, sets, full_total)
     base_run, base_out = run_dir.with_name(run_dir.name + "_baseline"), out_dir / "baseline"
     base_out.mkdir(exist_ok=True)
     base_sets = [*sets, f"model.ffn_dim={ffn}", f"train.run_dir={base_run}"]
     if n < steps:
         base_sets = _shortened(base_sets, n)
-    with torch.device("meta"):
-        plain_total = count_parameters(LiquidFoundationModelOptimized(
-            load_config(plain_path, base_sets).model))["total"]
+    plain_total = total(plain_path, base_sets)
     plain = check_train(str(plain_path), base_sets, base_run, base_out, device, n, seconds)
     tokens = {name: [r.get("data_tokens/train") for r in read_metrics(d, "train")][:n]
               for name, d in (("full", run_dir), ("plain", base_run))}
@@ -624,12 +635,9 @@ def check_deterministic(train: dict[str, Any], cfg_path: str, sets: list[str], r
     """``train`` again with ``train.deterministic=true``: its cost and its losses."""
     from liquid_dist.train.metrics import read_metrics
 
-    if train.get("status") != "ok":
-        return {"status": "skipped", "reason": "the train check did not pass"}
-    n = _affordable_steps(train, steps, seconds)
-    if n < min(steps, MIN_STEPS):
-        return {"status": "skipped", "reason": f"{seconds:.0f} s of the budget left: "
-                f"{n} steps, under {MIN_STEPS}"}
+    n = _steps_or_skip(train, steps, seconds)
+    if isinstance(n, dict):
+        return n
     det_run, det_out = run_dir.with_name(run_dir.name + "_deterministic"), out_dir / "deterministic"
     det_out.mkdir(exist_ok=True)
     det_sets = [*sets, f"train.run_dir={det_run}", "train.deterministic=true"]

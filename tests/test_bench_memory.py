@@ -11,15 +11,20 @@ import pytest
 import train_fixtures as tf
 
 
-@pytest.mark.slow
-def test_memory_benchmark_smoke_measures_every_rank() -> None:
-    data = tf.train_data()
-    out = tf.TMP / "memory_smoke.json"
-    proc = subprocess.run([sys.executable, "bench/memory.py", "--smoke",
-                           "--data", str(data.shards.parent), "--output", str(out)],
+def _smoke(script: str, name: str):
+    """Run ``bench/script --smoke`` on the test data; the path of its results."""
+    out = tf.TMP / name
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--smoke",
+                           "--data", str(tf.train_data().shards.parent), "--output", str(out)],
                           cwd=tf.REPO, env=tf.env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_memory_benchmark_smoke_measures_every_rank() -> None:
+    out = _smoke("memory.py", "memory_smoke.json")
     (row,) = json.loads(out.read_text())["rows"]
     assert row["world_size"] == 2 and row["trainer"] == "new" and row["returncode"] == 0
     for key in ("idle_mib", "construction_peak_mib", "steps_peak_mib", "peak_mib", "bound_mib"):
@@ -34,13 +39,7 @@ def test_memory_benchmark_smoke_measures_every_rank() -> None:
 
 @pytest.mark.slow
 def test_memory_phases_smoke_keeps_each_phase_peak_of_every_rank() -> None:
-    data = tf.train_data()
-    out = tf.TMP / "memory_phases_smoke.json"
-    proc = subprocess.run([sys.executable, "bench/memory_phases.py", "--smoke",
-                           "--data", str(data.shards.parent), "--output", str(out)],
-                          cwd=tf.REPO, env=tf.env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    out = _smoke("memory_phases.py", "memory_phases_smoke.json")
     result = json.loads(out.read_text())
     assert result["ranks"] == 2
     names = [p["phase"] for p in result["phases"]]
